@@ -1,0 +1,26 @@
+"""Exception types. Every error we raise on bad input is one of these, with a message that
+names the input (file, tensor, image) and the problem."""
+
+
+class ArrowVisionError(Exception):
+    """Base class for all arrowvision errors."""
+
+
+class FormatError(ArrowVisionError):
+    """A weights file is not a valid arrowvision Parquet file (corrupt, truncated, hostile)."""
+
+
+class ConversionError(ArrowVisionError):
+    """A checkpoint cannot be converted (missing config, unknown family, bad tensors...)."""
+
+
+class ImageError(ArrowVisionError):
+    """An image cannot be decoded or is unacceptable (corrupt, empty, too large...)."""
+
+
+class ModelError(ArrowVisionError):
+    """Weights do not match the model they are loaded into."""
+
+
+class BackendError(ArrowVisionError):
+    """A backend is unavailable (missing package) or failed to export/compile."""

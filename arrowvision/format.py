@@ -1,0 +1,457 @@
+"""The Parquet weights format: writer and zero-copy reader.
+
+One row per tensor, one row group per tensor, uncompressed PLAIN pages, so the bytes of every
+tensor sit contiguously in the file at an offset computable from the Parquet footer alone:
+``data_page_offset + total_compressed_size - nbytes`` of the ``data`` column chunk. A ``pad``
+column placed just before ``data`` lets the writer move each tensor start onto a 64-byte
+boundary. The result stays a plain Parquet file; see docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ml_dtypes
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import FormatError
+
+if TYPE_CHECKING:  # torch is optional here: the fast path must not import it
+    import torch
+
+log = logging.getLogger("arrowvision")
+
+FORMAT_VERSION = "1"
+LAYOUT = "aligned-plain-v1"
+ALIGNMENT = 64
+MAX_TENSOR_BYTES = 2**31 - 1  # Parquet BYTE_ARRAY values carry a 4-byte length
+MAX_NDIM = 8
+META_PREFIX = "arrowvision."
+
+# dtype name -> numpy dtype. bfloat16 uses ml_dtypes so numpy views stay bit-exact.
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float64": np.dtype(np.float64),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+
+SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("shape", pa.list_(pa.field("element", pa.int64(), nullable=False)), nullable=False),
+        pa.field("nbytes", pa.int64(), nullable=False),
+        pa.field("checksum", pa.string(), nullable=False),
+        pa.field("pad", pa.binary(), nullable=False),
+        pa.field("data", pa.binary(), nullable=False),
+    ]
+)
+INDEX_COLUMNS = ["name", "dtype", "shape", "nbytes", "checksum"]
+# Pad values of 60..123 bytes keep every varint in the pad page header the same width, so the
+# row group grows by exactly one byte per pad byte and alignment can be computed in one pass.
+PAD_BASE = 60
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    for name, candidate in DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise FormatError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}")
+
+
+def tensor_checksum(buffer: Any) -> str:
+    return "sha256:" + hashlib.sha256(buffer).hexdigest()
+
+
+def weights_checksum(entries: Iterable[tuple[str, str, tuple[int, ...], str]], config: Mapping) -> str:
+    """Checksum of the whole model: names, dtypes, shapes, tensor checksums and the config.
+
+    It identifies the weights' content independently of how the file is laid out, which makes
+    it the right key for caches (OpenVINO IR) and for embedding provenance."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name, dtype, shape, checksum in entries:
+        digest.update(f"{name}\0{dtype}\0{list(shape)}\0{checksum}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: str
+    offset: int | None  # byte offset of the tensor in the file; None when not mappable
+
+
+# ----------------------------------------------------------------------------------- writer
+
+
+def _row_group(name: str, dtype: str, shape, nbytes: int, checksum: str, pad: int, data: pa.Buffer) -> pa.Table:
+    offsets = pa.py_buffer(np.array([0, nbytes], dtype=np.int32))
+    data_array = pa.Array.from_buffers(pa.binary(), 1, [None, offsets, data])  # no copy
+    return pa.Table.from_arrays(
+        [
+            pa.array([name], pa.string()),
+            pa.array([dtype], pa.string()),
+            pa.array([list(shape)], SCHEMA.field("shape").type),
+            pa.array([nbytes], pa.int64()),
+            pa.array([checksum], pa.string()),
+            pa.array([b"\0" * pad], pa.binary()),
+            data_array,
+        ],
+        schema=SCHEMA,
+    )
+
+
+def _parquet_writer(sink) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        sink,
+        SCHEMA,
+        compression="none",
+        use_dictionary=False,
+        write_statistics=["name"],
+        data_page_version="1.0",
+        write_page_index=False,
+    )
+
+
+def _bytes_before_data(table: pa.Table) -> int:
+    """Size of a row group up to its tensor bytes; row groups carry no absolute offsets."""
+    sink = pa.MockOutputStream()
+    writer = _parquet_writer(sink)
+    writer.write_table(table)
+    size = sink.tell() - 4  # leading magic
+    writer.close()
+    return size - table.column("nbytes")[0].as_py()
+
+
+def write_weights(
+    path: str | os.PathLike,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    config: Mapping,
+    family: str,
+    source: Mapping | None = None,
+    source_checksum: str | None = None,
+    tower: str = "vision",
+    extra_metadata: Mapping[str, str] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write tensors to ``path`` in the canonical aligned layout, atomically.
+
+    ``tensors`` yields ``(hf_name, array)``; arrays are written as C-contiguous bytes. Returns a
+    summary (tensor count, parameters, bytes, weights checksum)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    seen: set[str] = set()
+    entries: list[tuple[str, str, tuple[int, ...], str]] = []
+    parameters = total_bytes = 0
+    try:
+        with pa.OSFile(tmp_name, "wb") as sink:
+            writer = _parquet_writer(sink)
+            for name, array in tensors:
+                if not name or name in seen:
+                    raise FormatError(f"tensor name {name!r} is empty or duplicated")
+                seen.add(name)
+                array = np.ascontiguousarray(array)
+                dtype = dtype_name(array.dtype)
+                if array.nbytes > MAX_TENSOR_BYTES:
+                    raise FormatError(f"tensor {name!r} has {array.nbytes} bytes; the format allows 2 GiB per tensor")
+                data = pa.py_buffer(array.reshape(-1).view(np.uint8))
+                checksum = tensor_checksum(data)
+                table = _row_group(name, dtype, array.shape, array.nbytes, checksum, PAD_BASE, data)
+                data_start = sink.tell() + _bytes_before_data(table)
+                pad = PAD_BASE + (-data_start) % ALIGNMENT
+                if pad != PAD_BASE:
+                    table = _row_group(name, dtype, array.shape, array.nbytes, checksum, pad, data)
+                writer.write_table(table)
+                if (sink.tell() - array.nbytes) % ALIGNMENT:
+                    raise FormatError(f"internal error: tensor {name!r} ended up unaligned")
+                entries.append((name, dtype, tuple(array.shape), checksum))
+                parameters += array.size
+                total_bytes += array.nbytes
+                if on_tensor:
+                    on_tensor(name, array.nbytes)
+            checksum = weights_checksum(entries, config)
+            metadata = {
+                "format_version": FORMAT_VERSION,
+                "layout": LAYOUT,
+                "alignment": str(ALIGNMENT),
+                "config": json.dumps(config, sort_keys=True),
+                "family": family,
+                "tower": tower,
+                "source": json.dumps(dict(source or {}), sort_keys=True),
+                "source_checksum": source_checksum or "",
+                "weights_checksum": checksum,
+                **(extra_metadata or {}),
+            }
+            writer.add_key_value_metadata({META_PREFIX + k: v for k, v in metadata.items()})
+            writer.close()
+        with open(tmp_name, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return {"tensors": len(entries), "parameters": parameters, "bytes": total_bytes, "weights_checksum": checksum}
+
+
+# ----------------------------------------------------------------------------------- reader
+
+
+def _select(names: Iterable[str], pattern: str | None) -> list[str]:
+    if pattern is None:
+        return list(names)
+    if any(ch in pattern for ch in "*?["):
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [n for n in names if n.startswith(pattern)]
+
+
+class WeightLoader:
+    """Lazy, validating, zero-copy reader of a Parquet weights file.
+
+    For the canonical layout every tensor is a view of one private (copy-on-write) memory map of
+    the file: loading costs a footer parse, and pages are read only when touched. Other valid
+    Parquet files (compressed, written by another tool) are decoded with pyarrow instead.
+
+    >>> weights = WeightLoader("model.parquet")
+    >>> weights.numpy("vision_model.encoder.layers.0.")  # prefix or glob selection
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False):
+        self.path = Path(path)
+        self._mmap: mmap.mmap | None = None
+        self._decoded: dict[str, np.ndarray] = {}
+        try:
+            size = self.path.stat().st_size
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot read weights file ({exc.strerror})") from None
+        if size < 12:
+            raise FormatError(f"{self.path}: file is {size} bytes, too small to be Parquet (truncated?)")
+        self.file_size = size
+        with open(self.path, "rb") as handle:
+            # Copy-on-write: writable views (torch wants them) that never touch the file.
+            self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        if self._mmap[:4] != b"PAR1" or self._mmap[-4:] != b"PAR1":
+            raise FormatError(f"{self.path}: wrong magic bytes, not a Parquet file (or truncated)")
+        try:
+            self._parquet = pq.ParquetFile(pa.py_buffer(self._mmap))
+            metadata = self._parquet.metadata
+            index = self._parquet.read(columns=INDEX_COLUMNS, use_threads=False)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise FormatError(f"{self.path}: corrupt Parquet footer or index columns: {exc}") from None
+        self.metadata = self._read_key_values(metadata)
+        self.config: dict = self._json_metadata("config")
+        self.source: dict = self._json_metadata("source")
+        self.family: str = self.metadata.get("family", "")
+        self.tower: str = self.metadata.get("tower", "")
+        self.checksum: str = self.metadata.get("weights_checksum", "")
+        self._infos = self._validate_index(index)
+        self.zero_copy = self._locate_tensors(metadata)
+        if not self.zero_copy:
+            log.warning("%s: not in the canonical aligned layout; decoding with pyarrow (copies)", self.path)
+        if verify:
+            self.verify()
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _read_key_values(self, metadata: pq.FileMetaData) -> dict[str, str]:
+        raw = metadata.metadata or {}
+        values = {
+            k.decode("utf-8", "replace")[len(META_PREFIX) :]: v.decode("utf-8", "replace")
+            for k, v in raw.items()
+            if k.startswith(META_PREFIX.encode())
+        }
+        for key in ("format_version", "config", "family"):
+            if key not in values:
+                raise FormatError(f"{self.path}: missing file metadata {META_PREFIX}{key}; not an arrowvision weights file")
+        if values["format_version"] != FORMAT_VERSION:
+            raise FormatError(
+                f"{self.path}: format version {values['format_version']!r} is not supported (this reader: {FORMAT_VERSION})"
+            )
+        return values
+
+    def _json_metadata(self, key: str) -> dict:
+        try:
+            value = json.loads(self.metadata.get(key) or "{}")
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{self.path}: metadata {META_PREFIX}{key} is not valid JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise FormatError(f"{self.path}: metadata {META_PREFIX}{key} must be a JSON object")
+        return value
+
+    def _validate_index(self, index: pa.Table) -> dict[str, TensorInfo]:
+        for field in SCHEMA:
+            if field.name in INDEX_COLUMNS and not index.schema.field(field.name).type.equals(field.type):
+                raise FormatError(f"{self.path}: column {field.name!r} has type {index.schema.field(field.name).type}, expected {field.type}")
+        infos: dict[str, TensorInfo] = {}
+        rows = index.to_pydict()
+        for name, dtype, shape, nbytes, checksum in zip(*(rows[c] for c in INDEX_COLUMNS)):
+            label = f"{self.path}: tensor {name!r}"
+            if not name or name in infos:
+                raise FormatError(f"{label}: empty or duplicated tensor name")
+            if dtype not in DTYPES:
+                raise FormatError(f"{label}: unsupported dtype {dtype!r}")
+            if shape is None or len(shape) > MAX_NDIM or any(d is None or d < 0 for d in shape):
+                raise FormatError(f"{label}: invalid shape {shape}")
+            expected = DTYPES[dtype].itemsize
+            for dim in shape:
+                expected *= dim  # Python ints: no overflow, and we compare before allocating
+            if nbytes is None or expected != nbytes:
+                raise FormatError(f"{label}: shape {shape} x {dtype} is {expected} bytes but nbytes says {nbytes}")
+            if nbytes > self.file_size:
+                raise FormatError(f"{label}: claims {nbytes} bytes, more than the whole file ({self.file_size})")
+            infos[name] = TensorInfo(name, dtype, tuple(shape), nbytes, checksum or "", None)
+        return infos
+
+    def _locate_tensors(self, metadata: pq.FileMetaData) -> bool:
+        """Find each tensor's bytes from the footer; False if the layout is not mappable."""
+        if metadata.num_row_groups != len(self._infos) or metadata.num_columns != len(SCHEMA):
+            return False
+        data_column = SCHEMA.get_field_index("data")
+        located = {}
+        for group, info in zip(range(metadata.num_row_groups), self._infos.values()):
+            chunk = metadata.row_group(group).column(data_column)
+            if (
+                metadata.row_group(group).num_rows != 1
+                or chunk.compression != "UNCOMPRESSED"
+                or chunk.has_dictionary_page
+                or "PLAIN" not in chunk.encodings
+                or chunk.num_values != 1
+            ):
+                return False
+            offset = chunk.data_page_offset + chunk.total_compressed_size - info.nbytes
+            if offset < 8 or offset + info.nbytes > self.file_size - 8:
+                raise FormatError(f"{self.path}: tensor {info.name!r}: data at offset {offset} lies outside the file")
+            (length,) = struct.unpack_from("<I", self._mmap, offset - 4)
+            if length != info.nbytes:
+                raise FormatError(
+                    f"{self.path}: tensor {info.name!r}: value length {length} at offset {offset} does not match nbytes {info.nbytes}"
+                )
+            located[info.name] = TensorInfo(**{**info.__dict__, "offset": offset})
+        self._infos = located
+        return True
+
+    def verify(self) -> None:
+        """Recompute every tensor checksum; raise FormatError naming the first mismatch."""
+        for info in self._infos.values():
+            actual = tensor_checksum(self._raw(info))
+            if actual != info.checksum:
+                raise FormatError(f"{self.path}: tensor {info.name!r}: checksum mismatch (file corrupted or modified)")
+
+    # -- access -------------------------------------------------------------------------
+
+    def _raw(self, info: TensorInfo) -> memoryview | np.ndarray:
+        if info.offset is not None:
+            return memoryview(self._mmap)[info.offset : info.offset + info.nbytes]
+        return self._decoded_bytes(info.name)
+
+    def _decoded_bytes(self, name: str) -> np.ndarray:
+        if not self._decoded:
+            try:
+                table = self._parquet.read(columns=["name", "data"], use_threads=False)
+            except (pa.ArrowException, OSError) as exc:
+                raise FormatError(f"{self.path}: cannot decode tensor data: {exc}") from None
+            for row_name, value in zip(table.column("name").to_pylist(), _iter_binary(table.column("data"))):
+                self._decoded[row_name] = value.copy()  # own, aligned memory: the decode is a copy anyway
+        data = self._decoded[name]
+        if data.nbytes != self._infos[name].nbytes:
+            raise FormatError(f"{self.path}: tensor {name!r}: data has {data.nbytes} bytes, nbytes says {self._infos[name].nbytes}")
+        return data
+
+    def names(self, pattern: str | None = None) -> list[str]:
+        """Tensor names in file order; ``pattern`` is a prefix, or a glob if it has * ? [."""
+        return _select(self._infos, pattern)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A numpy view of one tensor (read-only in spirit; writes stay private to the process)."""
+        info = self.info(name)
+        dtype = DTYPES[info.dtype]
+        if info.offset is not None:
+            array = np.frombuffer(self._mmap, dtype=dtype, count=info.nbytes // dtype.itemsize, offset=info.offset)
+        else:
+            array = self._decoded_bytes(name).view(dtype)
+        return array.reshape(info.shape)
+
+    def numpy(self, pattern: str | None = None) -> dict[str, np.ndarray]:
+        return {name: self.tensor(name) for name in self.names(pattern)}
+
+    def torch(self, pattern: str | None = None) -> dict[str, torch.Tensor]:
+        """Torch tensors sharing memory with the mapping (``torch.frombuffer``, no copy)."""
+        import torch
+
+        out = {}
+        for name in self.names(pattern):
+            info = self._infos[name]
+            torch_dtype = getattr(torch, "bool" if info.dtype == "bool" else info.dtype)
+            if info.nbytes == 0:
+                out[name] = torch.empty(info.shape, dtype=torch_dtype)
+                continue
+            buffer = self._mmap if info.offset is not None else self._decoded_bytes(name)
+            count = info.nbytes // DTYPES[info.dtype].itemsize
+            tensor = torch.frombuffer(buffer, dtype=torch_dtype, count=count, offset=info.offset or 0)
+            out[name] = tensor.reshape(info.shape)
+        return out
+
+    def tensors(self) -> Iterator[TensorInfo]:
+        return iter(self._infos.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self._infos.values())
+
+    @property
+    def mapped_region(self) -> tuple[int, int]:
+        """(address, length) of the memory map, for checking that tensors are views into it."""
+        base = np.frombuffer(self._mmap, dtype=np.uint8, count=1)
+        return base.ctypes.data, self.file_size
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __repr__(self) -> str:
+        return f"WeightLoader({str(self.path)!r}, family={self.family!r}, tensors={len(self)}, zero_copy={self.zero_copy})"
+
+
+def _iter_binary(column: pa.ChunkedArray) -> Iterator[np.ndarray]:
+    """Yield each binary value of a column as a uint8 array viewing pyarrow's decoded buffer."""
+    for chunk in column.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32 if chunk.type == pa.binary() else np.int64)
+        values = chunk.buffers()[2]
+        data = np.frombuffer(values, dtype=np.uint8) if values is not None else np.zeros(0, np.uint8)
+        for i in range(len(chunk)):
+            start, end = offsets[chunk.offset + i], offsets[chunk.offset + i + 1]
+            yield data[start:end]
