@@ -78,6 +78,8 @@ class VisionConfig:
             )
         family = FAMILIES[model_type]
         vision = dict(hf_config.get("vision_config") or {}) if "vision_config" in hf_config else dict(hf_config)
+        if not vision.get("vision_use_head", True):
+            raise ConversionError("SigLIP checkpoints without the attention-pooling head are not supported")
         projection_dim = hf_config.get("projection_dim") if family == "clip" else None
         clip = family == "clip"
         try:

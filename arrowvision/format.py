@@ -171,8 +171,7 @@ def write_weights(
     entries: list[tuple[str, str, tuple[int, ...], str]] = []
     parameters = total_bytes = 0
     try:
-        with pa.OSFile(tmp_name, "wb") as sink:
-            writer = _parquet_writer(sink)
+        with pa.OSFile(tmp_name, "wb") as sink, _parquet_writer(sink) as writer:
             for name, array in tensors:
                 if not name or name in seen:
                     raise FormatError(f"tensor name {name!r} is empty or duplicated")
@@ -210,7 +209,6 @@ def write_weights(
                 **(extra_metadata or {}),
             }
             writer.add_key_value_metadata({META_PREFIX + k: v for k, v in metadata.items()})
-            writer.close()
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -443,7 +441,8 @@ class WeightLoader:
         return len(self._infos)
 
     def __repr__(self) -> str:
-        return f"WeightLoader({str(self.path)!r}, family={self.family!r}, tensors={len(self)}, zero_copy={self.zero_copy})"
+        family, zero_copy = getattr(self, "family", "?"), getattr(self, "zero_copy", "?")
+        return f"WeightLoader({str(self.path)!r}, family={family!r}, tensors={len(getattr(self, '_infos', ()))}, zero_copy={zero_copy})"
 
 
 def _iter_binary(column: pa.ChunkedArray) -> Iterator[np.ndarray]:

@@ -1,0 +1,93 @@
+"""``VisionEncoder``: images in, L2-normalized embeddings out, on a chosen backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .backends import BACKENDS, Backend
+from .config import VisionConfig
+from .errors import ArrowVisionError
+from .format import WeightLoader
+from .preprocess import ImageInput, Preprocessor
+
+
+def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    return embeddings / np.maximum(norms, 1e-12)
+
+
+def is_pixel_batch(images: Any) -> bool:
+    """A preprocessed (N, 3, H, W) float batch, as opposed to raw images."""
+    shape = getattr(images, "shape", None)
+    dtype = str(getattr(images, "dtype", ""))
+    return shape is not None and len(shape) == 4 and shape[1] == 3 and "float" in dtype
+
+
+class VisionEncoder:
+    """SigLIP/CLIP image encoder loaded from a Parquet weights file.
+
+    >>> encoder = VisionEncoder.from_parquet("siglip.parquet")            # torch reference
+    >>> fast = VisionEncoder.from_parquet("siglip.parquet", backend="openvino")
+    >>> fast.encode(["cat.jpg", "dog.png"]).shape
+    (2, 768)
+    """
+
+    def __init__(self, weights: WeightLoader, backend: Backend, config: VisionConfig):
+        self.weights = weights
+        self.backend = backend
+        self.config = config
+        self.preprocessor = Preprocessor.from_config(config)
+
+    @classmethod
+    def from_parquet(
+        cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", **options: Any
+    ) -> VisionEncoder:
+        weights = WeightLoader(path)
+        if backend == "torch":
+            from .backends.torch_backend import TorchBackend
+
+            impl: Backend = TorchBackend(weights, device=device, **options)
+            return cls(weights, impl, impl.config)
+        if backend == "openvino":
+            from .backends.openvino_backend import OpenVINOBackend
+
+            impl = OpenVINOBackend(weights, device=device, **options)
+            return cls(weights, impl, impl.config)
+        raise ArrowVisionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_dim
+
+    @property
+    def checksum(self) -> str:
+        return self.weights.checksum
+
+    def preprocess(self, images: Sequence[ImageInput], workers: int = 2) -> np.ndarray:
+        """Decode + preprocess in threads (Pillow releases the GIL while decoding and resizing)."""
+        if len(images) <= 1 or workers <= 1:
+            return self.preprocessor.batch(list(images))
+        with ThreadPoolExecutor(workers) as pool:
+            return np.stack(list(pool.map(self.preprocessor, images)))
+
+    def encode(self, images: Iterable[ImageInput] | Any, batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+        """Embed images: paths, bytes, PIL images, HWC uint8 arrays, or a preprocessed (N,3,H,W) batch.
+
+        Returns (N, D) float32, L2-normalized unless ``normalize=False``."""
+        if batch_size < 1:
+            raise ArrowVisionError(f"batch_size must be >= 1, got {batch_size}")
+        if is_pixel_batch(images):
+            pixels = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+            batches = (pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size))
+        else:
+            items = list(images) if not isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or getattr(images, "ndim", 0) == 4 else [images]
+            batches = (self.preprocess(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
+        outputs = [self.backend(batch) for batch in batches]
+        embeddings = np.concatenate(outputs) if outputs else np.zeros((0, self.embedding_dim), np.float32)
+        embeddings = embeddings.astype(np.float32, copy=False)
+        return l2_normalize(embeddings) if normalize else embeddings

@@ -1,0 +1,96 @@
+"""Shared fixtures: real (random-init, fixed seed) HF checkpoints saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_SIGLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
+TINY_CLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, projection_dim=48)
+BASE_SIGLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+
+
+def save_checkpoint(folder: Path, kind: str, seed: int = 0, **config) -> Path:
+    """Random-init SigLIP/CLIP model from a config, saved like a hub checkpoint."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "siglip_vision":
+        model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**config))
+    elif kind == "clip_vision":
+        model = tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**config))
+    elif kind == "siglip_full":  # the layout the hub publishes: vision_model.* + text_model.*
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+        model = tf.SiglipModel(tf.SiglipConfig(vision_config=config, text_config=text))
+    elif kind == "clip_full":
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+        proj = config.pop("projection_dim", 48)
+        model = tf.CLIPModel(tf.CLIPConfig(vision_config=config, text_config=text, projection_dim=proj))
+    else:
+        raise ValueError(kind)
+    model.eval()
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_model(folder: Path):
+    import json
+
+    import transformers as tf
+
+    config = json.loads((folder / "config.json").read_text())
+    cls = {
+        "siglip_vision_model": tf.SiglipVisionModel,
+        "clip_vision_model": tf.CLIPVisionModelWithProjection,
+        "siglip": tf.SiglipModel,
+        "clip": tf.CLIPModel,
+    }[config["model_type"]]
+    return cls.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("tiny_siglip"), "siglip_vision", **TINY_SIGLIP)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("tiny_clip"), "clip_vision", **TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_parquet(tiny_siglip, tmp_path_factory) -> Path:
+    from arrowvision.convert import convert
+
+    out = tmp_path_factory.mktemp("pq") / "tiny_siglip.parquet"
+    convert(str(tiny_siglip), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_parquet(tiny_clip, tmp_path_factory) -> Path:
+    from arrowvision.convert import convert
+
+    out = tmp_path_factory.mktemp("pq") / "tiny_clip.parquet"
+    convert(str(tiny_clip), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photos shipped inside scikit-image's wheel (RGB uint8 HWC)."""
+    from skimage import data
+
+    return {
+        "astronaut": data.astronaut(),
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+    }
