@@ -88,6 +88,54 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="embed the bundled sample photos with the bundled default model")
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="Parquet weights (default: bundled demo model)")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto")
+    p.set_defaults(func=cmd_demo)
+
+
+def resolve_backend(name: str) -> str:
+    """``auto``: OpenVINO when it is installed, else the torch reference."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "openvino" if importlib.util.find_spec("openvino") else "torch"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .encoder import VisionEncoder
+
+    backend = resolve_backend(args.backend)
+    start = time.perf_counter()
+    encoder = VisionEncoder.from_parquet(args.weights, backend=backend)
+    loaded = time.perf_counter()
+    images = sorted(SAMPLES_DIR.glob("*.jpg"))
+    embeddings = encoder.encode(images)
+    done = time.perf_counter()
+    print(f"model   {args.weights} ({encoder.config.family}, {encoder.config.image_size}px, dim {encoder.embedding_dim})")
+    print(f"backend {backend}; load {1000 * (loaded - start):.0f} ms; {len(images)} images embedded in {1000 * (done - loaded):.0f} ms")
+    print(f"weights checksum {encoder.checksum}")
+    names = [p.stem[:10] for p in images]
+    print("\ncosine similarity (L2-normalized embeddings)")
+    print(" " * 11 + " ".join(f"{n:>10}" for n in names))
+    similarity = embeddings @ embeddings.T
+    for name, row in zip(names, similarity):
+        print(f"{name:>10} " + " ".join(f"{v:10.3f}" for v in row))
+    print(f"\nfirst embedding, first 8 values: {np.array2string(embeddings[0, :8], precision=4)}")
+    if Path(args.weights).resolve() == DEFAULT_WEIGHTS:
+        print("note: the bundled model is random-init (no downloads here); convert a real one with\n"
+              "  arrowvision convert google/siglip-base-patch16-224 weights/siglip-b16.parquet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrowvision",
@@ -100,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [_add_convert, _add_info]
+COMMANDS = [_add_demo, _add_convert, _add_info]
 
 
 def main(argv: list[str] | None = None) -> int:

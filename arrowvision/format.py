@@ -211,11 +211,18 @@ def write_weights(
             writer.add_key_value_metadata({META_PREFIX + k: v for k, v in metadata.items()})
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return {"tensors": len(entries), "parameters": parameters, "bytes": total_bytes, "weights_checksum": checksum}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------- reader

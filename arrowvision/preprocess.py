@@ -43,7 +43,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, name: str | 
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
-        return Image.fromarray(_array_to_rgb(source, label))
+        image = Image.fromarray(_array_to_rgb(source, label))
     else:
         image = _open(source, label, max_pixels)
     if image.width * image.height > max_pixels:
