@@ -1,0 +1,180 @@
+"""OpenVINO fast path: parity with the torch reference, the IR cache, and the torch-free runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from arrowvision import BackendError, VisionEncoder, WeightLoader
+from arrowvision.backends.openvino_backend import cache_key, export
+from arrowvision.convert import convert
+
+from .conftest import BASE_SIGLIP, TINY_SIGLIP, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ARROWVISION_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ovcache")
+    old = os.environ.get("ARROWVISION_CACHE")
+    os.environ["ARROWVISION_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ARROWVISION_CACHE")
+    else:
+        os.environ["ARROWVISION_CACHE"] = old
+
+
+def random_pixels(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
+
+
+@pytest.mark.parametrize("weights_fixture", ["tiny_siglip_parquet", "tiny_clip_parquet"])
+def test_fp32_matches_torch_reference(request, module_cache, weights_fixture):
+    path = request.getfixturevalue(weights_fixture)
+    reference = VisionEncoder.from_parquet(path, backend="torch")
+    fast = VisionEncoder.from_parquet(path, backend="openvino")
+    size = reference.config.image_size
+    for batch in (1, 4, 16, 64, 256):  # the batch dimension is dynamic
+        pixels = random_pixels(batch, size, seed=batch)
+        expected = reference.encode(pixels, normalize=False, batch_size=batch)
+        actual = fast.encode(pixels, normalize=False, batch_size=batch)
+        assert actual.shape == expected.shape
+        assert np.abs(actual - expected).max() <= 1e-4, batch
+
+
+def test_throughput_mode_matches_latency_mode(module_cache, tiny_siglip_parquet):
+    latency = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino", mode="latency")
+    throughput = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino", mode="throughput")
+    pixels = random_pixels(13, 32)
+    np.testing.assert_allclose(throughput.encode(pixels), latency.encode(pixels), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_base_config_fp32_matches_torch(tmp_path, module_cache):
+    folder = save_checkpoint(tmp_path / "base", "siglip_vision", seed=0, **BASE_SIGLIP)
+    parquet = tmp_path / "base.parquet"
+    convert(str(folder), parquet, progress=False)
+    reference = VisionEncoder.from_parquet(parquet, backend="torch")
+    fast = VisionEncoder.from_parquet(parquet, backend="openvino")
+    for batch in (1, 4, 16):
+        pixels = random_pixels(batch, 224, seed=batch)
+        diff = np.abs(fast.encode(pixels, normalize=False) - reference.encode(pixels, normalize=False)).max()
+        assert diff <= 1e-4, (batch, diff)
+
+
+def test_cache_is_reused_and_keyed_by_content(cache, tmp_path, tiny_siglip, tiny_siglip_parquet):
+    weights = WeightLoader(tiny_siglip_parquet)
+    entry = export(weights)
+    assert entry.parent == cache / "ir"
+    meta = entry / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    assert export(weights) == entry and meta.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert cache_key(weights, "fp16") != cache_key(weights, "fp32")
+    # same architecture, different weights: a different key, never the stale IR
+    other_ckpt = save_checkpoint(tmp_path / "other", "siglip_vision", seed=99, **TINY_SIGLIP)
+    other = tmp_path / "other.parquet"
+    convert(str(other_ckpt), other, progress=False)
+    assert cache_key(WeightLoader(other), "fp32") != cache_key(weights, "fp32")
+    a = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino").encode(random_pixels(2, 32))
+    b = VisionEncoder.from_parquet(other, backend="openvino").encode(random_pixels(2, 32))
+    assert np.abs(a - b).max() > 1e-2
+    assert (cache / "compiled").is_dir() and any((cache / "compiled").iterdir())  # OpenVINO's compiled-model cache
+
+
+def test_concurrent_exports_of_one_model(cache, tiny_clip_parquet):
+    script = textwrap.dedent(f"""
+        from arrowvision import WeightLoader
+        from arrowvision.backends.openvino_backend import export
+        print(export(WeightLoader({str(tiny_clip_parquet)!r})))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outputs]
+    assert len({o[0].strip() for o in outputs}) == 1
+    entries = [p for p in (cache / "ir").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / "model.xml").exists()  # no staging leftovers
+
+
+def _run_isolated(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_fast_path_does_not_import_torch(cache, tiny_siglip_parquet):
+    VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino")  # warm the cache
+    result = _run_isolated(f"""
+        import sys
+        import arrowvision
+        encoder = arrowvision.VisionEncoder.from_parquet({str(tiny_siglip_parquet)!r}, backend="openvino")
+        embedding = encoder.encode([{str(ROOT / 'arrowvision' / 'samples' / 'chelsea.jpg')!r}])
+        assert embedding.shape == (1, 64), embedding.shape
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "nncf"))
+        print("LEAKED", leaked)
+    """, {"ARROWVISION_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stdout, result.stdout
+
+
+def test_uncached_without_torch_says_what_to_install(cache, tiny_siglip_parquet):
+    result = _run_isolated(f"""
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        import arrowvision
+        try:
+            arrowvision.VisionEncoder.from_parquet({str(tiny_siglip_parquet)!r}, backend="openvino")
+        except arrowvision.BackendError as exc:
+            print("ERROR", exc)
+    """, {"ARROWVISION_CACHE": str(cache / "empty")})
+    assert "ERROR" in result.stdout and "pip install torch==2.13.0" in result.stdout, result.stdout + result.stderr
+
+
+def test_missing_openvino_is_a_clear_error(tiny_siglip_parquet):
+    result = _run_isolated(f"""
+        import sys
+        sys.modules["openvino"] = None
+        import arrowvision
+        try:
+            arrowvision.VisionEncoder.from_parquet({str(tiny_siglip_parquet)!r}, backend="openvino")
+        except arrowvision.BackendError as exc:
+            print("ERROR", exc)
+    """, {})
+    assert "ERROR" in result.stdout and "pip install" in result.stdout and "openvino" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-weights", "int8"])
+def test_lower_precisions_report_accuracy(module_cache, precision):
+    encoder = VisionEncoder.from_parquet(ROOT / "weights" / "siglip-demo-random.parquet", backend="openvino", precision=precision)
+    report = encoder.backend.report
+    assert report["precision"] == precision and report["validation_images"] >= 5
+    assert report["min_cosine"] >= 0.99
+    reference = VisionEncoder.from_parquet(ROOT / "weights" / "siglip-demo-random.parquet", backend="torch")
+    images = sorted((ROOT / "arrowvision" / "samples").glob("*.jpg"))
+    cosines = (encoder.encode(images) * reference.encode(images)).sum(axis=1)
+    assert cosines.min() >= 0.99
+
+
+def test_accuracy_threshold_refuses_a_bad_export(cache):
+    with pytest.raises(BackendError, match="too inaccurate"):
+        VisionEncoder.from_parquet(ROOT / "weights" / "siglip-demo-random.parquet", backend="openvino", precision="int8", min_cosine=0.999999)
+    assert not [p for p in (cache / "ir").iterdir() if p.is_dir()]  # nothing half-made is cached
+
+
+def test_unknown_device_and_precision(module_cache, tiny_siglip_parquet):
+    with pytest.raises(BackendError, match="precision"):
+        VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino", precision="int4")
+    with pytest.raises(BackendError, match="device"):
+        VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino", device="TPU")
