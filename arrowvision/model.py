@@ -49,7 +49,8 @@ class Embeddings(nn.Module):
         )
         if config.family == "clip":
             self.class_embedding = nn.Parameter(torch.empty(d))
-        self.position_embedding = nn.Embedding(config.num_positions, d)
+        # _weight: skip normal_ init, which on the meta device costs a 1.5 s first-call import
+        self.position_embedding = nn.Embedding(config.num_positions, d, _weight=torch.empty(config.num_positions, d))
 
     def positions(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for an input of ``height x width`` pixels.

@@ -84,7 +84,6 @@ def worker(method: str, path: str) -> None:
         import transformers as tf
     process = psutil.Process()
     rss_before = process.memory_info().rss
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     if method == "arrowvision WeightLoader -> torch":
         result = arrowvision.WeightLoader(path).torch()
@@ -113,7 +112,9 @@ def worker(method: str, path: str) -> None:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - start
     rss_growth = process.memory_info().rss - rss_before
-    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    # high-water mark after the load minus the resident size before it (an upper bound: the
+    # import peak can only raise it)
+    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     del result
     print(json.dumps({"seconds": seconds, "rss_growth": rss_growth, "peak_growth": max(0, peak_growth)}))
 
