@@ -136,6 +136,181 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a weights file to OpenVINO IR in the cache (done automatically on first use)")
+    p.add_argument("weights")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8-weights", "int8"], default="fp32")
+    p.add_argument("--calibration", nargs="+", metavar="IMAGE", help="images (or folders) to calibrate/validate int8 on "
+                   "(default: the bundled sample photos)")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="refuse a non-fp32 export less accurate than this (default 0.99)")
+    p.add_argument("--cache-dir", help="default: $ARROWVISION_CACHE or the user cache dir")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=cmd_export)
+
+
+def image_files(sources: list[str]) -> list[Path]:
+    """Expand folders (recursively) to their image files; keep files as given."""
+    from .pipeline import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            files.append(path)
+    return files
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .backends.openvino_backend import export
+    from .format import WeightLoader
+
+    start = time.perf_counter()
+    calibration = image_files(args.calibration) if args.calibration else None
+    entry = export(WeightLoader(args.weights), args.precision, cache_dir=args.cache_dir, calibration=calibration,
+                   min_cosine=args.min_cosine, force=args.force)
+    report = json.loads((entry / "meta.json").read_text())
+    print(f"{args.precision} IR: {entry / 'model.xml'} ({time.perf_counter() - start:.1f} s)")
+    if "min_cosine" in report:
+        print(f"accuracy vs fp32 torch reference on {report['validation_images']} images: "
+              f"min cosine {report['min_cosine']:.5f}, mean {report['mean_cosine']:.5f}")
+    return 0
+
+
+def _backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="Parquet weights (default: bundled demo model)")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="auto: openvino if installed")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8-weights", "int8"], default="fp32", help="openvino only")
+    p.add_argument("--device", default="CPU", help="openvino device: CPU, GPU or AUTO (torch: cpu)")
+
+
+def load_encoder(args: argparse.Namespace):
+    from .encoder import VisionEncoder
+
+    backend = resolve_backend(args.backend)
+    if backend == "openvino":
+        return VisionEncoder.from_parquet(args.weights, backend="openvino", device=args.device, precision=args.precision,
+                                          mode=getattr(args, "mode", "latency"))
+    return VisionEncoder.from_parquet(args.weights, backend="torch", device="cpu" if args.device.upper() == "CPU" else args.device)
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed a folder, glob or list of images into a Parquet dataset (resumable)")
+    p.add_argument("inputs", help="a folder (recursive), a quoted glob, or a .txt/.csv/.parquet list of paths")
+    p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, errors-*.parquet)")
+    _backend_options(p)
+    p.add_argument("--mode", choices=["latency", "throughput"], default="throughput", help="openvino performance hint")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=1024, help="rows per atomically written chunk")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--sketch", action="store_true", help="apply sketch normalization before embedding")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .pipeline import collect_inputs, embed_paths
+
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise ArrowVisionError("--batch-size and --chunk-size must be >= 1")
+    paths = collect_inputs(args.inputs)
+    encoder = load_encoder(args)
+    stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                        workers=args.workers, sketch=args.sketch, progress=not args.no_progress)
+    print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed; "
+          f"{stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time -> {args.output}")
+    for path, reason in stats.errors[:10]:
+        print(f"  failed: {reason}", file=sys.stderr)
+    if len(stats.errors) > 10:
+        print(f"  ... and {len(stats.errors) - 10} more (see errors-*.parquet)", file=sys.stderr)
+    return EXIT_PARTIAL if stats.failed else 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="top-k nearest images in an embeddings dataset for a query image")
+    p.add_argument("embeddings", help="dataset folder written by `arrowvision embed` (or one part file)")
+    p.add_argument("query", help="query image (or sketch with --sketch)")
+    _backend_options(p)
+    p.add_argument("-k", "--top-k", type=int, default=10)
+    p.add_argument("--sketch", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import top_k
+
+    encoder = load_encoder(args)
+    query = args.query
+    if args.sketch:
+        from .preprocess import normalize_sketch
+
+        query = normalize_sketch(query)
+    vector = encoder.encode([query])[0]
+    hits = top_k(args.embeddings, vector, args.top_k, model_checksum=encoder.checksum)
+    print(f"{'rank':>4}  {'cosine':>8}  path")
+    for rank, (score, path) in enumerate(hits, 1):
+        print(f"{rank:>4}  {score:8.4f}  {path}")
+    return 0
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="parity report of a weights file / exported IR vs the torch reference and transformers")
+    _backend_options(p)
+    p.add_argument("--images", nargs="+", help="images or folders to compare on (default: bundled sample photos)")
+    p.add_argument("--max-abs", type=float, default=1e-4, help="pass threshold on max abs diff (fp32)")
+    p.add_argument("--min-cosine", type=float, default=0.9999, help="pass threshold on min cosine")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import validate
+
+    images = image_files(args.images) if args.images else sorted(SAMPLES_DIR.glob("*.jpg"))
+    rows, passed = validate(args.weights, resolve_backend(args.backend), args.precision, images,
+                            max_abs=args.max_abs, min_cosine=args.min_cosine)
+    print(f"{'comparison':<36} {'max abs':>10} {'mean abs':>10} {'rmse':>10} {'min cos':>10}  result")
+    for row in rows:
+        print(f"{row['name']:<36} {row['max_abs']:10.2e} {row['mean_abs']:10.2e} {row['rmse']:10.2e} {row['min_cosine']:10.6f}  "
+              f"{'PASS' if row['passed'] else 'FAIL'}")
+    print("PASS" if passed else "FAIL")
+    return 0 if passed else EXIT_ERROR
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency percentiles, img/s and peak RSS for a backend")
+    _backend_options(p)
+    p.add_argument("--mode", choices=["latency", "throughput"], default="latency")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--iters", type=int, default=20)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import resource
+
+    import numpy as np
+
+    encoder = load_encoder(args)
+    size = encoder.config.image_size
+    rng = np.random.default_rng(0)
+    print(f"{encoder.backend.name} {args.precision if encoder.backend.name == 'openvino' else ''} "
+          f"{encoder.config.family} {size}px dim {encoder.embedding_dim}")
+    print(f"{'batch':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'img/s':>9}")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        pixels = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+        encoder.backend(pixels)
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            encoder.backend(pixels)
+            times.append(time.perf_counter() - start)
+        p50, p95, p99 = np.percentile(times, [50, 95, 99]) * 1000
+        print(f"{batch:>5} {p50:9.1f} {p95:9.1f} {p99:9.1f} {batch / np.median(times):9.1f}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrowvision",
@@ -148,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [_add_demo, _add_convert, _add_info]
+COMMANDS = [_add_demo, _add_convert, _add_info, _add_export, _add_validate, _add_embed, _add_search, _add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

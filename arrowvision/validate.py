@@ -1,0 +1,68 @@
+"""Parity report for a user's weights: backend vs our torch reference vs transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .encoder import VisionEncoder
+
+
+def compare(name: str, ours: np.ndarray, reference: np.ndarray, max_abs: float, min_cosine: float) -> dict[str, Any]:
+    diff = np.abs(ours - reference)
+    cos = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
+    row = {"name": name, "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+           "rmse": float(np.sqrt((diff**2).mean())), "min_cosine": float(cos.min())}
+    row["passed"] = row["min_cosine"] >= min_cosine and (max_abs <= 0 or row["max_abs"] <= max_abs)
+    return row
+
+
+def validate(weights: str | Path, backend: str, precision: str, images: Sequence[Any], *, max_abs: float = 1e-4,
+             min_cosine: float = 0.9999) -> tuple[list[dict[str, Any]], bool]:
+    """Unnormalized pooled outputs on ``images``; abs-diff thresholds apply to fp32 comparisons only."""
+    reference = VisionEncoder.from_parquet(weights, backend="torch")
+    pixels = reference.preprocess(list(images))
+    expected = reference.encode(pixels, normalize=False)
+    rows = []
+    if backend == "openvino":
+        fast = VisionEncoder.from_parquet(weights, backend="openvino", precision=precision, min_cosine=0.0)
+        rows.append(compare(f"openvino {precision} vs torch", fast.encode(pixels, normalize=False), expected,
+                            max_abs if precision == "fp32" else 0, min_cosine if precision == "fp32" else 0.99))
+    if importlib.util.find_spec("transformers"):
+        rows.append(compare("torch vs transformers", expected, _transformers_pooled(reference, pixels), max_abs, min_cosine))
+    return rows, all(r["passed"] for r in rows)
+
+
+def _transformers_pooled(encoder: VisionEncoder, pixels: np.ndarray) -> np.ndarray:
+    """Load the same tensors into the HF model class and run it."""
+    import torch
+    import transformers as tf
+
+    hf_config = dict(encoder.weights.config)
+    family = encoder.config.family
+    tensors = encoder.weights.torch()
+    # built normally on CPU (not meta): HF keeps non-persistent buffers (position_ids) outside state_dict
+    vision = {k: v for k, v in hf_config.get("vision_config", hf_config).items() if k != "model_type"}
+    if family == "siglip":
+        model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**vision))
+    else:
+        config = tf.CLIPVisionConfig(**vision)
+        if "projection_dim" in hf_config:
+            config.projection_dim = hf_config["projection_dim"]
+        model = tf.CLIPVisionModelWithProjection(config) if "visual_projection.weight" in tensors else tf.CLIPVisionModel(config)
+    state = {}
+    for name in model.state_dict():
+        for candidate in (name, "vision_model." + name, name.removeprefix("vision_model.")):
+            if candidate in tensors:
+                state[name] = tensors[candidate].float()
+                break
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(pixels))
+    pooled = getattr(out, "image_embeds", None)
+    return (pooled if pooled is not None else out.pooler_output).numpy()

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Latency, throughput, memory and cold start: our OpenVINO path vs what users would run instead.
+
+Base SigLIP-B/16-224 vision tower (published config, random init, seed 0: compute cost is that of
+the real weights). Peers, each in its own process, rounds interleaved:
+
+- ours: arrowvision OpenVINO fp32, fp16, int8-weights, int8 (nncf PTQ on the bundled photos)
+- ours: arrowvision torch reference
+- HF transformers SiglipVisionModel, torch fp32 (SDPA attention)
+- HF model exported to ONNX (torch.onnx.export), run by ONNX Runtime CPU
+- HF model converted directly with openvino.convert_model (f32 inference hint, like ours)
+
+Reports batch-1 latency p50/p95/p99, img/s at batch 8 and 32, peak RSS, ratios to ours (OV fp32),
+achieved GFLOP/s vs a 2-thread float32 GEMM measured in the same run, and cold start (fresh
+process: import -> first embedding, warm caches) for ours and for transformers.
+
+    python benchmarks/latency.py [--rounds 2] [--iters 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+WORK = HERE / ".cache"
+BASE_SIGLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+OURS = "ours OV fp32"
+METHODS = ["ours OV fp32", "ours OV fp16", "ours OV int8-weights", "ours OV int8", "ours torch",
+           "HF transformers torch", "HF -> ONNX Runtime", "HF -> openvino.convert_model"]
+
+
+def siglip_flops(c: dict) -> float:
+    """Forward FLOPs of one image (2 per multiply-add): patch embed, encoder, MAP head."""
+    d, m, n = c["hidden_size"], c["intermediate_size"], (c["image_size"] // c["patch_size"]) ** 2
+    per_layer = 2 * n * (4 * d * d + 2 * d * m) + 2 * 2 * n * n * d
+    patch = 2 * n * d * 3 * c["patch_size"] ** 2
+    head = 2 * (n * 2 * d * d + 2 * d * d + 2 * d * m) + 2 * 2 * n * d
+    return c["num_hidden_layers"] * per_layer + patch + head
+
+
+def prepare() -> dict[str, Path]:
+    import torch
+    import transformers as tf
+
+    from arrowvision.convert import convert
+
+    folder, parquet, onnx_path = WORK / "siglip-base-random", WORK / "siglip-base.parquet", WORK / "siglip-base-hf.onnx"
+    ov_xml = WORK / "siglip-base-hf-ov" / "model.xml"
+    WORK.mkdir(parents=True, exist_ok=True)
+    if not (folder / "model.safetensors").exists():
+        torch.manual_seed(0)
+        tf.SiglipVisionModel(tf.SiglipVisionConfig(**BASE_SIGLIP)).eval().save_pretrained(folder)
+    if not parquet.exists():
+        convert(str(folder), parquet, progress=False)
+    if not onnx_path.exists() or not ov_xml.exists():
+        import openvino as ov
+
+        model = HFPooled(tf.SiglipVisionModel.from_pretrained(folder).eval())
+        example = torch.zeros(1, 3, 224, 224)
+        if not onnx_path.exists():
+            torch.onnx.export(model, (example,), onnx_path, dynamo=False, input_names=["pixel_values"], output_names=["pooled"],
+                              dynamic_axes={"pixel_values": {0: "batch"}}, opset_version=17)
+        if not ov_xml.exists():
+            ov.save_model(ov.convert_model(model, example_input=example, input=[ov.PartialShape([-1, 3, 224, 224])]), ov_xml,
+                          compress_to_fp16=False)
+    return {"folder": folder, "parquet": parquet, "onnx": onnx_path, "ov_xml": ov_xml}
+
+
+def HFPooled(model):  # noqa: N802 - a tiny wrapper class made on demand (torch imported lazily)
+    import torch
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values=pixel_values).pooler_output
+
+    return Pooled(model)
+
+
+def load_runner(method: str, paths: dict[str, Path]):
+    """Return run(pixels: np.ndarray) -> np.ndarray for a method, loaded and ready."""
+    if method.startswith("ours OV"):
+        from arrowvision import VisionEncoder
+
+        encoder = VisionEncoder.from_parquet(paths["parquet"], backend="openvino", precision=method.split()[-1])
+        return encoder.backend
+    if method == "ours torch":
+        from arrowvision import VisionEncoder
+
+        return VisionEncoder.from_parquet(paths["parquet"], backend="torch").backend
+    if method == "HF transformers torch":
+        import torch
+        import transformers as tf
+
+        model = tf.SiglipVisionModel.from_pretrained(paths["folder"]).eval()
+
+        def run(pixels):
+            with torch.inference_mode():
+                return model(pixel_values=torch.from_numpy(pixels)).pooler_output.numpy()
+
+        return run
+    if method == "HF -> ONNX Runtime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        session = ort.InferenceSession(str(paths["onnx"]), options, providers=["CPUExecutionProvider"])
+        return lambda pixels: session.run(None, {"pixel_values": pixels})[0]
+    if method == "HF -> openvino.convert_model":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(paths["ov_xml"]), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+
+        def run(pixels):
+            request.infer({0: pixels})
+            return request.get_output_tensor(0).data.copy()
+
+        return run
+    raise SystemExit(f"unknown method {method}")
+
+
+def worker(method: str, iters: int, batches: list[int], batch_iters: int) -> None:
+    paths = {k: Path(v) for k, v in json.loads(os.environ["AV_BENCH_PATHS"]).items()}
+    run = load_runner(method, paths)
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
+    run(one)  # warm-up (compilation, allocations)
+    latencies = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run(one)
+        latencies.append(time.perf_counter() - start)
+    throughput = {}
+    for batch in batches:
+        pixels = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
+        run(pixels[:1])
+        times = []
+        for _ in range(batch_iters):
+            start = time.perf_counter()
+            run(pixels)
+            times.append(time.perf_counter() - start)
+        throughput[batch] = batch / statistics.median(times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"latencies": latencies, "throughput": throughput, "peak_rss": peak}))
+
+
+def gemm_gflops(seconds: float = 3.0) -> float:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return count * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+COLD_OURS = """
+import time; t0 = time.perf_counter()
+import arrowvision
+e = arrowvision.VisionEncoder.from_parquet({parquet!r}, backend="openvino")
+e.encode([{image!r}])
+print(time.perf_counter() - t0)
+"""
+COLD_HF = """
+import time; t0 = time.perf_counter()
+import torch, transformers as tf
+from PIL import Image
+m = tf.SiglipVisionModel.from_pretrained({folder!r}).eval()
+p = tf.SiglipImageProcessorPil()
+with torch.inference_mode():
+    m(**p(images=[Image.open({image!r})], return_tensors="pt")).pooler_output
+print(time.perf_counter() - t0)
+"""
+
+
+def cold_start(template: str, paths: dict[str, Path], runs: int) -> list[float]:
+    image = str(HERE.parent / "arrowvision" / "samples" / "chelsea.jpg")
+    code = template.format(parquet=str(paths["parquet"]), folder=str(paths["folder"]), image=image)
+    times = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        if out.returncode:
+            raise SystemExit(out.stderr)
+        times.append(float(out.stdout.strip().splitlines()[-1]))
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10, help="batch-1 iterations per round")
+    parser.add_argument("--batch-iters", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1 round, fewer iterations (smoke run)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batches = [8, 32]
+    if args.quick:
+        args.rounds, args.iters, args.batch_iters = 1, 5, 1
+    if args.worker:
+        return worker(args.worker, args.iters, batches, args.batch_iters)
+
+    paths = prepare()
+    env = {**os.environ, "AV_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()}), "TRANSFORMERS_VERBOSITY": "error",
+           "ARROWVISION_CACHE": os.environ.get("ARROWVISION_CACHE", str(WORK / "arrowvision-cache"))}
+    os.environ["ARROWVISION_CACHE"] = env["ARROWVISION_CACHE"]
+    for method in METHODS:  # make sure exports/caches exist before timing anything
+        if method.startswith("ours OV"):
+            load_runner(method, paths)
+    gemm = gemm_gflops()
+    results: dict[str, dict] = {m: {"latencies": [], "throughput": {b: [] for b in batches}, "peak_rss": []} for m in METHODS}
+    for round_ in range(args.rounds):
+        for method in METHODS:
+            out = subprocess.run([sys.executable, __file__, "--worker", method, "--iters", str(args.iters),
+                                  "--batch-iters", str(args.batch_iters)], capture_output=True, text=True, timeout=1800, env=env)
+            if out.returncode:
+                raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
+            data = json.loads(out.stdout.strip().splitlines()[-1])
+            results[method]["latencies"] += data["latencies"]
+            for b in batches:
+                results[method]["throughput"][b].append(data["throughput"][str(b)])
+            results[method]["peak_rss"].append(data["peak_rss"])
+            print(f"round {round_ + 1}: {method} done", file=sys.stderr)
+    gemm_after = gemm_gflops()
+    flops = siglip_flops(BASE_SIGLIP)
+
+    def summary(method):
+        r = results[method]
+        return (statistics.median(r["latencies"]), {b: statistics.median(v) for b, v in r["throughput"].items()},
+                statistics.median(r["peak_rss"]))
+
+    ours_lat, ours_tp, ours_rss = summary(OURS)
+    print(f"\nSigLIP-B/16-224 (random init), {flops / 1e9:.1f} GFLOP/image; {os.cpu_count()} CPUs; "
+          f"2-thread fp32 GEMM ceiling {gemm:.0f} GFLOP/s (before) / {gemm_after:.0f} (after)")
+    print(f"{'method':<30} {'b1 p50':>8} {'p95':>8} {'p99':>8} {'x ours':>7} {'b8 img/s':>9} {'x ours':>7} "
+          f"{'b32 img/s':>10} {'x ours':>7} {'GFLOP/s':>8} {'%GEMM':>6} {'peak RSS':>9} {'x ours':>7}")
+    for method in METHODS:
+        lat, tp, rss = summary(method)
+        lats = results[method]["latencies"]
+        achieved = tp[32] * flops / 1e9
+        print(f"{method:<30} {lat * 1e3:6.0f}ms {pct(lats, 95) * 1e3:6.0f}ms {pct(lats, 99) * 1e3:6.0f}ms {lat / ours_lat:6.2f}x "
+              f"{tp[8]:9.2f} {tp[8] / ours_tp[8]:6.2f}x {tp[32]:10.2f} {tp[32] / ours_tp[32]:6.2f}x {achieved:8.0f} "
+              f"{100 * achieved / gemm:5.0f}% {rss / 1e6:7.0f}MB {rss / ours_rss:6.2f}x")
+    cold_ours = cold_start(COLD_OURS, paths, 3)
+    cold_hf = cold_start(COLD_HF, paths, 3)
+    print(f"\ncold start, fresh process import -> first embedding (median of 3): ours OV fp32 {statistics.median(cold_ours):.2f} s, "
+          f"transformers {statistics.median(cold_hf):.2f} s ({statistics.median(cold_hf) / statistics.median(cold_ours):.1f}x)")
+    fp32_peers = [m for m in METHODS if m in ("HF transformers torch", "HF -> ONNX Runtime", "HF -> openvino.convert_model", "ours torch")]
+    fastest_peer = min(fp32_peers, key=lambda m: summary(m)[0])
+    int8 = summary("ours OV int8")
+    print("\ntargets:")
+    print(f"  OV fp32 b1 p50 vs fastest fp32 peer ({fastest_peer}): {ours_lat / summary(fastest_peer)[0]:.2f}x (target <= 1.00)")
+    print(f"  cold start {statistics.median(cold_ours):.2f} s (target <= 1.0 s)")
+    print(f"  int8 speed-up over fp32: b1 {ours_lat / int8[0]:.2f}x, b32 {int8[1][32] / ours_tp[32]:.2f}x (target >= 1.5x at cosine >= 0.99)")
+
+
+if __name__ == "__main__":
+    main()
