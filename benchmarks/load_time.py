@@ -68,6 +68,13 @@ def evict(path: Path) -> None:
             os.close(fd)
 
 
+def vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(method: str, path: str) -> None:
     """Runs in a fresh process: import, then time one load and measure memory."""
     import psutil
@@ -112,9 +119,9 @@ def worker(method: str, path: str) -> None:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - start
     rss_growth = process.memory_info().rss - rss_before
-    # high-water mark after the load minus the resident size before it (an upper bound: the
-    # import peak can only raise it)
-    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    # high-water mark (VmHWM, which unlike ru_maxrss does not survive exec) after the load minus
+    # the resident size before it: an upper bound, as the import peak can only raise it
+    peak_growth = vm_hwm() - rss_before
     del result
     print(json.dumps({"seconds": seconds, "rss_growth": rss_growth, "peak_growth": max(0, peak_growth)}))
 

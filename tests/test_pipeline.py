@@ -1,0 +1,160 @@
+"""End-to-end CLI tests in subprocesses: embed a folder of real photos and broken files, resume
+after a kill, search, validate, info."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from arrowvision import VisionEncoder
+from arrowvision.pipeline import collect_inputs, read_embeddings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "weights" / "siglip-demo-random.parquet"
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arrowvision", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, photos) -> tuple[Path, list[str], list[str]]:
+    """Real photos (several formats and sizes, nested folders) plus broken files."""
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    good = []
+    for i, (name, photo) in enumerate(photos.items()):
+        for j, (fmt, ext) in enumerate((("JPEG", "jpg"), ("PNG", "png"))):
+            target = folder / ("nested" if j else "") / ("deeper" if i % 2 and j else "") / f"{name}.{ext}"
+            Image.fromarray(photo).save(target, fmt)
+            good.append(str(target))
+    jpeg = (folder / "coffee.jpg").read_bytes()
+    bad = {"empty.jpg": b"", "garbage.png": os.urandom(500), "truncated.jpg": jpeg[:2000], "text.jpeg": b"hello world\n"}
+    for name, payload in bad.items():
+        (folder / name).write_bytes(payload)
+    (folder / "notes.txt").write_text("not collected: wrong extension")
+    return folder, sorted(good), sorted(str(folder / n) for n in bad)
+
+
+def test_collect_inputs_folder_glob_and_lists(tmp_path, corpus):
+    folder, good, bad = corpus
+    assert sorted(collect_inputs(str(folder))) == sorted(good + bad)
+    assert sorted(collect_inputs(str(folder / "**" / "*.png"))) == sorted(p for p in good + bad if p.endswith(".png"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(good[:3] + good[:1]) + "\n")
+    assert collect_inputs(str(listing)) == good[:3]  # duplicates dropped, order kept
+    table = tmp_path / "list.csv"
+    table.write_text("id,path\n" + "\n".join(f"{i},{p}" for i, p in enumerate(good[:2])) + "\n")
+    assert collect_inputs(str(table)) == good[:2]
+
+
+def test_embed_folder_end_to_end(tmp_path, corpus):
+    folder, good, bad = corpus
+    out = tmp_path / "emb"
+    run = cli("embed", str(folder), "-o", str(out), "--weights", str(DEMO), "--backend", "torch", "--batch-size", "3",
+              "--chunk-size", "5", "--no-progress")
+    assert run.returncode == 3, run.stderr  # finished, but some inputs failed
+    assert f"{len(good)} embedded" in run.stdout and f"{len(bad)} failed" in run.stdout
+    table = read_embeddings(out)
+    assert sorted(table.column("path").to_pylist()) == good
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # every row equals a direct encode() of that file
+    encoder = VisionEncoder.from_parquet(DEMO)
+    direct = encoder.encode(table.column("path").to_pylist())
+    assert np.abs(direct - vectors).max() < 1e-5
+    row = table.slice(0, 1).to_pylist()[0]
+    with Image.open(row["path"]) as image:
+        assert (row["width"], row["height"]) == image.size
+    import hashlib
+
+    assert row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
+    error_rows = [r for p in sorted(out.glob("errors-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["path"] for r in error_rows) == bad
+    assert all(r["error"] for r in error_rows)
+    metadata = pq.read_schema(next(out.glob("part-*.parquet"))).metadata
+    assert metadata[b"arrowvision.model_checksum"].decode() == encoder.checksum
+    # rerun: nothing new, nothing written twice
+    again = cli("embed", str(folder), "-o", str(out), "--weights", str(DEMO), "--backend", "torch", "--no-progress")
+    assert again.returncode == 0 and "0 embedded" in again.stdout
+    assert sorted(read_embeddings(out).column("path").to_pylist()) == good
+
+
+def test_killed_run_resumes_with_exactly_one_row_per_image(tmp_path, photos):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        photo = list(photos.values())[i % 4]
+        crop = photo[rng.integers(0, 50) :, rng.integers(0, 50) :]
+        Image.fromarray(np.ascontiguousarray(crop)).resize((900, 900)).save(folder / f"img{i:03d}.png")
+    out = tmp_path / "emb"
+    args = [sys.executable, "-m", "arrowvision", "embed", str(folder), "-o", str(out), "--weights", str(DEMO),
+            "--backend", "torch", "--batch-size", "2", "--chunk-size", "2", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("part-*.parquet"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    parts_after_kill = len(list(out.glob("part-*.parquet")))
+    assert 3 <= parts_after_kill < 24, "the run should have been killed midway"
+    done_before = set(read_embeddings(out).column("path").to_pylist())
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(done_before)} already done" in resumed.stdout
+    paths = read_embeddings(out).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 48
+    assert not list(out.glob(".*.tmp"))  # no temp files remain visible as chunks
+
+
+def test_ctrl_c_exits_cleanly(tmp_path, corpus):
+    folder, good, _ = corpus
+    out = tmp_path / "emb"
+    proc = subprocess.Popen([sys.executable, "-m", "arrowvision", "embed", str(folder), "-o", str(out), "--weights", str(DEMO),
+                             "--backend", "torch", "--batch-size", "1", "--chunk-size", "1", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode != 3:  # it may finish before the signal lands; otherwise: 130, one line
+        assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    for part in out.glob("part-*.parquet"):
+        pq.read_table(part)  # every chunk on disk is complete
+
+
+def test_search_and_info_and_validate(tmp_path, corpus):
+    folder, good, _ = corpus
+    out = tmp_path / "emb"
+    cli("embed", str(folder), "-o", str(out), "--weights", str(DEMO), "--backend", "torch", "--no-progress")
+    query = next(p for p in good if p.endswith("chelsea.png"))
+    run = cli("search", str(out), query, "--weights", str(DEMO), "--backend", "torch", "-k", "3")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[1].split()[2].endswith("chelsea.png") and float(lines[1].split()[1]) > 0.9999
+    info = cli("info", str(DEMO), "--verify")
+    assert info.returncode == 0 and "verified" in info.stdout and "siglip" in info.stdout
+    validate = cli("validate", "--weights", str(DEMO), "--backend", "torch")
+    assert validate.returncode == 0 and "torch vs transformers" in validate.stdout and validate.stdout.strip().endswith("PASS")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    run = cli("embed", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"), "--weights", str(DEMO), "--backend", "torch")
+    assert run.returncode == 1 and run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error:")
+    bad_weights = tmp_path / "w.parquet"
+    bad_weights.write_bytes(b"PAR1 nope")
+    run = cli("info", str(bad_weights))
+    assert run.returncode == 1 and "error:" in run.stderr and "Traceback" not in run.stderr
+    assert "Traceback" in cli("-v", "info", str(bad_weights)).stderr
