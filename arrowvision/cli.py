@@ -311,6 +311,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP embedding service with dynamic micro-batching (FastAPI + uvicorn)")
+    _backend_options(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="images per model call")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-queue", type=int, default=256, help="queued images before 503")
+    p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import ServiceConfig, serve
+
+    config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout)
+    serve(load_encoder(args), args.host, args.port, config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrowvision",
@@ -323,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [_add_demo, _add_convert, _add_info, _add_export, _add_validate, _add_embed, _add_search, _add_bench]
+COMMANDS = [_add_demo, _add_convert, _add_info, _add_export, _add_validate, _add_embed, _add_search, _add_bench, _add_serve]
 
 
 def main(argv: list[str] | None = None) -> int:

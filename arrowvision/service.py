@@ -1,0 +1,326 @@
+"""HTTP embedding service: FastAPI + uvicorn, dynamic micro-batching, Prometheus metrics.
+
+Requests are decoded in worker threads, then queued for the ``MicroBatcher``, which groups
+whatever arrives within ``max_wait_ms`` (up to ``max_batch`` images) into one inference call run
+off the event loop. The queue is bounded: when it is full the service answers 503 with
+Retry-After instead of letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse, Response
+
+from .encoder import VisionEncoder, l2_normalize
+from .errors import ImageError
+from .preprocess import MAX_PIXELS, load_image, normalize_sketch_image
+
+
+@dataclass
+class ServiceConfig:
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = MAX_PIXELS
+    max_batch_items: int = 64  # images per /v1/embed/batch request
+    request_timeout_s: float = 30.0
+    decode_threads: int = 2
+
+
+class QueueFull(Exception):
+    pass
+
+
+class MalformedRequest(Exception):
+    pass
+
+
+class MicroBatcher:
+    """Collects single images from concurrent requests into batches for one model call."""
+
+    def __init__(self, run, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.on_batch = on_batch or (lambda size, seconds: None)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="arrowvision-infer")  # one model, one runner
+        self.task: asyncio.Task | None = None
+        self.in_flight = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        """Queue one preprocessed image; resolves to (embedding, inference seconds of its batch)."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((pixels, future))
+        except asyncio.QueueFull:
+            raise QueueFull from None
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            batch = [first]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            live = [(p, f) for p, f in batch if not f.cancelled()]  # timed-out requests drop out
+            if not live:
+                continue
+            self.in_flight = len(live)
+            start = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self.executor, self.run, np.stack([p for p, _ in live]))
+            except Exception as exc:  # the model failed: every waiter gets the error
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            finally:
+                self.in_flight = 0
+            seconds = time.perf_counter() - start
+            self.on_batch(len(live), seconds)
+            for (_, future), output in zip(live, outputs):
+                if not future.done():
+                    future.set_result((output, seconds))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until everything queued has been answered (graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        while (not self.queue.empty() or self.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+
+def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
+    """The FastAPI application serving ``encoder``."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    config = config or ServiceConfig()
+    registry = CollectorRegistry()
+    requests_total = Counter("arrowvision_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
+    latency = Histogram("arrowvision_request_latency_seconds", "Request latency", ["endpoint"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    batch_sizes = Histogram("arrowvision_batch_size", "Images per model call", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    inference_seconds = Histogram("arrowvision_inference_seconds", "Model call duration", registry=registry)
+    queue_depth = Gauge("arrowvision_queue_depth", "Images waiting for the model", registry=registry)
+    images_total = Counter("arrowvision_images_total", "Images embedded", registry=registry)
+    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="arrowvision-decode")
+    state: dict[str, Any] = {"accepting": True}
+
+    def record_batch(size: int, seconds: float) -> None:
+        batch_sizes.observe(size)
+        inference_seconds.observe(seconds)
+        images_total.inc(size)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, record_batch)
+        batcher.start()
+        queue_depth.set_function(lambda: batcher.queue.qsize())
+        state["batcher"] = batcher
+        yield
+        state["accepting"] = False
+        await batcher.drain(config.request_timeout_s)
+        decode_pool.shutdown(wait=False)
+
+    app = FastAPI(title="arrowvision", version="0.1.0", lifespan=lifespan,
+                  description="SigLIP/CLIP image embeddings with dynamic micro-batching.")
+
+    class HTTPProblem(Exception):
+        def __init__(self, status: int, message: str, headers: dict | None = None):
+            self.status, self.message, self.headers = status, message, headers
+
+    @app.exception_handler(HTTPProblem)
+    async def problem_handler(request: Request, exc: HTTPProblem):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(MalformedRequest)
+    async def malformed_handler(request: Request, exc: MalformedRequest):
+        return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        start = time.perf_counter()
+        endpoint = request.url.path
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            response = JSONResponse({"error": f"request body over {config.max_body_bytes} bytes"}, status_code=413)
+        elif not state["accepting"] and endpoint.startswith("/v1/"):
+            response = JSONResponse({"error": "shutting down"}, status_code=503, headers={"Retry-After": "1"})
+        else:
+            response = await call_next(request)
+        if endpoint.startswith("/v1/"):
+            requests_total.labels(endpoint, str(response.status_code)).inc()
+            latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    async def read_body(request: Request) -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():  # enforce the limit for chunked bodies too
+            body += chunk
+            if len(body) > config.max_body_bytes:
+                raise HTTPProblem(413, f"request body over {config.max_body_bytes} bytes")
+        return bytes(body)
+
+    def option(value: Any, default: bool) -> bool:
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        return str(value).lower() in ("1", "true", "yes", "on")
+
+    async def parse(request: Request, many: bool) -> tuple[list[tuple[str, bytes]], bool, bool]:
+        """-> ([(name, image bytes)], normalize, sketch) from multipart or JSON (base64)."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        params = request.query_params
+        if content_type == "multipart/form-data":
+            body = await read_body(request)
+            form = await _parse_multipart(request, body)
+            files = [(getattr(v, "filename", None) or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
+            normalize, sketch = option(form.get("normalize", params.get("normalize")), True), option(form.get("sketch", params.get("sketch")), False)
+        elif content_type == "application/json":
+            import json
+
+            body = await read_body(request)
+            try:
+                payload = json.loads(body or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise HTTPProblem(422, f"malformed JSON: {exc}") from None
+            if not isinstance(payload, dict):
+                raise HTTPProblem(422, "JSON body must be an object")
+            encoded = payload.get("images") if many else [payload.get("image")]
+            if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
+                raise HTTPProblem(422, "expected 'images': [base64, ...]" if many else "expected 'image': base64 string")
+            files = []
+            for index, text in enumerate(encoded):
+                try:
+                    files.append((f"images[{index}]", base64.b64decode(text, validate=True)))
+                except (binascii.Error, ValueError):
+                    if not many:
+                        raise HTTPProblem(422, "'image' is not valid base64") from None
+                    files.append((f"images[{index}]", b""))  # reported per item
+            normalize = option(payload.get("normalize", params.get("normalize")), True)
+            sketch = option(payload.get("sketch", params.get("sketch")), False)
+        else:
+            raise HTTPProblem(415, f"unsupported content type {content_type or '(none)'}; use multipart/form-data or application/json")
+        if not files:
+            raise HTTPProblem(422, "no image in the request")
+        if not many and len(files) != 1:
+            raise HTTPProblem(422, "send exactly one image to /v1/embed (use /v1/embed/batch for several)")
+        if len(files) > config.max_batch_items:
+            raise HTTPProblem(413, f"{len(files)} images in one request; the limit is {config.max_batch_items}")
+        return files, normalize, sketch
+
+    def decode(name: str, data: bytes, sketch: bool) -> np.ndarray:
+        if not data:
+            raise ImageError(f"{name}: empty or invalid image data")
+        image = load_image(data, max_pixels=config.max_pixels, name=name)
+        if sketch:
+            image = normalize_sketch_image(image)
+        return encoder.preprocessor(image, max_pixels=config.max_pixels)
+
+    async def embed_one(name: str, data: bytes, normalize: bool, sketch: bool) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        pixels = await loop.run_in_executor(decode_pool, decode, name, data, sketch)
+        decoded = time.perf_counter()
+        try:
+            vector, inference = await asyncio.wait_for(state["batcher"].submit(pixels), config.request_timeout_s)
+        except QueueFull:
+            raise HTTPProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
+        except asyncio.TimeoutError:
+            raise HTTPProblem(504, f"timed out after {config.request_timeout_s} s") from None
+        vector = l2_normalize(vector) if normalize else vector
+        done = time.perf_counter()
+        return {
+            "embedding": vector.astype(np.float32).tolist(),
+            "dim": int(vector.shape[0]),
+            "model_checksum": encoder.checksum,
+            "timing_ms": {"decode": 1000 * (decoded - start), "inference": 1000 * inference,
+                          "queue": 1000 * max(0.0, done - decoded - inference), "total": 1000 * (done - start)},
+        }
+
+    def image_problem(exc: ImageError) -> HTTPProblem:
+        return HTTPProblem(413 if "exceeds the limit" in str(exc) else 422, str(exc))
+
+    @app.post("/v1/embed", summary="Embed one image (multipart 'file' or JSON {'image': base64})")
+    async def embed(request: Request):
+        files, normalize, sketch = await parse(request, many=False)
+        try:
+            return await embed_one(*files[0], normalize, sketch)
+        except ImageError as exc:
+            raise image_problem(exc) from None
+
+    @app.post("/v1/embed/batch", summary="Embed several images; per-item errors do not fail the others")
+    async def embed_batch(request: Request):
+        files, normalize, sketch = await parse(request, many=True)
+
+        async def one(name: str, data: bytes) -> dict[str, Any]:
+            try:
+                return await embed_one(name, data, normalize, sketch)
+            except ImageError as exc:
+                problem = image_problem(exc)
+                return {"error": problem.message, "status": problem.status}
+            except HTTPProblem as problem:
+                return {"error": problem.message, "status": problem.status}
+
+        results = await asyncio.gather(*(one(name, data) for name, data in files))
+        return {"results": results, "model_checksum": encoder.checksum, "dim": encoder.embedding_dim}
+
+    @app.get("/health", summary="Model loaded, backend and device")
+    async def health():
+        backend = encoder.backend
+        return {"status": "ok" if state["accepting"] else "shutting down", "model_loaded": True, "backend": backend.name,
+                "device": str(getattr(backend, "device", "cpu")), "precision": getattr(backend, "precision", "fp32"),
+                "family": encoder.config.family, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _parse_multipart(request, body: bytes):
+    """Parse an already-read (size-checked) multipart body with Starlette's parser."""
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+
+    try:
+        return await MultiPartParser(Headers(scope=request.scope), stream(), max_part_size=len(body) + 1).parse()
+    except MultiPartException as exc:
+        raise MalformedRequest(f"malformed multipart body: {exc.message}") from None
+
+
+def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(encoder, config), host=host, port=port, timeout_graceful_shutdown=int((config or ServiceConfig()).request_timeout_s))
