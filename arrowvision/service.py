@@ -47,7 +47,10 @@ class MalformedRequest(Exception):
 
 
 class MicroBatcher:
-    """Collects single images from concurrent requests into batches for one model call."""
+    """Collects single images from concurrent requests into batches for one model call.
+
+    A lone request runs at once (no added latency); under concurrency, whatever queued while
+    the model was busy forms the next batch, topped up for at most ``max_wait_ms``."""
 
     def __init__(self, run, max_batch: int, max_wait_ms: float, max_queue: int, on_batch=None):
         self.run = run
@@ -74,17 +77,16 @@ class MicroBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self.queue.get()
-            batch = [first]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+            batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():  # whatever queued up meanwhile
+                batch.append(self.queue.get_nowait())
+            if len(batch) > 1:  # concurrent traffic: give stragglers up to max_wait to join
+                deadline = loop.time() + self.max_wait
+                while len(batch) < self.max_batch and (remaining := deadline - loop.time()) > 0:
+                    try:
+                        batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                    except asyncio.TimeoutError:
+                        break
             live = [(p, f) for p, f in batch if not f.cancelled()]  # timed-out requests drop out
             if not live:
                 continue
