@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .backends import BACKENDS, Backend
 from .config import VisionConfig
@@ -26,6 +27,15 @@ def is_pixel_batch(images: Any) -> bool:
     shape = getattr(images, "shape", None)
     dtype = str(getattr(images, "dtype", ""))
     return shape is not None and len(shape) == 4 and shape[1] == 3 and "float" in dtype
+
+
+def as_image_list(images: Any) -> list[ImageInput]:
+    """One image (path, bytes, PIL image, HWC/HW array) or an iterable of them -> a list."""
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        return [images]
+    return list(images)  # includes (N, H, W, C) uint8 arrays: one image per row
 
 
 class VisionEncoder:
@@ -51,7 +61,9 @@ class VisionEncoder:
         if backend == "torch":
             from .backends.torch_backend import TorchBackend
 
-            impl: Backend = TorchBackend(weights, device=device, **options)
+            if options:
+                raise ArrowVisionError(f"option(s) {', '.join(sorted(options))} apply to the openvino backend only")
+            impl: Backend = TorchBackend(weights, device=device)
             return cls(weights, impl, impl.config)
         if backend == "openvino":
             from .backends.openvino_backend import OpenVINOBackend
@@ -85,7 +97,7 @@ class VisionEncoder:
             pixels = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
             batches = (pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size))
         else:
-            items = list(images) if not isinstance(images, (str, os.PathLike, bytes, np.ndarray)) or getattr(images, "ndim", 0) == 4 else [images]
+            items = as_image_list(images)
             batches = (self.preprocess(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
         outputs = [self.backend(batch) for batch in batches]
         embeddings = np.concatenate(outputs) if outputs else np.zeros((0, self.embedding_dim), np.float32)

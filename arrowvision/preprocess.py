@@ -9,6 +9,7 @@ per-channel lookup table holding exactly HF's float64-then-float32 arithmetic.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -136,7 +137,7 @@ class Preprocessor:
     def from_config(cls, config: VisionConfig) -> Preprocessor:
         return cls(config.image_size, config.image_mean, config.image_std, config.family == "clip")
 
-    @property
+    @functools.cached_property
     def lut(self) -> np.ndarray:
         """(3, 256) table: HF's rescale (float64 x 1/255 -> float32) then (x - mean) / std in float32."""
         levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
@@ -162,14 +163,11 @@ class Preprocessor:
 
     def __call__(self, image: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         pixels = np.asarray(self.resize(load_image(image, max_pixels=max_pixels)))
-        lut = _LUTS.setdefault(self, self.lut)
-        return np.stack([lut[c][pixels[:, :, c]] for c in range(3)])
+        return np.stack([self.lut[c][pixels[:, :, c]] for c in range(3)])
 
     def batch(self, images: Sequence[ImageInput]) -> np.ndarray:
         return np.stack([self(image) for image in images]) if images else np.zeros((0, 3, self.image_size, self.image_size), np.float32)
 
-
-_LUTS: dict[Preprocessor, np.ndarray] = {}
 
 
 # ------------------------------------------------------------------------------ sketches
