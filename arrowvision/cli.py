@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,7 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     embeddings = encoder.encode(images)
     done = time.perf_counter()
     print(f"model   {args.weights} ({encoder.config.family}, {encoder.config.image_size}px, dim {encoder.embedding_dim})")
-    print(f"backend {backend}; load {1000 * (loaded - start):.0f} ms; {len(images)} images embedded in {1000 * (done - loaded):.0f} ms")
+    exported = "" if getattr(encoder.backend, "cache_hit", True) else " (first use: exported to OpenVINO IR and cached)"
+    print(f"backend {backend}; load {1000 * (loaded - start):.0f} ms{exported}; {len(images)} images embedded in {1000 * (done - loaded):.0f} ms")
     print(f"weights checksum {encoder.checksum}")
     names = [p.stem[:10] for p in images]
     print("\ncosine similarity (L2-normalized embeddings)")
@@ -362,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except FileNotFoundError as exc:
         if args.verbose:
             raise

@@ -222,6 +222,8 @@ class OpenVINOBackend:
         self.config = model_config(weights)
         self.precision = precision
         self.mode = mode
+        key = cache_key(weights, precision, calibration)
+        self.cache_hit = (cache_root(cache_dir) / "ir" / key / "meta.json").exists()
         self.entry = export(weights, precision, cache_dir=cache_dir, calibration=calibration, min_cosine=min_cosine)
         self.report = json.loads((self.entry / "meta.json").read_text())
         core = ov.Core()
@@ -235,7 +237,10 @@ class OpenVINOBackend:
         try:
             self.compiled = core.compile_model(str(self.entry / "model.xml"), self.device, properties)
         except RuntimeError as exc:
-            raise BackendError(f"OpenVINO cannot compile for device {self.device!r}: {str(exc).splitlines()[0]}") from None
+            reason = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unknown error")
+            raise BackendError(
+                f"OpenVINO cannot compile for device {self.device!r} (available: {', '.join(core.available_devices)}): {reason}"
+            ) from None
         self.request = self.compiled.create_infer_request()
         self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
