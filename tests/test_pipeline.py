@@ -158,3 +158,19 @@ def test_cli_errors_are_one_line(tmp_path):
     run = cli("info", str(bad_weights))
     assert run.returncode == 1 and "error:" in run.stderr and "Traceback" not in run.stderr
     assert "Traceback" in cli("-v", "info", str(bad_weights)).stderr
+
+
+def test_export_and_bench_commands(tmp_path):
+    env = {"ARROWVISION_CACHE": str(tmp_path / "cache")}
+    run = cli("export", str(DEMO), "--precision", "int8-weights", env=env)
+    assert run.returncode == 0, run.stderr
+    assert "model.xml" in run.stdout and "min cosine" in run.stdout
+    refused = cli("export", str(DEMO), "--precision", "int8", "--min-cosine", "0.9999999", env=env)
+    assert refused.returncode == 1 and "too inaccurate" in refused.stderr
+    bench = cli("bench", "--weights", str(DEMO), "--backend", "openvino", "--batch-sizes", "1,4", "--iters", "3", env=env)
+    assert bench.returncode == 0, bench.stderr
+    rows = [line.split() for line in bench.stdout.splitlines() if line.split() and line.split()[0] in ("1", "4")]
+    assert [r[0] for r in rows] == ["1", "4"] and all(float(r[4]) > 0 for r in rows)
+    assert "peak RSS" in bench.stdout
+    validate = cli("validate", "--weights", str(DEMO), "--backend", "openvino", env=env)
+    assert validate.returncode == 0 and "openvino fp32 vs torch" in validate.stdout
