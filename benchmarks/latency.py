@@ -4,7 +4,7 @@
 Base SigLIP-B/16-224 vision tower (published config, random init, seed 0: compute cost is that of
 the real weights). Peers, each in its own process, rounds interleaved:
 
-- ours: arrowvision OpenVINO fp32, fp16, int8-weights, int8 (nncf PTQ on the bundled photos)
+- ours: arrowvision OpenVINO fp32, fp16, bf16 (CPUs with AVX512-BF16/AMX), int8-weights, int8 (nncf PTQ on the bundled photos)
 - ours: arrowvision torch reference
 - HF transformers SiglipVisionModel, torch fp32 (SDPA attention)
 - HF model exported to ONNX (torch.onnx.export), run by ONNX Runtime CPU
@@ -37,7 +37,7 @@ WORK = HERE / ".cache"
 BASE_SIGLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                    image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
 OURS = "ours OV fp32"
-METHODS = ["ours OV fp32", "ours OV fp16", "ours OV int8-weights", "ours OV int8", "ours torch",
+METHODS = ["ours OV fp32", "ours OV fp16", "ours OV bf16", "ours OV int8-weights", "ours OV int8", "ours torch",
            "HF transformers torch", "HF -> ONNX Runtime", "HF -> openvino.convert_model"]
 
 

@@ -178,3 +178,22 @@ def test_unknown_device_and_precision(module_cache, tiny_siglip_parquet):
         VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino", precision="int4")
     with pytest.raises(BackendError, match="device"):
         VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino", device="TPU")
+
+
+def test_bf16_runs_where_the_cpu_has_it_and_says_so_where_not(module_cache):
+    import openvino as ov
+
+    native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    demo = ROOT / "weights" / "siglip-demo-random.parquet"
+    if native:
+        encoder = VisionEncoder.from_parquet(demo, backend="openvino", precision="bf16")
+        assert encoder.backend.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
+        assert encoder.backend.report["min_cosine"] >= 0.999
+    else:
+        with pytest.raises(BackendError, match="native bf16"):
+            VisionEncoder.from_parquet(demo, backend="openvino", precision="bf16")
+
+
+def test_fp32_is_computed_in_fp32_even_where_bf16_is_native(module_cache, tiny_siglip_parquet):
+    encoder = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino")
+    assert encoder.backend.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"

@@ -31,7 +31,7 @@ from ..format import WeightLoader
 log = logging.getLogger("arrowvision")
 
 EXPORT_VERSION = "1"  # bump when the exported graph changes
-PRECISIONS = ("fp32", "fp16", "int8-weights", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-weights", "int8")
 DEFAULT_MIN_COSINE = 0.99
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 
@@ -42,6 +42,21 @@ def _openvino():
     except ImportError:
         raise BackendError("the openvino backend needs OpenVINO: pip install 'arrowvision' (or pip install openvino)") from None
     return ov
+
+
+def inference_hint(precision: str) -> str:
+    """OpenVINO's CPU compute precision for an export precision.
+
+    f32 is explicit: on CPUs with AVX512-BF16/AMX OpenVINO otherwise computes in bf16 (cosine
+    ~0.9999, not the 1e-4 agreement fp32 promises). ``bf16`` asks for exactly that, on purpose."""
+    return "bf16" if precision == "bf16" else "f32"
+
+
+def _check_bf16(ov, device: str = "CPU") -> None:
+    capabilities = ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in capabilities:
+        raise BackendError(f"precision bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one offers "
+                           f"{', '.join(capabilities)}: use fp32 or int8")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -162,6 +177,8 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, calibratio
 
     report: dict[str, Any] = {"precision": precision, "key": key, "weights_checksum": weights.checksum, "openvino": ov.__version__}
     pixels = _validation_pixels(config, calibration) if precision != "fp32" else None
+    if precision == "bf16":
+        _check_bf16(ov)
     if precision in ("int8-weights", "int8"):
         try:
             import nncf
@@ -173,11 +190,11 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, calibratio
             dataset = nncf.Dataset([pixels[i : i + 1] for i in range(len(pixels))])
             ov_model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(pixels))
     xml = folder / "model.xml"
-    ov.save_model(ov_model, xml, compress_to_fp16=precision == "fp16")
+    ov.save_model(ov_model, xml, compress_to_fp16=precision in ("fp16", "bf16"))  # bf16: fp16 storage, bf16 compute
     if pixels is not None:
         with torch.inference_mode():
             reference = model(torch.from_numpy(pixels)).pooled.numpy()
-        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": inference_hint(precision)})
         candidate = compiled(pixels)[0]
         cosines = _cosines(reference, candidate)
         report.update({"validation_images": len(pixels), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean())})
@@ -228,9 +245,7 @@ class OpenVINOBackend:
         self.report = json.loads((self.entry / "meta.json").read_text())
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(cache_root(cache_dir) / "compiled")})
-        # f32 explicitly: on CPUs with AVX512-BF16/AMX OpenVINO otherwise computes in bf16
-        # (cosine ~0.999, not the 1e-4 agreement our fp32 promises).
-        properties: dict[str, Any] = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_PRECISION_HINT": "f32"}
+        properties: dict[str, Any] = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_PRECISION_HINT": inference_hint(precision)}
         if num_threads:
             properties["INFERENCE_NUM_THREADS"] = num_threads
         self.device = device.upper()
