@@ -6,7 +6,7 @@ Torch-free on purpose: the OpenVINO fast path and the converter's tensor checks 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import ConversionError
@@ -100,6 +100,15 @@ class VisionConfig:
             )
         except (TypeError, ValueError) as exc:
             raise ConversionError(f"invalid vision config: {exc}") from None
+
+    @classmethod
+    def from_weights(cls, weights: Any) -> VisionConfig:
+        """The config of a loaded weights file (a ``WeightLoader``): its HF config, and no
+        projection for CLIP checkpoints saved without one (``CLIPVisionModel``)."""
+        config = cls.from_hf(weights.config)
+        if config.family == "clip" and "visual_projection.weight" not in weights:
+            config = replace(config, projection_dim=None)
+        return config
 
     @classmethod
     def preset(cls, name: str) -> VisionConfig:

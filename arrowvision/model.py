@@ -8,7 +8,6 @@ order as transformers' ``hidden_states``, for layer-by-layer parity checks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -207,11 +206,8 @@ class VisionTransformer(nn.Module):
         """Build on the meta device and assign the Parquet tensors (views of the file mapping).
 
         ``dtype=None`` keeps the file's dtype; otherwise tensors of another dtype are cast (a copy)."""
-        config = VisionConfig.from_hf(weights.config)
-        names = weights.names()
-        prefix = vision_prefix(names)
-        if config.family == "clip" and "visual_projection.weight" not in weights:
-            config = dataclasses.replace(config, projection_dim=None)
+        config = VisionConfig.from_weights(weights)
+        prefix = vision_prefix(weights.names())
         with torch.device("meta"):
             model = cls(config)
         tensors = weights.torch()

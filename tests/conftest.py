@@ -26,6 +26,8 @@ def save_checkpoint(folder: Path, kind: str, seed: int = 0, **config) -> Path:
         model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**config))
     elif kind == "clip_vision":
         model = tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**config))
+    elif kind == "clip_vision_no_projection":  # pooled output is the post-LN class token
+        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(**config))
     elif kind == "siglip_full":  # the layout the hub publishes: vision_model.* + text_model.*
         text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
         model = tf.SiglipModel(tf.SiglipConfig(vision_config=config, text_config=text))
@@ -46,13 +48,7 @@ def hf_model(folder: Path):
     import transformers as tf
 
     config = json.loads((folder / "config.json").read_text())
-    cls = {
-        "siglip_vision_model": tf.SiglipVisionModel,
-        "clip_vision_model": tf.CLIPVisionModelWithProjection,
-        "siglip": tf.SiglipModel,
-        "clip": tf.CLIPModel,
-    }[config["model_type"]]
-    return cls.from_pretrained(folder).eval()
+    return getattr(tf, config["architectures"][0]).from_pretrained(folder).eval()
 
 
 @pytest.fixture(scope="session")

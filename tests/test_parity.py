@@ -19,6 +19,7 @@ TINY_CONFIGS = {
     "siglip-full-model": ("siglip_full", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, image_size=24, patch_size=6)),
     "clip-64-h2-p8-i40": ("clip_vision", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=40, patch_size=8, projection_dim=32)),
     "clip-odd-36-h3-p6-i30": ("clip_vision", dict(hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=77, image_size=30, patch_size=6, projection_dim=20)),
+    "clip-no-projection": ("clip_vision_no_projection", dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=24, patch_size=8)),
     "clip-full-model": ("clip_full", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8, projection_dim=24)),
 }
 MAX_ABS = 1e-4

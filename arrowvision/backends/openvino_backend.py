@@ -18,7 +18,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +69,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(platformdirs.user_cache_dir("arrowvision"))
 
 
-def model_config(weights: WeightLoader) -> VisionConfig:
-    config = VisionConfig.from_hf(weights.config)
-    if config.family == "clip" and "visual_projection.weight" not in weights:
-        config = replace(config, projection_dim=None)
-    return config
-
-
 def calibration_fingerprint(images: Sequence[Any] | None) -> str:
     if not images:
         return "bundled-samples"
@@ -90,7 +82,7 @@ def cache_key(weights: WeightLoader, precision: str, calibration: Sequence[Any] 
     ov = _openvino()
     parts = {
         "weights": weights.checksum,
-        "config": model_config(weights).to_dict(),
+        "config": VisionConfig.from_weights(weights).to_dict(),
         "precision": precision,
         "export_version": EXPORT_VERSION,
         "openvino": ov.__version__,
@@ -236,7 +228,7 @@ class OpenVINOBackend:
         ov = _openvino()
         if mode not in ("latency", "throughput"):
             raise BackendError(f"unknown mode {mode!r}; choose latency or throughput")
-        self.config = model_config(weights)
+        self.config = VisionConfig.from_weights(weights)
         self.precision = precision
         self.mode = mode
         key = cache_key(weights, precision, calibration)
