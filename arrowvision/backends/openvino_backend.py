@@ -236,7 +236,9 @@ class OpenVINOBackend:
         self.entry = export(weights, precision, cache_dir=cache_dir, calibration=calibration, min_cosine=min_cosine)
         self.report = json.loads((self.entry / "meta.json").read_text())
         core = ov.Core()
-        core.set_property({"CACHE_DIR": str(cache_root(cache_dir) / "compiled")})
+        # OPTIMIZE_SIZE: the compiled cache keeps the graph only and maps weights from our IR .bin,
+        # so the model is not stored twice on disk (measured: same load time as OPTIMIZE_SPEED).
+        core.set_property({"CACHE_DIR": str(cache_root(cache_dir) / "compiled"), "CACHE_MODE": "OPTIMIZE_SIZE"})
         properties: dict[str, Any] = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_PRECISION_HINT": inference_hint(precision)}
         if num_threads:
             properties["INFERENCE_NUM_THREADS"] = num_threads
