@@ -150,18 +150,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def image_files(sources: list[str]) -> list[Path]:
-    """Expand folders (recursively) to their image files; keep files as given."""
-    from .pipeline import IMAGE_EXTENSIONS
+def image_files(sources: list[str]) -> list[str]:
+    """Expand each source (folder, glob, list file or image) the way `embed` does."""
+    from .pipeline import collect_inputs
 
-    files: list[Path] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            files.append(path)
-    return files
+    return [path for source in sources for path in collect_inputs(source)]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -222,7 +215,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                         workers=args.workers, sketch=args.sketch, progress=not args.no_progress)
     print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed; "
           f"{stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time -> {args.output}")
-    for path, reason in stats.errors[:10]:
+    for _path, reason in stats.errors[:10]:
         print(f"  failed: {reason}", file=sys.stderr)
     if len(stats.errors) > 10:
         print(f"  ... and {len(stats.errors) - 10} more (see errors-*.parquet)", file=sys.stderr)

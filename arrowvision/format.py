@@ -16,7 +16,6 @@ import logging
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import FormatError
+from .fsutil import atomic_output
 
 if TYPE_CHECKING:  # torch is optional here: the fast path must not import it
     import torch
@@ -163,14 +163,10 @@ def write_weights(
 
     ``tensors`` yields ``(hf_name, array)``; arrays are written as C-contiguous bytes. Returns a
     summary (tensor count, parameters, bytes, weights checksum)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     seen: set[str] = set()
     entries: list[tuple[str, str, tuple[int, ...], str]] = []
     parameters = total_bytes = 0
-    try:
+    with atomic_output(path) as tmp_name:
         with pa.OSFile(tmp_name, "wb") as sink, _parquet_writer(sink) as writer:
             for name, array in tensors:
                 if not name or name in seen:
@@ -209,20 +205,7 @@ def write_weights(
                 **(extra_metadata or {}),
             }
             writer.add_key_value_metadata({META_PREFIX + k: v for k, v in metadata.items()})
-        with open(tmp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return {"tensors": len(entries), "parameters": parameters, "bytes": total_bytes, "weights_checksum": checksum}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ----------------------------------------------------------------------------------- reader

@@ -85,7 +85,7 @@ class MicroBatcher:
                 while len(batch) < self.max_batch and (remaining := deadline - loop.time()) > 0:
                     try:
                         batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
             live = [(p, f) for p, f in batch if not f.cancelled()]  # timed-out requests drop out
             if not live:
@@ -255,7 +255,7 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
             vector, inference = await asyncio.wait_for(state["batcher"].submit(pixels), config.request_timeout_s)
         except QueueFull:
             raise HTTPProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HTTPProblem(504, f"timed out after {config.request_timeout_s} s") from None
         vector = l2_normalize(vector) if normalize else vector
         done = time.perf_counter()

@@ -25,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from arrowvision import VisionEncoder, WeightLoader  # noqa: E402
 from arrowvision.convert import convert  # noqa: E402
 from arrowvision.model import VisionTransformer  # noqa: E402
+from arrowvision.validate import compare  # noqa: E402
 from tests.conftest import hf_model, save_checkpoint  # noqa: E402
 from tests.test_parity import TINY_CONFIGS, hf_outputs  # noqa: E402
 
@@ -37,10 +38,8 @@ BASE_CONFIGS = {
 
 
 def stats(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float, float]:
-    ours, theirs = ours.reshape(len(ours), -1), theirs.reshape(len(theirs), -1)
-    cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
-    diff = np.abs(ours - theirs)
-    return float(diff.max()), float(diff.mean()), float(cos.min())
+    row = compare("", ours.reshape(len(ours), -1), theirs.reshape(len(theirs), -1), max_abs=0, min_cosine=0)
+    return row["max_abs"], row["mean_abs"], row["min_cosine"]
 
 
 def main() -> None:
