@@ -135,6 +135,16 @@ def test_full_queue_answers_503_with_retry_after(encoder):
     assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
 
 
+def test_request_timeout_is_504_and_service_recovers(encoder):
+    slow = VisionEncoder(encoder.weights, _SlowBackend(encoder.backend), encoder.config)
+    with TestClient(create_app(slow, ServiceConfig(request_timeout_s=0.05))) as test_client:
+        data = SAMPLES[0].read_bytes()
+        response = test_client.post("/v1/embed", files={"file": ("a.jpg", data, "image/jpeg")})
+        assert response.status_code == 504 and "timed out" in response.json()["error"]
+        time.sleep(0.3)  # the abandoned batch finishes; nothing is left waiting
+        assert test_client.get("/health").json()["status"] == "ok"
+
+
 class _SlowBackend:
     name = "slow"
 
