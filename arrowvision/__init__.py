@@ -5,7 +5,7 @@ lazily, so the OpenVINO fast path stays torch-free.
 """
 
 from .config import VisionConfig
-from .errors import ArrowVisionError, BackendError, ConversionError, FormatError, ImageError, ModelError
+from .errors import ArrowVisionError, BackendError, ConversionError, FormatError, ImageError, ImageTooLarge, ModelError
 from .format import WeightLoader
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "ConversionError",
     "FormatError",
     "ImageError",
+    "ImageTooLarge",
     "ModelError",
     "VisionConfig",
     "VisionEncoder",

@@ -18,6 +18,10 @@ class ImageError(ArrowVisionError):
     """An image cannot be decoded or is unacceptable (corrupt, empty, too large...)."""
 
 
+class ImageTooLarge(ImageError):
+    """An image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
 class ModelError(ArrowVisionError):
     """Weights do not match the model they are loaded into."""
 

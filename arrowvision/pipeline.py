@@ -160,6 +160,7 @@ class EmbeddingWriter:
 
 
 def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Callable | None) -> _Item:
+    """Read, decode, (sketch-normalize,) preprocess one file; failures become an error item."""
     from .preprocess import load_image
 
     try:
@@ -215,7 +216,7 @@ def embed_paths(
                 if stop.is_set():
                     break
                 chunk = todo[start : start + batch_size]
-                batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor, transform), chunk)))
+                batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform), chunk)))
         batches.put(None)
 
     start_time = time.perf_counter()

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import VisionConfig
-from .errors import ImageError
+from .errors import ImageError, ImageTooLarge
 
 MAX_PIXELS = 50_000_000  # decompression-bomb guard; raise per call with max_pixels=
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
@@ -48,7 +48,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS, name: str | 
     else:
         image = _open(source, label, max_pixels)
     if image.width * image.height > max_pixels:
-        raise ImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,}")
+        raise ImageTooLarge(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,}")
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{label}: image has no pixels")
     try:
@@ -76,14 +76,14 @@ def _open(source: Any, label: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(stream)
             if image.width * image.height > max_pixels:  # header only: nothing decoded yet
-                raise ImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,}")
+                raise ImageTooLarge(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,}")
             image.load()
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image (unrecognized format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{label}: decompression bomb ({exc})") from None
+        raise ImageTooLarge(f"{label}: decompression bomb ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
     return image
@@ -162,7 +162,11 @@ class Preprocessor:
         return image.crop((left, top, left + size, top + size))
 
     def __call__(self, image: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        pixels = np.asarray(self.resize(load_image(image, max_pixels=max_pixels)))
+        return self.pixels(load_image(image, max_pixels=max_pixels))
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """An already decoded RGB image (``load_image``'s output) -> (3, S, S) float32."""
+        pixels = np.asarray(self.resize(image))
         return np.stack([self.lut[c][pixels[:, :, c]] for c in range(3)])
 
     def batch(self, images: Sequence[ImageInput]) -> np.ndarray:

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, Response
 
 from .encoder import VisionEncoder, l2_normalize
-from .errors import ImageError
+from .errors import ImageError, ImageTooLarge
 from .preprocess import MAX_PIXELS, load_image, normalize_sketch_image
 
 
@@ -244,7 +244,7 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
         image = load_image(data, max_pixels=config.max_pixels, name=name)
         if sketch:
             image = normalize_sketch_image(image)
-        return encoder.preprocessor(image, max_pixels=config.max_pixels)
+        return encoder.preprocessor.pixels(image)
 
     async def embed_one(name: str, data: bytes, normalize: bool, sketch: bool) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -268,7 +268,7 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
         }
 
     def image_problem(exc: ImageError) -> HTTPProblem:
-        return HTTPProblem(413 if "exceeds the limit" in str(exc) else 422, str(exc))
+        return HTTPProblem(413 if isinstance(exc, ImageTooLarge) else 422, str(exc))
 
     @app.post("/v1/embed", summary="Embed one image (multipart 'file' or JSON {'image': base64})")
     async def embed(request: Request):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arrowvision import ImageError
+from arrowvision import ImageError, ImageTooLarge
 from arrowvision.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 from arrowvision.preprocess import Preprocessor, load_image
 
@@ -105,7 +105,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20_000, 20_000)).save(bomb)  # a few KB on disk, 400 Mpixels decoded
     assert bomb.stat().st_size < 1_000_000
-    with pytest.raises(ImageError, match="bomb.png.*exceeds"):
+    with pytest.raises(ImageTooLarge, match="bomb.png.*exceeds"):
         load_image(bomb)
     small_png = encode(Image.new("RGB", (100, 100)), "PNG")
     with pytest.raises(ImageError, match="exceeds"):
