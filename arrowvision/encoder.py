@@ -22,6 +22,11 @@ def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
     return embeddings / np.maximum(norms, 1e-12)
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
+    return (l2_normalize(a) * l2_normalize(b)).sum(axis=-1)
+
+
 def is_pixel_batch(images: Any) -> bool:
     """A preprocessed (N, 3, H, W) float batch, as opposed to raw images."""
     shape = getattr(images, "shape", None)

@@ -87,6 +87,7 @@ class _Item:
     height: int = 0
     digest: str = ""
     error: str = ""
+    embedding: np.ndarray | None = None
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
@@ -139,7 +140,7 @@ class EmbeddingWriter:
         good = [r for r in rows if not r.error]
         bad = [r for r in rows if r.error]
         if good:
-            embeddings = np.stack([r.pixels for r in good]).astype(np.float32)
+            embeddings = np.stack([r.embedding for r in good]).astype(np.float32)
             table = pa.table(
                 {
                     "path": [r.path for r in good],
@@ -233,7 +234,7 @@ def embed_paths(
                 stats.inference_seconds += time.perf_counter() - tick
                 vectors = l2_normalize(vectors) if normalize else vectors
                 for item, vector in zip(good, vectors):
-                    item.pixels = vector  # keep the embedding, drop the pixels
+                    item.embedding, item.pixels = vector, None  # the pixels are not needed any more
             for item in items:
                 if item.error:
                     stats.failed += 1
@@ -259,20 +260,23 @@ def embed_paths(
     return stats
 
 
+def part_files(dataset: str | os.PathLike) -> list[Path]:
+    """The embedding chunks of a dataset folder (or a single part file given directly)."""
+    dataset = Path(dataset)
+    parts = sorted(dataset.glob("part-*.parquet")) if dataset.is_dir() else [dataset]
+    if not parts or not parts[0].is_file():
+        raise ArrowVisionError(f"{dataset}: no embeddings (part-*.parquet) found")
+    return parts
+
+
 def read_embeddings(folder: str | os.PathLike) -> pa.Table:
     """All embedded rows of a dataset folder (any Parquet reader can do the same)."""
-    parts = sorted(Path(folder).glob("part-*.parquet"))
-    if not parts:
-        raise ArrowVisionError(f"{folder}: no embeddings (part-*.parquet) found")
-    return pa.concat_tables(pq.read_table(p) for p in parts)
+    return pa.concat_tables(pq.read_table(p) for p in part_files(folder))
 
 
 def iter_embedding_batches(folder: str | os.PathLike, batch_rows: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
     """Stream (paths, embeddings) batches without loading the whole dataset."""
-    parts = sorted(Path(folder).glob("part-*.parquet")) if Path(folder).is_dir() else [Path(folder)]
-    if not parts:
-        raise ArrowVisionError(f"{folder}: no embeddings (part-*.parquet) found")
-    for part in parts:
+    for part in part_files(folder):
         file = pq.ParquetFile(part)
         for batch in file.iter_batches(batch_size=batch_rows, columns=["path", "embedding"]):
             column = batch.column("embedding")

@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from .encoder import VisionEncoder
+from .encoder import VisionEncoder, row_cosines
 
 
 def compare(name: str, ours: np.ndarray, reference: np.ndarray, max_abs: float, min_cosine: float) -> dict[str, Any]:
     diff = np.abs(ours - reference)
-    cos = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
+    cos = row_cosines(ours, reference)
     row = {"name": name, "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
            "rmse": float(np.sqrt((diff**2).mean())), "min_cosine": float(cos.min())}
     row["passed"] = row["min_cosine"] >= min_cosine and (max_abs <= 0 or row["max_abs"] <= max_abs)

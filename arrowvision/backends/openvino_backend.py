@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..config import VisionConfig
+from ..encoder import row_cosines
 from ..errors import BackendError
 from ..format import WeightLoader
 
@@ -188,7 +189,7 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, calibratio
             reference = model(torch.from_numpy(pixels)).pooled.numpy()
         compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": inference_hint(precision)})
         candidate = compiled(pixels)[0]
-        cosines = _cosines(reference, candidate)
+        cosines = row_cosines(reference, candidate)
         report.update({"validation_images": len(pixels), "min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean())})
         log.warning("%s export: cosine vs fp32 torch reference min %.5f mean %.5f on %d images",
                     precision, cosines.min(), cosines.mean(), len(pixels))
@@ -200,12 +201,6 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, calibratio
     report["export_seconds"] = time.perf_counter() - start
     report["vision_config"] = config.to_dict()
     (folder / "meta.json").write_text(json.dumps(report, indent=2))  # written last: marks completion
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
 
 
 class OpenVINOBackend:
@@ -231,9 +226,10 @@ class OpenVINOBackend:
         self.config = VisionConfig.from_weights(weights)
         self.precision = precision
         self.mode = mode
-        key = cache_key(weights, precision, calibration)
-        self.cache_hit = (cache_root(cache_dir) / "ir" / key / "meta.json").exists()
-        self.entry = export(weights, precision, cache_dir=cache_dir, calibration=calibration, min_cosine=min_cosine)
+        self.entry = cache_root(cache_dir) / "ir" / cache_key(weights, precision, calibration)
+        self.cache_hit = (self.entry / "meta.json").exists()
+        if not self.cache_hit:  # export validates the precision and re-checks under its lock
+            self.entry = export(weights, precision, cache_dir=cache_dir, calibration=calibration, min_cosine=min_cosine)
         self.report = json.loads((self.entry / "meta.json").read_text())
         core = ov.Core()
         # OPTIMIZE_SIZE: the compiled cache keeps the graph only and maps weights from our IR .bin,
