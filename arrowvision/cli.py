@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backends import PRECISIONS
 from .errors import ArrowVisionError
 
 EXIT_ERROR = 1
@@ -141,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a weights file to OpenVINO IR in the cache (done automatically on first use)")
     p.add_argument("weights")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8-weights", "int8"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--calibration", nargs="+", metavar="IMAGE", help="images (or folders) to calibrate/validate int8 on "
                    "(default: the bundled sample photos)")
     p.add_argument("--min-cosine", type=float, default=0.99, help="refuse a non-fp32 export less accurate than this (default 0.99)")
@@ -176,7 +177,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="Parquet weights (default: bundled demo model)")
     p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="auto: openvino if installed")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8-weights", "int8"], default="fp32", help="openvino only")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="openvino only")
     p.add_argument("--device", default="CPU", help="openvino device: CPU, GPU or AUTO (torch: cpu)")
 
 

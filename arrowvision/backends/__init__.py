@@ -15,3 +15,4 @@ class Backend(Protocol):
 
 
 BACKENDS = ("torch", "openvino")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-weights", "int8")  # openvino export precisions

@@ -27,11 +27,11 @@ from ..config import VisionConfig
 from ..encoder import row_cosines
 from ..errors import BackendError
 from ..format import WeightLoader
+from . import PRECISIONS
 
 log = logging.getLogger("arrowvision")
 
 EXPORT_VERSION = "1"  # bump when the exported graph changes
-PRECISIONS = ("fp32", "fp16", "bf16", "int8-weights", "int8")
 DEFAULT_MIN_COSINE = 0.99
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"
 
