@@ -80,6 +80,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "checksums": "verified" if args.verify else "not verified (use --verify)",
         "source": weights.source,
         "vision_config": vision,
+        "auto_choice": _auto_choice(weights),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -88,6 +89,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{key:>16}: {value}")
     print(f"{'load time':>16}: {elapsed * 1000:.1f} ms")
     return 0
+
+
+def _auto_choice(weights) -> str:
+    """What ``--backend auto`` runs for this model on this CPU, if it was measured already."""
+    try:
+        from .backends.auto import remembered_choice
+
+        record = remembered_choice(weights)
+    except ArrowVisionError as exc:
+        return f"unknown ({exc})"
+    if record is None:
+        return "not measured on this CPU yet (the first --backend auto use measures it)"
+    return f"{record['backend']} {record['precision']} on {record['cpu']}"
 
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"

@@ -106,10 +106,17 @@ def measure(weights: WeightLoader, *, min_cosine: float, cache_dir, calibration=
         rows.append(row)
     usable = [row for row in rows if "score" in row]
     if not usable:
-        raise BackendError("auto: no backend could run this model: " + "; ".join(f"{r['backend']} {r['precision']}: {r['refused']}" for r in rows))
+        reasons = "; ".join(f"{r['backend']} {r['precision']}: {r['refused']}" for r in rows)
+        raise BackendError(f"auto: no backend could run this model: {reasons}")
     best = min(usable, key=lambda row: row["score"])
     return {"backend": best["backend"], "precision": best["precision"], "cpu": cpu.describe(), "min_cosine": min_cosine,
             "candidates": rows, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def remembered_choice(weights: WeightLoader, min_cosine: float = DEFAULT_MIN_COSINE, cache_dir=None) -> dict[str, Any] | None:
+    """The choice measured earlier for this model on this CPU, or None (for ``info``)."""
+    path = choice_path(weights, min_cosine, cache_dir)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def choose(weights: WeightLoader, *, min_cosine: float = DEFAULT_MIN_COSINE, cache_dir=None, calibration=None,

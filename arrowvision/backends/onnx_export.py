@@ -18,7 +18,6 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 

@@ -58,13 +58,17 @@ def inference_hint(precision: str) -> str:
     return "bf16" if precision == "bf16" else "f32"
 
 
+def cpu_capabilities() -> list[str]:
+    """OpenVINO's CPU plugin's view of what it can compute natively (FP32, INT8, BF16, FP16, ...)."""
+    return list(_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
 def unsupported_reason(precision: str, device: str = "CPU") -> str | None:
     """Why ``precision`` cannot run here (naming the missing CPU feature), or None if it can."""
     if precision not in PRECISIONS:
         return f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}"
     if precision == "bf16" and device.upper() == "CPU":
-        ov = _openvino()
-        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        capabilities = cpu_capabilities()
         if "BF16" not in capabilities:
             return (f"precision bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX); this one ({cpu_info().model}) "
                     f"offers {', '.join(capabilities)}: use fp32 or int8")
