@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -19,16 +20,29 @@ import numpy as np
 
 from .config import FAMILIES, VisionConfig, vision_prefix
 from .errors import ConversionError
-from .format import write_weights
+from .format import TOKENIZER_PREFIX, write_weights
+from .text_config import TextConfig
 
 TOWER_PREFIXES = {
     "vision": ("vision_model.", "visual_projection."),
     "text": ("text_model.", "text_projection."),
     "all": ("",),
 }
+log = logging.getLogger("arrowvision")
 DTYPE_CHOICES = ("keep", "float32", "float16", "bfloat16")
-SAFETENSORS_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]
-BIN_PATTERNS = ["config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# Tokenizer files stored with the text tower (whichever the checkpoint has), so one Parquet
+# file is all ``ImageTextModel`` needs.
+TOKENIZER_FILES = (
+    "spiece.model",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+SAFETENSORS_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
+BIN_PATTERNS = ["config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", *TOKENIZER_FILES]
+TEXT_TOWER_TENSOR = "text_model.embeddings.token_embedding.weight"
 
 
 @dataclass
@@ -38,6 +52,21 @@ class Checkpoint:
     config: dict[str, Any]
     weight_files: list[Path]
     source: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None  # where tokenizer files are looked up
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer files present beside the weights, by name."""
+        if self.folder is None:
+            return {}
+        found = {}
+        for name in TOKENIZER_FILES:
+            path = self.folder / name
+            if path.is_file():
+                try:
+                    found[name] = path.read_bytes()
+                except OSError as exc:
+                    raise ConversionError(f"unreadable tokenizer file {path}: {exc.strerror}") from None
+        return found
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -79,12 +108,12 @@ def resolve_checkpoint(source: str, *, revision: str | None = None, config_path:
     path = Path(source).expanduser()
     if path.is_dir():
         config = _read_config(Path(config_path) if config_path else path / "config.json")
-        return Checkpoint(config, _weight_files(path), {"type": "local", "path": str(path.resolve())})
+        return Checkpoint(config, _weight_files(path), {"type": "local", "path": str(path.resolve())}, path)
     if path.is_file():
         if path.suffix not in (".safetensors", ".bin"):
             raise ConversionError(f"{path}: expected a folder, a .safetensors or .bin file, or a hub id")
         config = _read_config(Path(config_path) if config_path else path.parent / "config.json")
-        return Checkpoint(config, [path], {"type": "local", "path": str(path.resolve())})
+        return Checkpoint(config, [path], {"type": "local", "path": str(path.resolve())}, path.parent)
     if source.count("/") > 1 or source.startswith((".", "/", "~")):
         raise ConversionError(f"{source}: no such file or folder")
     return _download(source, revision)
@@ -106,7 +135,7 @@ def _download(repo_id: str, revision: str | None) -> Checkpoint:
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ConversionError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {exc}") from None
     source = {"type": "hub", "repo_id": repo_id, "revision": folder.name, "requested_revision": revision or "main"}
-    return Checkpoint(_read_config(folder / "config.json"), _weight_files(folder), source)
+    return Checkpoint(_read_config(folder / "config.json"), _weight_files(folder), source, folder)
 
 
 def _load_state_dict(files: list[Path]) -> Iterator[tuple[str, Any]]:
@@ -159,11 +188,14 @@ def _file_checksum(files: list[Path]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def check_tensors(config: VisionConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Fail with the list of missing, unexpected or misshapen vision tensors."""
-    expected = config.expected_tensors(vision_prefix(shapes))
-    if config.family == "clip" and "visual_projection.weight" not in shapes:
-        expected.pop("visual_projection.weight")  # CLIPVisionModel: pooled output, no projection
+def check_tensors(config: VisionConfig | TextConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Fail with the list of missing, unexpected or misshapen vision (or text) tensors."""
+    if isinstance(config, TextConfig):
+        expected = config.expected_tensors()
+    else:
+        expected = config.expected_tensors(vision_prefix(shapes))
+        if config.family == "clip" and "visual_projection.weight" not in shapes:
+            expected.pop("visual_projection.weight")  # CLIPVisionModel: pooled output, no projection
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = sorted(f"{n} {shapes[n]} != {expected[n]}" for n in set(expected) & set(shapes) if tuple(shapes[n]) != expected[n])
@@ -213,6 +245,16 @@ def convert(
         vision_names = prefixes if vision_only else TOWER_PREFIXES["vision"]
         check_tensors(vision_config, {n: tuple(t.shape) for n, t in selected if n.startswith(vision_names)})
 
+    tokenizer: dict[str, bytes] = {}
+    if tower in ("text", "all") and not vision_only:
+        if not any(n == TEXT_TOWER_TENSOR for n, _ in selected):
+            raise ConversionError(f"{source} has no text tower (no tensor {TEXT_TOWER_TENSOR}); convert it with --tower vision")
+        check_tensors(TextConfig.from_hf(checkpoint.config), {n: tuple(t.shape) for n, t in selected if n.startswith(TOWER_PREFIXES["text"])})
+        tokenizer = checkpoint.tokenizer_files()
+        if not tokenizer:  # the weights are still worth converting; text encoding will say what is missing
+            log.warning("%s: no tokenizer files beside the weights (%s); texts cannot be tokenized from this file",
+                        source, ", ".join(TOKENIZER_FILES[:3]))
+
     total = sum(t.numel() * t.element_size() for _, t in selected)
     from tqdm import tqdm
 
@@ -220,7 +262,7 @@ def convert(
     try:
         summary = write_weights(
             output,
-            ((name, _to_numpy(name, tensor, dtype)) for name, tensor in selected),
+            _with_tokenizer(((name, _to_numpy(name, tensor, dtype)) for name, tensor in selected), tokenizer),
             config=checkpoint.config,
             family=family,
             source=checkpoint.source,
@@ -232,6 +274,13 @@ def convert(
         bar.close()
     summary.update({"output": str(output), "family": family, "tower": tower, "seconds": time.perf_counter() - start})
     return summary
+
+
+def _with_tokenizer(tensors: Iterator[tuple[str, np.ndarray]], files: dict[str, bytes]) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors, then each tokenizer file as a ``tokenizer/<name>`` uint8 row (see docs/FORMAT.md)."""
+    yield from tensors
+    for name, data in files.items():
+        yield TOKENIZER_PREFIX + name, np.frombuffer(data, dtype=np.uint8)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

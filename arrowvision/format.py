@@ -34,7 +34,9 @@ if TYPE_CHECKING:  # torch is optional here: the fast path must not import it
 
 log = logging.getLogger("arrowvision")
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: may carry tokenizer files as ``tokenizer/<file>`` uint8 rows (text tower)
+READABLE_VERSIONS = ("1", "2")  # version 1 files (vision only, no tokenizer rows) stay readable
+TOKENIZER_PREFIX = "tokenizer/"
 LAYOUT = "aligned-plain-v1"
 ALIGNMENT = 64
 MAX_TENSOR_BYTES = 2**31 - 1  # Parquet BYTE_ARRAY values carry a 4-byte length
@@ -187,7 +189,8 @@ def write_weights(
                 if (sink.tell() - array.nbytes) % ALIGNMENT:
                     raise FormatError(f"internal error: tensor {name!r} ended up unaligned")
                 entries.append((name, dtype, tuple(array.shape), checksum))
-                parameters += array.size
+                if not name.startswith(TOKENIZER_PREFIX):  # tokenizer files are bytes, not parameters
+                    parameters += array.size
                 total_bytes += array.nbytes
                 if on_tensor:
                     on_tensor(name, array.nbytes)
@@ -277,9 +280,10 @@ class WeightLoader:
         for key in ("format_version", "config", "family"):
             if key not in values:
                 raise FormatError(f"{self.path}: missing file metadata {META_PREFIX}{key}; not an arrowvision weights file")
-        if values["format_version"] != FORMAT_VERSION:
+        if values["format_version"] not in READABLE_VERSIONS:
             raise FormatError(
-                f"{self.path}: format version {values['format_version']!r} is not supported (this reader: {FORMAT_VERSION})"
+                f"{self.path}: format version {values['format_version']!r} is not supported "
+                f"(this reader: {', '.join(READABLE_VERSIONS)})"
             )
         return values
 
@@ -410,6 +414,10 @@ class WeightLoader:
             tensor = torch.frombuffer(buffer, dtype=torch_dtype, count=count, offset=info.offset or 0)
             out[name] = tensor.reshape(info.shape)
         return out
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer files stored with the text tower (``tokenizer/<file name>`` rows), by file name."""
+        return {name[len(TOKENIZER_PREFIX) :]: self.tensor(name).tobytes() for name in self.names(TOKENIZER_PREFIX)}
 
     def tensors(self) -> Iterator[TensorInfo]:
         return iter(self._infos.values())

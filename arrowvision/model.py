@@ -18,6 +18,9 @@ from torch import nn
 from .config import VisionConfig, vision_prefix
 from .errors import ModelError
 from .format import WeightLoader
+from .text_config import TextConfig
+
+LayerConfig = VisionConfig | TextConfig  # what the shared encoder layers read: sizes, eps, activation
 
 
 def activation(name: str):
@@ -79,21 +82,22 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: LayerConfig):
         super().__init__()
         d = config.hidden_size
         self.num_heads = config.num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """``causal``: each position attends only to itself and earlier ones (CLIP's text tower)."""
         b, n, d = x.shape
         q, k, v = (proj(x).view(b, n, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: LayerConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -104,22 +108,22 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-LayerNorm transformer block, shared by the vision and text towers."""
 
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: LayerConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = Attention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal=causal)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: LayerConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
 
