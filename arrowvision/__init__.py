@@ -7,6 +7,7 @@ lazily, so the OpenVINO fast path stays torch-free.
 from .config import VisionConfig
 from .errors import ArrowVisionError, BackendError, ConversionError, FormatError, ImageError, ImageTooLarge, ModelError
 from .format import WeightLoader
+from .text_config import TextConfig
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,8 +16,11 @@ __all__ = [
     "ConversionError",
     "FormatError",
     "ImageError",
+    "ImageTextModel",
     "ImageTooLarge",
     "ModelError",
+    "TextConfig",
+    "TextEncoder",
     "VisionConfig",
     "VisionEncoder",
     "WeightLoader",
@@ -28,4 +32,12 @@ def __getattr__(name: str):
         from .encoder import VisionEncoder
 
         return VisionEncoder
+    if name == "TextEncoder":
+        from .text_encoder import TextEncoder
+
+        return TextEncoder
+    if name == "ImageTextModel":
+        from .image_text import ImageTextModel
+
+        return ImageTextModel
     raise AttributeError(f"module 'arrowvision' has no attribute {name!r}")

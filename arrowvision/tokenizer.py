@@ -45,12 +45,15 @@ def _as_texts(texts: str | Sequence[str]) -> list[str]:
     return texts
 
 
-def _pad(rows: list[list[int]], pad_id: int, length: int | None) -> np.ndarray:
+def _pad(rows: list[list[int]], pad_id: int, length: int | None, left: bool = False) -> np.ndarray:
     """(N, L) int64: rows padded with ``pad_id`` to ``length`` (or to the longest row)."""
     width = length if length is not None else max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), pad_id, dtype=np.int64)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = row
+        if row and left:
+            out[i, width - len(row) :] = row
+        elif row:
+            out[i, : len(row)] = row
     return out
 
 
@@ -103,7 +106,8 @@ class SentencePieceTokenizer:
 class HFTokenizer:
     """A ``tokenizers`` pipeline (tokenizer.json, or CLIP's vocab + merges) with our padding rule."""
 
-    def __init__(self, tokenizer: Any, *, max_length: int, pad_id: int, pad_to_max_length: bool, lowercase: bool = False):
+    def __init__(self, tokenizer: Any, *, max_length: int, pad_id: int, pad_to_max_length: bool, lowercase: bool = False,
+                 pad_left: bool = False):
         self.tokenizer = tokenizer
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)  # room is kept for the post-processor's special tokens
@@ -111,13 +115,14 @@ class HFTokenizer:
         self.pad_id = pad_id
         self.pad_to_max_length = pad_to_max_length
         self.lowercase = lowercase
+        self.pad_left = pad_left
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         texts = _as_texts(texts)
         if self.lowercase:
             texts = [t.lower() for t in texts]
         rows = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
-        return _pad(rows, self.pad_id, self.max_length if self.pad_to_max_length else None)
+        return _pad(rows, self.pad_id, self.max_length if self.pad_to_max_length else None, left=self.pad_left)
 
 
 def clip_bpe(vocab: Mapping[str, int], merges: list[tuple[str, str]], bos: str, eos: str, unk: str) -> Any:
@@ -158,18 +163,6 @@ def _merges(text: str) -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 1)) for line in lines]  # type: ignore[misc]
 
 
-def _with_bos_eos(tokenizer: Any, add_bos: bool, add_eos: bool, bos: str | None, eos: str | None) -> None:
-    """Honour tokenizer_config's add_bos_token/add_eos_token, as transformers does."""
-    from tokenizers import processors
-
-    single = " ".join(([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos and eos else []))
-    specials = [(t, tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on and t]
-    missing = [t for t, i in specials if i is None]
-    if missing:
-        raise ModelError(f"stored tokenizer has no token {missing[0]!r}")
-    tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
-
-
 def load_tokenizer(files: Mapping[str, bytes], config: TextConfig) -> Tokenizer:
     """The tokenizer for ``config``'s family from the stored files (see module docstring)."""
     settings = _json_file(files, "tokenizer_config.json")
@@ -184,10 +177,10 @@ def load_tokenizer(files: Mapping[str, bytes], config: TextConfig) -> Tokenizer:
     from tokenizers import Tokenizer as RustTokenizer
 
     if "tokenizer.json" in files:
-        tokenizer = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
-        if "add_bos_token" in settings or "add_eos_token" in settings:
-            _with_bos_eos(tokenizer, bool(settings.get("add_bos_token")), bool(settings.get("add_eos_token")),
-                          _token(special.get("bos_token")), _token(special.get("eos_token")))
+        try:
+            tokenizer = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as exc:  # tokenizers raises its own Exception type for bad JSON
+            raise ModelError(f"stored tokenizer.json cannot be loaded: {exc}") from None
     elif config.family == "clip" and {"vocab.json", "merges.txt"} <= set(files):
         vocab = _json_file(files, "vocab.json")
         bos = _token(special.get("bos_token")) or "<|startoftext|>"
@@ -204,4 +197,7 @@ def load_tokenizer(files: Mapping[str, bytes], config: TextConfig) -> Tokenizer:
     if pad_id is None:
         raise ModelError(f"stored tokenizer has no padding token {pad_token!r}")
     siglip = config.family == "siglip"  # SigLIP 2: lowercase, max_length padding; CLIP: pad to the longest
-    return HFTokenizer(tokenizer, max_length=max_length, pad_id=pad_id, pad_to_max_length=siglip, lowercase=siglip)
+    # transformers' GemmaTokenizer pads on the left unless the config says otherwise (SigLIP 2's says right)
+    default_side = "left" if settings.get("tokenizer_class") == "GemmaTokenizer" else "right"
+    pad_left = settings.get("padding_side", default_side) == "left"
+    return HFTokenizer(tokenizer, max_length=max_length, pad_id=pad_id, pad_to_max_length=siglip, lowercase=siglip, pad_left=pad_left)

@@ -1,0 +1,103 @@
+"""``TextEncoder``: texts in, L2-normalized embeddings out; the text counterpart of ``VisionEncoder``.
+
+Tokenization sits in front (``arrowvision.tokenizer``, from the files stored in the weights file),
+the text tower runs behind a backend that takes (N, L) int64 token ids and returns the pooled
+(N, D) float32 vectors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import ArrowVisionError, BackendError
+from .format import WeightLoader
+from .text_config import TextConfig
+from .tokenizer import Tokenizer, load_tokenizer
+
+TEXT_BACKENDS = ("torch",)
+
+
+class TextBackend(Protocol):
+    name: str
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray: ...
+
+
+class TorchTextBackend:
+    """The reference: our PyTorch ``TextTransformer`` on the zero-copy Parquet tensors."""
+
+    name = "torch"
+
+    def __init__(self, weights: WeightLoader, device: str = "cpu"):
+        try:
+            import torch
+        except ImportError:
+            raise BackendError("the torch backend needs PyTorch: pip install torch==2.13.0") from None
+        from .text_model import TextTransformer
+
+        self.torch = torch
+        self.device = torch.device(device.lower())
+        self.model = TextTransformer.from_weights(weights).to(self.device)
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            ids = self.torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
+            return self.model(ids).pooled.float().cpu().numpy()
+
+
+def create_text_backend(name: str, weights: WeightLoader, device: str = "cpu") -> TextBackend:
+    if name == "torch":
+        return TorchTextBackend(weights, device=device)
+    raise BackendError(f"backend {name!r} is not available for the text tower yet; choose from {', '.join(TEXT_BACKENDS)}")
+
+
+class TextEncoder:
+    """SigLIP/CLIP text encoder loaded from a Parquet file converted with ``--tower all`` (or text).
+
+    >>> encoder = TextEncoder.from_parquet("siglip.parquet")
+    >>> encoder.encode(["a photo of a cat", "a photo of a dog"]).shape
+    (2, 768)
+    """
+
+    def __init__(self, weights: WeightLoader, backend: TextBackend, config: TextConfig, tokenizer: Tokenizer):
+        self.weights = weights
+        self.backend = backend
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_weights(cls, weights: WeightLoader, backend: str = "torch", device: str = "cpu") -> TextEncoder:
+        config = TextConfig.from_weights(weights)  # a clear error for vision-only files
+        tokenizer = load_tokenizer(weights.tokenizer_files(), config)
+        return cls(weights, create_text_backend(backend, weights, device=device), config, tokenizer)
+
+    @classmethod
+    def from_parquet(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu") -> TextEncoder:
+        return cls.from_weights(WeightLoader(path), backend=backend, device=device)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_dim
+
+    @property
+    def checksum(self) -> str:
+        return self.weights.checksum
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        """(N, L) int64 token ids, equal to transformers' ``input_ids`` on the family's standard settings."""
+        return self.tokenizer(texts)
+
+    def encode(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+        """Embed texts: (N, D) float32, L2-normalized unless ``normalize=False``."""
+        if batch_size < 1:
+            raise ArrowVisionError(f"batch_size must be >= 1, got {batch_size}")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        outputs = [self.backend(self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+        embeddings = np.concatenate(outputs).astype(np.float32, copy=False) if outputs else np.zeros((0, self.embedding_dim), np.float32)
+        if not normalize:
+            return embeddings
+        return embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
