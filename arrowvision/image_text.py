@@ -50,11 +50,20 @@ class ImageTextModel:
 
     @classmethod
     def from_parquet(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu",
-                     text_backend: str = "torch", **options: Any) -> ImageTextModel:
-        """``backend`` and ``options`` are the image tower's (see ``VisionEncoder.from_parquet``);
-        ``text_backend`` runs the text tower (torch for now)."""
+                     text_backend: str | None = None, text_precision: str = "fp32", **options: Any) -> ImageTextModel:
+        """``backend`` and ``options`` are the image tower's (see ``VisionEncoder.from_parquet``).
+        The text tower runs on ``text_backend`` (default: torch with torch, else openvino) at
+        ``text_precision``; it shares ``cache_dir`` and ``min_cosine`` with the image tower."""
         weights = WeightLoader(path)
-        text = TextEncoder.from_weights(weights, backend=text_backend, device=device)  # fails first on vision-only files
+        text_backend = text_backend or ("torch" if backend == "torch" else "openvino")
+        text_options: dict[str, Any] = {}
+        if text_backend != "torch":
+            text_options = {k: options[k] for k in ("cache_dir", "min_cosine") if k in options}
+            text_options["precision"] = text_precision
+        elif text_precision != "fp32":
+            raise ArrowVisionError("the torch text backend runs fp32 only")
+        # the text tower first: a vision-only file fails here, with the hint to convert with --tower all
+        text = TextEncoder.from_weights(weights, backend=text_backend, device=device, **text_options)
         logit_scale = _scalar(weights, "logit_scale", None)
         logit_bias = _scalar(weights, "logit_bias", None if text.config.family == "siglip" else 0.0)
         impl = create_backend(backend, weights, device=device, **options)

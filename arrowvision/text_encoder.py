@@ -18,7 +18,7 @@ from .format import WeightLoader
 from .text_config import TextConfig
 from .tokenizer import Tokenizer, load_tokenizer
 
-TEXT_BACKENDS = ("torch",)
+TEXT_BACKENDS = ("torch", "openvino")
 
 
 class TextBackend(Protocol):
@@ -49,10 +49,18 @@ class TorchTextBackend:
             return self.model(ids).pooled.float().cpu().numpy()
 
 
-def create_text_backend(name: str, weights: WeightLoader, device: str = "cpu") -> TextBackend:
+def create_text_backend(name: str, weights: WeightLoader, tokenizer: Tokenizer, device: str = "cpu", **options: Any) -> TextBackend:
+    """``torch`` (the reference) or ``openvino`` (cached IR, torch-free once cached; options:
+    precision, cache_dir, min_cosine, num_threads)."""
     if name == "torch":
+        if options.pop("precision", "fp32") != "fp32" or options:
+            raise BackendError("the torch text backend runs fp32 only and takes no other options")
         return TorchTextBackend(weights, device=device)
-    raise BackendError(f"backend {name!r} is not available for the text tower yet; choose from {', '.join(TEXT_BACKENDS)}")
+    if name == "openvino":
+        from .backends.openvino_text import OpenVINOTextBackend
+
+        return OpenVINOTextBackend(weights, tokenizer, device=device, **options)
+    raise BackendError(f"backend {name!r} is not available for the text tower; choose from {', '.join(TEXT_BACKENDS)}")
 
 
 class TextEncoder:
@@ -70,14 +78,16 @@ class TextEncoder:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_weights(cls, weights: WeightLoader, backend: str = "torch", device: str = "cpu") -> TextEncoder:
+    def from_weights(cls, weights: WeightLoader, backend: str = "torch", device: str = "cpu", **options: Any) -> TextEncoder:
         config = TextConfig.from_weights(weights)  # a clear error for vision-only files
         tokenizer = load_tokenizer(weights.tokenizer_files(), config)
-        return cls(weights, create_text_backend(backend, weights, device=device), config, tokenizer)
+        return cls(weights, create_text_backend(backend, weights, tokenizer, device=device, **options), config, tokenizer)
 
     @classmethod
-    def from_parquet(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu") -> TextEncoder:
-        return cls.from_weights(WeightLoader(path), backend=backend, device=device)
+    def from_parquet(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", **options: Any) -> TextEncoder:
+        """``backend``: torch (reference) or openvino; ``options`` go to the backend (precision,
+        cache_dir, min_cosine, num_threads)."""
+        return cls.from_weights(WeightLoader(path), backend=backend, device=device, **options)
 
     @property
     def embedding_dim(self) -> int:

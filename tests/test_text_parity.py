@@ -130,3 +130,19 @@ def test_text_encoder_matches_image_text_model(pair, tmp_path):
     texts = SENTENCES[:4]
     np.testing.assert_array_equal(encoder.encode(texts), ours.encode_texts(texts))
     assert encoder.encode(texts, normalize=False).shape == (4, encoder.embedding_dim)
+
+
+def test_openvino_text_and_scores_match_transformers(pair, photos, tmp_path):
+    """fp32 IR for both towers: the same thresholds as the torch path."""
+    kind, ours, reference, tokenizer, processor = pair
+    fast = arrowvision.ImageTextModel.from_parquet(ours.text.weights.path, backend="openvino", cache_dir=tmp_path)
+    assert fast.text.backend.name == "openvino" and fast.vision.backend.name == "openvino"
+    texts = AWKWARD + SENTENCES
+    ids = torch.from_numpy(hf_input_ids(tokenizer, kind, texts))
+    images = list(photos.values())
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected_text = torch.nn.functional.normalize(features(reference.get_text_features(input_ids=ids)), dim=-1).numpy()
+        expected_logits = reference(input_ids=ids, pixel_values=pixels).logits_per_image.numpy()
+    assert np.abs(fast.encode_texts(texts, batch_size=7) - expected_text).max() <= EMBED_MAX_ABS
+    assert np.abs(fast.logits(images, texts) - expected_logits).max() <= LOGITS_MAX_ABS
