@@ -295,15 +295,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="top-k nearest images in an embeddings dataset for a query image")
     p.add_argument("embeddings", help="dataset folder written by `arrowvision embed` (or one part file)")
-    p.add_argument("query", help="query image (or sketch with --sketch)")
+    p.add_argument("query", nargs="?", help="query image (or sketch with --sketch)")
     _backend_options(p)
     p.add_argument("-k", "--top-k", type=int, default=10)
     p.add_argument("--sketch", action="store_true")
+    p.add_argument("--text", help="search by text instead of an image (weights converted with --tower all)")
     p.set_defaults(func=cmd_search)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import top_k
+
+    if args.text is not None or args.query is None:
+        return cmd_search_text(args)
 
     encoder = load_encoder(args)
     query = args.query
@@ -399,6 +403,100 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ text tower
+
+
+def load_image_text(args: argparse.Namespace):
+    """An ``ImageTextModel`` from the shared backend options (the text tower follows the image one:
+    torch with torch, else OpenVINO)."""
+    from .image_text import ImageTextModel
+
+    backend = resolve_backend(args.backend)
+    options = {"precision": args.precision} if args.precision else {}
+    if backend in ("openvino", "onnxruntime", "auto"):
+        options["min_cosine"] = args.min_cosine
+    device = "cpu" if backend == "torch" and args.device.upper() == "CPU" else args.device
+    return ImageTextModel.from_parquet(args.weights, backend=backend, device=device, **options)
+
+
+def cmd_search_text(args: argparse.Namespace) -> int:
+    """``search OUT_DIR --text "a red car"``: refused unless the dataset was embedded by this model."""
+    from .search import require_model, top_k
+
+    if args.text is None:
+        raise ArrowVisionError("search needs a query image or --text")
+    if args.query is not None or args.sketch:
+        raise ArrowVisionError("give either a query image or --text, not both (--sketch applies to image queries)")
+    model = load_image_text(args)
+    require_model(args.embeddings, model.checksum)
+    vector = model.encode_texts([args.text])[0]
+    hits = top_k(args.embeddings, vector, args.top_k)
+    print(f"{'rank':>4}  {'cosine':>8}  path")
+    for rank, (score, path) in enumerate(hits, 1):
+        print(f"{rank:>4}  {score:8.4f}  {path}")
+    return 0
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="CLIP score, logit and probability for each (image, text) row of a CSV/Parquet table")
+    p.add_argument("pairs", help="CSV or Parquet with `image` (path, relative to the table) and `text` columns")
+    p.add_argument("-o", "--output", required=True, help="output .csv or .parquet (input columns + scores + error)")
+    _backend_options(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .score_pairs import score_pairs
+
+    model = load_image_text(args)
+    stats = score_pairs(model, args.pairs, args.output, batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"{stats.rows} pairs: {stats.scored} scored, {stats.failed} failed -> {args.output}")
+    return EXIT_PARTIAL if stats.failed else 0
+
+
+def _add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="zero-shot classification of images against a list of labels")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,car"')
+    p.add_argument("--template", default="a photo of a {}.", help="prompt with {} for the label")
+    p.add_argument("-k", "--top-k", type=int, default=5, help="labels shown per image")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    _backend_options(p)
+    p.set_defaults(func=cmd_classify)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import scoring
+    from .errors import ImageError
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if not labels:
+        raise ArrowVisionError("--labels needs at least one non-empty label")
+    if "{}" not in args.template:
+        raise ArrowVisionError(f"--template {args.template!r} has no {{}} for the label")
+    model = load_image_text(args)
+    label_embeddings = model.encode_texts([args.template.replace("{}", label) for label in labels])  # once for all images
+    failed = 0
+    for image in args.images:
+        try:
+            embedding = model.encode_images(model.vision.preprocessor(image)[np.newaxis])
+        except (ImageError, OSError) as exc:
+            failed += 1
+            print(json.dumps({"image": image, "error": str(exc)}) if args.json else f"{image}: error: {exc}")
+            continue
+        logits = scoring.logits(embedding, label_embeddings, model.logit_scale, model.logit_bias)
+        probs = scoring.probabilities(logits, model.family)[0]
+        ranking = sorted(zip(labels, map(float, probs)), key=lambda pair: -pair[1])[: args.top_k]
+        if args.json:
+            print(json.dumps({"image": image, "labels": [{"label": l, "probability": p} for l, p in ranking]}))
+        else:
+            print(f"{image}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranking))
+    return EXIT_PARTIAL if failed else 0
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="arrowvision",
@@ -412,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = [_add_demo, _add_convert, _add_info, _add_export, _add_validate, _add_embed, _add_search, _add_bench, _add_serve]
+COMMANDS += [_add_score, _add_classify]  # text tower
 
 
 def main(argv: list[str] | None = None) -> int:

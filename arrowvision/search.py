@@ -41,3 +41,13 @@ def _check_model(dataset: Path, checksum: str) -> None:
     stored = (pq.read_schema(part_files(dataset)[0]).metadata or {}).get(META_PREFIX + b"model_checksum", b"").decode()
     if stored and stored != checksum:
         log.warning("%s was embedded with model %s, the query with %s: scores are not comparable", dataset, stored[:19], checksum[:19])
+
+
+def require_model(dataset: str | os.PathLike, checksum: str) -> None:
+    """Refuse a dataset embedded by another model (text queries only make sense in the same space)."""
+    stored = (pq.read_schema(part_files(Path(dataset))[0]).metadata or {}).get(META_PREFIX + b"model_checksum", b"").decode()
+    if stored != checksum:
+        raise ArrowVisionError(
+            f"{dataset} was embedded with model {stored[:19] or 'unknown'}, the text query uses {checksum[:19]}: "
+            "embed the images with the same --tower all weights file to search them by text"
+        )
