@@ -399,7 +399,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout)
-    serve(load_encoder(args), args.host, args.port, config)
+    text_model = load_text_model_if_any(args)  # weights converted with --tower all also serve text
+    serve(text_model.vision if text_model else load_encoder(args), args.host, args.port, config, text_model)
     return 0
 
 
@@ -417,6 +418,15 @@ def load_image_text(args: argparse.Namespace):
         options["min_cosine"] = args.min_cosine
     device = "cpu" if backend == "torch" and args.device.upper() == "CPU" else args.device
     return ImageTextModel.from_parquet(args.weights, backend=backend, device=device, **options)
+
+
+def load_text_model_if_any(args: argparse.Namespace):
+    """The ``ImageTextModel`` when the weights hold a text tower, else None (image-only service)."""
+    from .format import WeightLoader
+
+    if "text_model.embeddings.token_embedding.weight" not in WeightLoader(args.weights):
+        return None
+    return load_image_text(args)
 
 
 def cmd_search_text(args: argparse.Namespace) -> int:

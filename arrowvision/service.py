@@ -36,6 +36,8 @@ class ServiceConfig:
     max_batch_items: int = 64  # images per /v1/embed/batch request
     request_timeout_s: float = 30.0
     decode_threads: int = 2
+    max_texts: int = 64  # texts per /v1/embed/text or /v1/score request (413 above)
+    max_text_chars: int = 1000  # characters per text (422 above)
 
 
 class QueueFull(Exception):
@@ -117,8 +119,9 @@ class MicroBatcher:
         self.executor.shutdown(wait=True)
 
 
-def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
-    """The FastAPI application serving ``encoder``."""
+def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text_model: Any = None):
+    """The FastAPI application serving ``encoder``; with ``text_model`` (an ``ImageTextModel``)
+    also the text endpoints of ``service_text``."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     config = config or ServiceConfig()
@@ -145,9 +148,13 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
         batcher.start()
         queue_depth.set_function(lambda: batcher.queue.qsize())
         state["batcher"] = batcher
+        if "text_batcher" in state:
+            state["text_batcher"].start()
         yield
         state["accepting"] = False
         await batcher.drain(config.request_timeout_s)
+        if "text_batcher" in state:
+            await state["text_batcher"].drain(config.request_timeout_s)
         decode_pool.shutdown(wait=False)
 
     app = FastAPI(title="arrowvision", version="0.1.0", lifespan=lifespan,
@@ -294,12 +301,19 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
         results = await asyncio.gather(*(one(name, data) for name, data in files))
         return {"results": results, "model_checksum": encoder.checksum, "dim": encoder.embedding_dim}
 
+    if text_model is not None:
+        from .service_text import add_text_routes
+
+        add_text_routes(app, text_model, config, registry=registry, state=state, embed_image=embed_one,
+                        image_problem=image_problem, batcher_factory=MicroBatcher, queue_full=QueueFull)
+
     @app.get("/health", summary="Model loaded, backend and device")
     async def health():
         backend = encoder.backend
         return {"status": "ok" if state["accepting"] else "shutting down", "model_loaded": True, "backend": backend.name,
                 "device": str(getattr(backend, "device", "cpu")), "precision": getattr(backend, "precision", "fp32"),
-                "family": encoder.config.family, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum}
+                "family": encoder.config.family, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum,
+                "text": text_model is not None}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
@@ -322,7 +336,8 @@ async def _parse_multipart(request, body: bytes):
         raise MalformedRequest(f"malformed multipart body: {exc.message}") from None
 
 
-def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None) -> None:
+def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None,
+          text_model: Any = None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(encoder, config), host=host, port=port, timeout_graceful_shutdown=int((config or ServiceConfig()).request_timeout_s))
+    uvicorn.run(create_app(encoder, config, text_model), host=host, port=port, timeout_graceful_shutdown=int((config or ServiceConfig()).request_timeout_s))
