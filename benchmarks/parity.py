@@ -5,6 +5,11 @@ For each config (tiny ones of odd shapes and the published base configs), random
 batch 1 and N: max abs diff, mean abs diff and min cosine of the pooled embedding (and the last
 hidden state for torch) against the HF model, for every backend and precision.
 
+Text rows: full SigLIP / SigLIP 2 (Gemma tokenizer) / CLIP (and CLIP with the legacy
+eos_token_id = 2) checkpoints, every parameter perturbed, tokenizers built offline: token ids vs
+transformers' tokenizer, normalized text embeddings and logits_per_image (real photos) vs the HF
+model, on torch and OpenVINO.
+
     python benchmarks/parity.py [--batch 8] [--skip-base] [--precisions fp32,fp16,int8-weights,int8]
 """
 
@@ -47,7 +52,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--skip-base", action="store_true")
     parser.add_argument("--precisions", default="fp32,fp16,int8-weights,int8")
+    parser.add_argument("--text-only", action="store_true", help="only the text-tower rows")
     args = parser.parse_args()
+    if args.text_only:
+        text_rows(args)
+        return
     configs = dict(TINY_CONFIGS)
     if not args.skip_base:
         configs.update(BASE_CONFIGS)
@@ -88,6 +97,48 @@ def main() -> None:
           " calibration range (compare the export validation lines, measured on held-out real images)")
     verdict = "PASS" if worst <= 1e-4 else "MISS"
     print(f"\nworst fp32 max abs diff (torch, openvino fp32, onnxruntime fp32): {worst:.2e} (target <= 1e-4: {verdict})")
+    text_rows(args)
+
+
+def text_rows(args: argparse.Namespace) -> None:
+    """Text tower and image-text logits vs transformers (thresholds: 1e-4 embeddings, 1e-3 logits)."""
+    import transformers as tf
+    from skimage import data
+
+    from arrowvision import ImageTextModel
+    from tests.test_text_parity import features, hf_input_ids
+    from tests.textkit import AWKWARD, SENTENCES, TINY_VISION, hf_tokenizer, save_full_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="arrowvision-text-parity-"))
+    images = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    texts = AWKWARD + SENTENCES
+    size = {"height": TINY_VISION["image_size"], "width": TINY_VISION["image_size"]}
+    print(f"\n{'text config':<20} {'backend':<16} {'ids equal':>9} {'emb max abs':>12} {'logits max abs':>15}")
+    worst_emb = worst_logits = 0.0
+    for name, kind, eos in (("siglip", "siglip", None), ("siglip2-gemma", "siglip2", None), ("clip", "clip", None),
+                            ("clip-legacy-eos2", "clip", 2)):
+        folder = save_full_checkpoint(work / name, kind, seed=3, eos_token_id=eos)
+        parquet = folder / "all.parquet"
+        convert(str(folder), parquet, tower="all", progress=False)
+        siglip = kind.startswith("siglip")
+        reference = (tf.SiglipModel if siglip else tf.CLIPModel).from_pretrained(folder).eval()
+        processor = tf.SiglipImageProcessor(size=size) if siglip else tf.CLIPImageProcessor(size={"shortest_edge": size["height"]}, crop_size=size)
+        ids = torch.from_numpy(hf_input_ids(hf_tokenizer(folder), kind, texts))
+        with torch.no_grad():
+            expected = torch.nn.functional.normalize(features(reference.get_text_features(input_ids=ids)), dim=-1).numpy()
+            logits = reference(input_ids=ids, pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).logits_per_image.numpy()
+        variants = {"torch": {}, "openvino fp32": {"backend": "openvino"},
+                    "openvino fp16": {"backend": "openvino", "text_precision": "fp16", "precision": "fp16"}}
+        for label, options in variants.items():
+            model = ImageTextModel.from_parquet(parquet, **options)
+            same = np.array_equal(model.tokenize(texts), ids.numpy())
+            emb = float(np.abs(model.encode_texts(texts) - expected).max())
+            lg = float(np.abs(model.logits(images, texts) - logits).max())
+            if "fp16" not in label:
+                worst_emb, worst_logits = max(worst_emb, emb), max(worst_logits, lg)
+            print(f"{name:<20} {label:<16} {str(same):>9} {emb:12.2e} {lg:15.2e}")
+    verdict = "PASS" if worst_emb <= 1e-4 and worst_logits <= 1e-3 else "MISS"
+    print(f"\nworst fp32 text: embeddings {worst_emb:.2e} (<= 1e-4), logits_per_image {worst_logits:.2e} (<= 1e-3): {verdict}")
 
 
 if __name__ == "__main__":
