@@ -30,7 +30,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
     projection_dim: int = 768  # SigLIP head / CLIP text_projection output size
-    eos_token_id: int = 1  # CLIP pooling: 2 means "argmax of input_ids" (legacy openai configs)
+    eos_token_id: int = 1  # CLIP pooling only: 2 means "argmax of input_ids" (legacy openai configs)
 
     def __post_init__(self) -> None:
         if self.family not in ("siglip", "clip"):
@@ -74,7 +74,7 @@ class TextConfig:
                 layer_norm_eps=float(text.get("layer_norm_eps", 1e-5 if clip else 1e-6)),
                 hidden_act=str(text.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh")),
                 projection_dim=int(hf_config.get("projection_dim") or 512) if clip else int(text.get("projection_size") or hidden),
-                eos_token_id=int(text.get("eos_token_id", 49407 if clip else 1)),
+                eos_token_id=int(text.get("eos_token_id", 49407)) if clip else 1,  # SigLIP pools the last position
             )
         except (TypeError, ValueError) as exc:
             raise ConversionError(f"invalid text config: {exc}") from None

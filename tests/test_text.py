@@ -135,3 +135,20 @@ def test_scoring_rules():
     np.testing.assert_allclose(clip_score(image, text), [100.0, 0.0], atol=1e-4)  # negative cosine clipped to 0
     with pytest.raises(arrowvision.ArrowVisionError, match="pairs"):
         clip_score(image, text[:1])
+
+
+def test_text_presets_match_transformers_defaults_and_vision_presets():
+    import dataclasses
+
+    import transformers as tf
+
+    from arrowvision.config import PRESETS
+    from arrowvision.text_config import TEXT_PRESETS, TextConfig
+
+    assert set(TEXT_PRESETS) == set(PRESETS)  # one name, both towers
+    assert TextConfig.from_hf(tf.SiglipConfig().to_dict()) == TEXT_PRESETS["siglip-base-patch16-224"]
+    clip = TextConfig.from_hf(tf.CLIPConfig().to_dict())
+    assert dataclasses.replace(clip, eos_token_id=2) == TEXT_PRESETS["clip-vit-base-patch32"]  # hub configs: legacy eos 2
+    for name, preset in TEXT_PRESETS.items():
+        vision = PRESETS[name]
+        assert preset.family == vision.family and preset.embedding_dim == vision.embedding_dim, name
