@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import FAMILIES, VisionConfig, vision_prefix
+from .config import FAMILIES, VisionConfig, tensor_problems
 from .errors import ConversionError
 from .format import write_weights
 
@@ -161,19 +161,7 @@ def _file_checksum(files: list[Path]) -> str:
 
 def check_tensors(config: VisionConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """Fail with the list of missing, unexpected or misshapen vision tensors."""
-    expected = config.expected_tensors(vision_prefix(shapes))
-    if config.family == "clip" and "visual_projection.weight" not in shapes:
-        expected.pop("visual_projection.weight")  # CLIPVisionModel: pooled output, no projection
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(f"{n} {shapes[n]} != {expected[n]}" for n in set(expected) & set(shapes) if tuple(shapes[n]) != expected[n])
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong:
-        problems.append(f"wrong shapes: {', '.join(wrong[:8])}")
+    problems = tensor_problems(config, shapes)
     if problems:
         raise ConversionError("checkpoint does not match its config; " + "; ".join(problems))
 
