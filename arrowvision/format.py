@@ -331,6 +331,8 @@ class WeightLoader:
 
     def _validate_index(self, index: pa.Table) -> dict[str, TensorInfo]:
         for field in SCHEMA:
+            if field.name in INDEX_COLUMNS and field.name not in index.schema.names:
+                raise FormatError(f"{self.path}: missing index column {field.name!r}; not an arrowvision weights file")
             if field.name in INDEX_COLUMNS and not index.schema.field(field.name).type.equals(field.type):
                 raise FormatError(f"{self.path}: column {field.name!r} has type {index.schema.field(field.name).type}, expected {field.type}")
         infos: dict[str, TensorInfo] = {}
