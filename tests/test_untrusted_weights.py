@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from arrowvision import ConversionError, FormatError, ModelError, VisionConfig, WeightLoader
 from arrowvision import format as weights_format
+from arrowvision.config import ACTIVATIONS
 from arrowvision.format import SCHEMA, write_weights
-from arrowvision.model import VisionTransformer
+from arrowvision.model import VisionTransformer, activation
 from arrowvision.safejson import MAX_CONFIG_BYTES, json_depth, load_json
 
 OUR_ERRORS = (FormatError, ConversionError, ModelError)
@@ -159,6 +160,9 @@ def test_valid_config_variants_still_load(tmp_path, tiny_siglip_parquet):
     path = recraft(tiny_siglip_parquet, tmp_path / "ok.parquet", config=dict(layer_norm_eps=1e-5, hidden_act="gelu"))
     model = load_model(path)
     assert model.config.hidden_act == "gelu" and model.config.layer_norm_eps == 1e-5
+    x = torch.linspace(-3, 3, 7)
+    for name in ACTIVATIONS:  # every name the schema accepts is one the model implements
+        assert torch.allclose(activation(name)(x), torch.nn.functional.gelu(x), atol=0.02 if name != "quick_gelu" else 0.03)
 
 
 # ------------------------------------------------------------------- fuzzing the config values
