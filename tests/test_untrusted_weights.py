@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from arrowvision import ConversionError, FormatError, ModelError, VisionConfig, WeightLoader
 from arrowvision import format as weights_format
 from arrowvision.config import ACTIVATIONS
+from arrowvision.convert import convert
 from arrowvision.format import SCHEMA, write_weights
 from arrowvision.model import VisionTransformer, activation
 from arrowvision.safejson import MAX_CONFIG_BYTES, json_depth, load_json
@@ -368,3 +370,16 @@ def test_config_from_hf_is_the_same_schema(tiny_siglip_parquet):
     with pytest.raises(ConversionError, match="num_attention_heads"):
         VisionConfig("siglip", num_heads=0)
     assert all(VisionConfig.preset(name) for name in ("siglip-base-patch16-224", "clip-vit-large-patch14-336"))
+
+
+def test_checkpoint_json_goes_through_the_same_guard(tmp_path, tiny_siglip):
+    """convert reads a downloaded checkpoint's config.json and shard index: same limits."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_siglip, folder)
+    (folder / "config.json").write_text("[" * 50_000 + "]" * 50_000)
+    with pytest.raises(ConversionError, match="unreadable config .*nested 50000 levels"):
+        convert(str(folder), tmp_path / "o.parquet", progress=False)
+    shutil.copy(tiny_siglip / "config.json", folder / "config.json")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    with pytest.raises(ConversionError, match="unreadable shard index"):
+        convert(str(folder), tmp_path / "o.parquet", progress=False)
