@@ -81,12 +81,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         "source": weights.source,
         "vision_config": vision,
         "auto_choice": _auto_choice(weights),
+        "exports": _export_summaries(weights),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     for key, value in report.items():
-        print(f"{key:>16}: {value}")
+        if isinstance(value, list):  # one line per item
+            print(f"{key:>16}: {value[0] if value else 'none cached'}")
+            for item in value[1:]:
+                print(f"{'':>16}  {item}")
+        else:
+            print(f"{key:>16}: {value}")
     print(f"{'load time':>16}: {elapsed * 1000:.1f} ms")
     return 0
 
@@ -102,6 +108,19 @@ def _auto_choice(weights) -> str:
     if record is None:
         return "not measured on this CPU yet (the first --backend auto use measures it)"
     return f"{record['backend']} {record['precision']} on {record['cpu']}"
+
+
+def _export_summaries(weights) -> list[str]:
+    """Cached exports of this model and their held-out accuracy per kind (min cosine vs fp32)."""
+    from .backends.artifacts import cached_exports
+
+    lines = []
+    for meta in cached_exports(weights.checksum):
+        kinds = meta.get("by_kind")
+        accuracy = (", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in kinds.items()) if kinds
+                    else f"max abs {meta['max_abs']:.1e}" if "max_abs" in meta else "exact (fp32)")
+        lines.append(f"{meta['format']} {meta['precision']}: {accuracy}")
+    return lines
 
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"
