@@ -7,6 +7,7 @@ towers are built from the same encoder layers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,6 +16,9 @@ from .config import FAMILIES
 from .errors import ConversionError, ModelError
 
 TEXT_PREFIX = "text_model."
+TEXT_TENSOR_PREFIXES = (TEXT_PREFIX, "text_projection.")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_LAYER_INDEX = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
 CONVERT_HINT = "convert the checkpoint with `arrowvision convert SRC OUT.parquet --tower all`"
 
 
@@ -81,10 +85,40 @@ class TextConfig:
 
     @classmethod
     def from_weights(cls, weights: Any) -> TextConfig:
-        """The text config of a loaded weights file; a clear error for vision-only files."""
+        """The text config of a loaded weights file, checked against its tensors before anything
+        is built (layer count from the names first, then every shape, float dtypes); a clear
+        error for vision-only files."""
         if f"{TEXT_PREFIX}embeddings.token_embedding.weight" not in weights:
             raise ModelError(f"{weights.path} holds no text tower (tower={weights.tower or 'vision'!r}); {CONVERT_HINT}")
-        return cls.from_hf(weights.config)
+        try:
+            config = cls.from_hf(weights.config)
+        except ConversionError as exc:
+            raise ConversionError(f"{weights.path}: {exc}") from None
+        infos = {name: weights.info(name) for name in weights.names() if name.startswith(TEXT_TENSOR_PREFIXES)}
+        problems = config.tensor_problems({name: info.shape for name, info in infos.items()})
+        if problems:
+            raise ModelError(f"{weights.path}: text tensors do not match the config; " + "; ".join(problems))
+        not_float = [f"{name} ({info.dtype})" for name, info in infos.items() if info.dtype not in FLOAT_DTYPES]
+        if not_float:
+            raise ModelError(f"{weights.path}: text tensors must be floating point: {', '.join(not_float[:4])}")
+        return config
+
+    def tensor_problems(self, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """Where the text tensors ``shapes`` disagree with this config: the layer count first,
+        from the names alone, so a config claiming 200 000 layers costs nothing."""
+        shapes = {n: s for n, s in shapes.items() if n.startswith(TEXT_TENSOR_PREFIXES)}
+        layers = {int(m.group(1)) for name in shapes if (m := _LAYER_INDEX.match(name))}
+        if self.num_layers > len(layers):
+            return [f"text config num_hidden_layers is {self.num_layers} but the file's text layers are {len(layers)}"]
+        expected = self.expected_tensors()
+        missing = sorted(set(expected) - set(shapes))
+        unexpected = sorted(set(shapes) - set(expected))
+        wrong = sorted(f"{n} {tuple(shapes[n])} != {expected[n]}" for n in set(expected) & set(shapes) if tuple(shapes[n]) != expected[n])
+        problems = []
+        for label, names in (("missing text tensors", missing), ("unexpected text tensors", unexpected), ("wrong shapes", wrong)):
+            if names:
+                problems.append(f"{label}: {', '.join(names[:8])}{f' ... ({len(names)} in all)' if len(names) > 8 else ''}")
+        return problems
 
     @classmethod
     def preset(cls, name: str) -> TextConfig:

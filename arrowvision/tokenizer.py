@@ -17,7 +17,6 @@ Ids equal transformers' on each family's standard settings:
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import FormatError, ModelError
+from .safejson import MAX_JSON_BYTES, load_json
 from .text_config import CONVERT_HINT, TextConfig
 
 SPIECE_UNDERLINE = "\u2581"
@@ -147,12 +147,13 @@ def clip_bpe(vocab: Mapping[str, int], merges: list[tuple[str, str]], bos: str, 
 
 
 def _json_file(files: Mapping[str, bytes], name: str) -> dict:
+    """A stored JSON file, through the guard for untrusted JSON (size, depth, finite numbers)."""
     if name not in files:
         return {}
     try:
-        value = json.loads(files[name])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"stored tokenizer file {name} is not valid JSON ({exc})") from None
+        value = load_json(files[name], f"stored tokenizer file {name}")
+    except FormatError as exc:
+        raise ModelError(str(exc)) from None
     if not isinstance(value, dict):
         raise ModelError(f"stored tokenizer file {name} is not a JSON object")
     return value
@@ -177,6 +178,8 @@ def load_tokenizer(files: Mapping[str, bytes], config: TextConfig) -> Tokenizer:
     from tokenizers import Tokenizer as RustTokenizer
 
     if "tokenizer.json" in files:
+        if len(files["tokenizer.json"]) > MAX_JSON_BYTES:
+            raise ModelError(f"stored tokenizer.json has {len(files['tokenizer.json'])} bytes; at most {MAX_JSON_BYTES} allowed")
         try:
             tokenizer = RustTokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         except Exception as exc:  # tokenizers raises its own Exception type for bad JSON
