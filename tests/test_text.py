@@ -152,3 +152,31 @@ def test_text_presets_match_transformers_defaults_and_vision_presets():
     for name, preset in TEXT_PRESETS.items():
         vision = PRESETS[name]
         assert preset.family == vision.family and preset.embedding_dim == vision.embedding_dim, name
+
+
+def _rewrite(source: Path, target: Path, *, config=None, replace_files=None) -> Path:
+    """Copy a weights file with another config or other tokenizer file bytes."""
+    from arrowvision.format import write_weights
+
+    weights = WeightLoader(source)
+    tensors = dict(weights.numpy())
+    for name, data in (replace_files or {}).items():
+        tensors[TOKENIZER_PREFIX + name] = np.frombuffer(data, np.uint8)
+    write_weights(target, tensors.items(), config=config or weights.config, family=weights.family, tower="all")
+    return target
+
+
+def test_text_config_claiming_more_layers_than_the_file_is_refused_before_building(checkpoints, tmp_path):
+    source = checkpoints["siglip"] / "all.parquet"
+    config = json.loads(json.dumps(WeightLoader(source).config))
+    config["text_config"]["num_hidden_layers"] = 200_000
+    bomb = _rewrite(source, tmp_path / "bomb.parquet", config=config)
+    with pytest.raises(ModelError, match="num_hidden_layers is 200000 but the file's text layers are 2"):
+        arrowvision.TextEncoder.from_parquet(bomb)
+
+
+@pytest.mark.parametrize("payload", [b'{"model_max_length": NaN}', b"[" * 200 + b"]" * 200, b"\xff\xfe"])
+def test_hostile_tokenizer_json_is_a_clear_error(checkpoints, tmp_path, payload):
+    bad = _rewrite(checkpoints["clip"] / "all.parquet", tmp_path / "bad.parquet", replace_files={"tokenizer_config.json": payload})
+    with pytest.raises(ModelError, match="stored tokenizer file tokenizer_config.json"):
+        arrowvision.TextEncoder.from_parquet(bad)
