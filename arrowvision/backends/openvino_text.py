@@ -24,7 +24,7 @@ from ..format import WeightLoader
 from ..text_config import TextConfig
 from .artifacts import build_entry, cache_root, hash_key, is_complete, read_meta, require_torch
 from .openvino_backend import _int8_saturates, _openvino, inference_hint, unsupported_reason
-from .validation import DEFAULT_MIN_COSINE, accuracy_by_kind, check_accuracy, recheck, summarize
+from .validation import DEFAULT_MIN_COSINE, recheck, validate_lossy
 
 log = logging.getLogger("arrowvision")
 
@@ -114,9 +114,8 @@ def _export_into(folder: Path, weights: WeightLoader, tokenizer: Any, precision:
     with torch.inference_mode():
         reference = {kind: model(torch.from_numpy(batch)).pooled.float().numpy() for kind, batch in ids.items()}
     compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": inference_hint(precision)})
-    report = accuracy_by_kind(reference, lambda batch: compiled(batch)[0], ids)
-    meta.update(summarize(report))
-    check_accuracy(precision, report, min_cosine if precision != "fp32" else max(min_cosine, 0.9999))
+    threshold = min_cosine if precision != "fp32" else max(min_cosine, 0.9999)  # fp32 is checked too: cheap
+    meta.update(validate_lossy("openvino text", precision, lambda batch: compiled(batch)[0], ids, reference, threshold))
     meta["export_seconds"] = time.perf_counter() - start
     meta["text_config"] = model.config.to_dict()
     return meta
