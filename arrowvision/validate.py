@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +21,46 @@ def compare(name: str, ours: np.ndarray, reference: np.ndarray, max_abs: float, 
     return row
 
 
+BATCH = 16  # images per model call: bounded memory and a moving progress bar on big image sets
+
+
+def _batched(run: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, description: str, progress: bool) -> np.ndarray:
+    from tqdm import tqdm
+
+    outputs = []
+    with tqdm(total=len(pixels), desc=description, unit="img", leave=False, disable=not progress) as bar:
+        for start in range(0, len(pixels), BATCH):
+            outputs.append(np.asarray(run(pixels[start : start + BATCH]), dtype=np.float32))
+            bar.update(len(outputs[-1]))
+    return np.concatenate(outputs)
+
+
 def validate(weights: str | Path, backend: str, precision: str, images: Sequence[Any], *, max_abs: float = 1e-4,
-             min_cosine: float = 0.9999) -> tuple[list[dict[str, Any]], bool]:
-    """Unnormalized pooled outputs on ``images``; abs-diff thresholds apply to fp32 comparisons only."""
+             min_cosine: float = 0.9999, cache_dir: str | Path | None = None, calibration: Sequence[Any] | None = None,
+             progress: bool = False) -> tuple[list[dict[str, Any]], bool]:
+    """Unnormalized pooled outputs on ``images``; abs-diff thresholds apply to fp32 comparisons only.
+
+    ``cache_dir``/``calibration`` select the same cached IR that ``export`` made."""
+    from tqdm import tqdm
+
     reference = VisionEncoder.from_parquet(weights, backend="torch")
-    pixels = reference.preprocess(list(images))
-    expected = reference.encode(pixels, normalize=False)
+    pixels = np.stack([reference.preprocessor(image) for image in tqdm(list(images), desc="decoding", unit="img",
+                                                                         leave=False, disable=not progress)])
+    expected = _batched(reference.backend, pixels, "torch reference", progress)
     rows = []
     if backend == "openvino":
-        fast = VisionEncoder.from_parquet(weights, backend="openvino", precision=precision, min_cosine=0.0)
-        rows.append(compare(f"openvino {precision} vs torch", fast.encode(pixels, normalize=False), expected,
+        fast = VisionEncoder.from_parquet(weights, backend="openvino", precision=precision, min_cosine=0.0,
+                                          cache_dir=cache_dir, calibration=calibration)
+        rows.append(compare(f"openvino {precision} vs torch", _batched(fast.backend, pixels, "openvino", progress), expected,
                             max_abs if precision == "fp32" else 0, min_cosine if precision == "fp32" else 0.99))
     if importlib.util.find_spec("transformers"):
-        rows.append(compare("torch vs transformers", expected, _transformers_pooled(reference, pixels), max_abs, min_cosine))
+        hf = _transformers_model(reference)
+        rows.append(compare("torch vs transformers", expected, _batched(hf, pixels, "transformers", progress), max_abs, min_cosine))
     return rows, all(r["passed"] for r in rows)
 
 
-def _transformers_pooled(encoder: VisionEncoder, pixels: np.ndarray) -> np.ndarray:
-    """Load the same tensors into the HF model class and run it."""
+def _transformers_model(encoder: VisionEncoder) -> Callable[[np.ndarray], np.ndarray]:
+    """The same tensors loaded into the HF model class: pixels -> pooled outputs."""
     import torch
     import transformers as tf
 
@@ -62,7 +84,11 @@ def _transformers_pooled(encoder: VisionEncoder, pixels: np.ndarray) -> np.ndarr
                 break
     model.load_state_dict(state, strict=True)
     model.eval()
-    with torch.no_grad():
-        out = model(pixel_values=torch.from_numpy(pixels))
-    pooled = getattr(out, "image_embeds", None)
-    return (pooled if pooled is not None else out.pooler_output).numpy()
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model(pixel_values=torch.from_numpy(np.ascontiguousarray(pixels)))
+        pooled = getattr(out, "image_embeds", None)
+        return (pooled if pooled is not None else out.pooler_output).numpy()
+
+    return run
