@@ -64,9 +64,13 @@ def positive_int(text: str) -> int:
 
 
 def port_number(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
+    """1-65535, or 0 for any free port."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535 (0: any free port), got {value}")
     return value
 
 
@@ -680,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "precision") and hasattr(args, "backend"):  # usage errors before anything loads
+        check_backend_options(args, resolve_backend(args.backend))
     try:
         return args.func(args)
     except KeyboardInterrupt:
