@@ -404,7 +404,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     weights = _weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend)
     start = time.perf_counter()
-    encoder = VisionEncoder.from_parquet(weights, backend=backend)
+    first_export = backend == "openvino" and not _ir_cached(weights, {"precision": "fp32", "calibration": None, "cache_dir": None})
+    with elapsed_bar("first use of this model: exporting it to OpenVINO IR (fp32)", first_export and progress_enabled(args)):
+        encoder = VisionEncoder.from_parquet(weights, backend=backend)
     loaded = time.perf_counter()
     images = sorted(SAMPLES_DIR.glob("*.jpg"))
     embeddings = encoder.encode(images)
@@ -525,7 +527,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         query = normalize_sketch(query)
     vector = encoder.encode([query])[0]
-    hits = top_k(args.embeddings, vector, args.top_k, model_checksum=encoder.checksum)
+    hits = top_k(args.embeddings, vector, args.top_k, model_checksum=encoder.checksum, progress=progress_enabled(args))
     if args.json:
         print_json({"dataset": args.embeddings, "query": args.query, "k": args.top_k,
                     "hits": [{"rank": rank, "cosine": score, "path": path} for rank, (score, path) in enumerate(hits, 1)]})

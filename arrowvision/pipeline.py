@@ -191,6 +191,8 @@ class EmbeddingWriter:
             [pa.field("path", pa.string(), nullable=False), pa.field("relpath", pa.string()), pa.field("error", pa.string())],
             metadata=self.metadata,
         )
+        for legacy in self.folder.glob("errors-*.parquet"):  # written beside the parts by older versions
+            os.replace(legacy, self.folder / ERRORS_DIR / legacy.name)
         chunks = sorted(self.folder.glob("part-*.parquet")) + sorted((self.folder / ERRORS_DIR).glob("errors-*.parquet"))
         self.done: set[str] = set()
         self.failed: dict[str, str] = {}

@@ -170,6 +170,22 @@ def test_lists_resolve_against_their_folder_and_skip_headers(tmp_path, monkeypat
         collect_inputs(str(tmp_path / "empty"))
 
 
+def test_a_missing_file_is_a_failure_that_names_it(tmp_path, corpus):
+    folder, good, _ = corpus
+    missing = str(tmp_path / "gone.jpg")
+    encoder = VisionEncoder.from_parquet(DEMO)
+    out = tmp_path / "out"
+    stats = embed_paths(encoder, [missing], out, progress=False)
+    assert (stats.embedded, stats.failed) == (0, 1)
+    assert stats.errors == [(missing, f"{missing}: cannot read (No such file or directory)")]
+    (out / "_errors" / "errors-00000.parquet").rename(out / "errors-00000.parquet")  # the older layout
+    stats = embed_paths(encoder, [missing, good[0]], out, progress=False)
+    assert (stats.embedded, stats.failed) == (1, 1)  # the failure is retried
+    assert not list(out.glob("errors-*.parquet"))  # moved into _errors/
+    assert len(list((out / "_errors").glob("errors-*.parquet"))) == 2
+    assert pq.read_table(out).column("path").to_pylist() == [good[0]]
+
+
 class _StopAfter:
     """A backend wrapper that sets ``stop`` during its n-th call, like a Ctrl-C mid-run."""
 
