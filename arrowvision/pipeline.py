@@ -36,8 +36,6 @@ from .fsutil import atomic_output
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 META_PREFIX = b"arrowvision."
-
-
 LIST_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img"}
 ERRORS_DIR = "_errors"  # dataset discovery (pyarrow, Spark, Hive) skips "_" folders
 
@@ -355,6 +353,7 @@ def embed_paths(
     producer = threading.Thread(target=produce, daemon=True)
     good: list[_Item] = []
     bad: list[_Item] = []
+    processed = 0  # inputs embedded or failed in this run
     bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress, dynamic_ncols=True)
     try:
         with stop_on_signals(stop):
@@ -368,18 +367,17 @@ def embed_paths(
                     vectors = l2_normalize(vectors) if normalize else vectors
                     for item, vector in zip(ok, vectors):
                         item.embedding, item.pixels = vector, None  # the pixels are not needed any more
-                good += ok
-                bad += [item for item in items if item.error]
+                failed = [item for item in items if item.error]
+                good, bad = good + ok, bad + failed
                 stats.embedded += len(ok)
-                for item in items:
-                    if item.error:
-                        stats.failed += 1
-                        stats.errors.append((item.path, item.error))
+                stats.failed += len(failed)
+                stats.errors += [(item.path, item.error) for item in failed]
                 while len(good) >= chunk_size:
                     writer.write(good[:chunk_size], bad, relpath)
                     good, bad = good[chunk_size:], []
+                processed += len(items)
                 bar.update(len(items))
-            stats.interrupted = stop.is_set()
+            stats.interrupted = stop.is_set() and processed < len(todo)  # work was left undone
             if good or bad:  # the last chunk, or what was embedded before a stop
                 writer.write(good, bad, relpath)
     finally:
