@@ -341,6 +341,9 @@ def check_backend_options(args: argparse.Namespace, backend: str) -> None:
         shown = " ".join(value) if isinstance(value, list) else value
         chosen = f" (auto chose {backend})" if args.backend == "auto" else ""
         args.command_parser.error(f"{flag} {shown} applies to the {'/'.join(backends)} backend only, not {backend}{chosen}")
+    device = str(getattr(args, "device", "cpu")).lower()
+    if backend == "torch" and device != "cpu" and not device.startswith("cuda"):
+        args.command_parser.error(f"--device {args.device}: the torch backend runs on cpu (or cuda)")
 
 
 def image_files(sources: list[str]) -> list[str]:

@@ -45,6 +45,7 @@ def one_error_line(stderr: str) -> bool:
     (["embed", "x", "-o", "y", "--backend", "torch", "--precision", "int8"], "--precision int8 applies to the openvino backend only"),
     (["search", "E", "q.jpg", "--backend", "torch", "--mode", "latency"], "--mode latency applies to the openvino backend only"),
     (["bench", "--backend", "torch", "--calibration", "x.jpg"], "--calibration x.jpg applies to the openvino"),
+    (["bench", "--backend", "torch", "--device", "GPU"], "the torch backend runs on cpu"),
     (["embed", "x", "-o", "y", "--backend", "nope"], "invalid choice"),
     (["info"], "give a weights file"),
     (["info", DEMO, "--weights", "other.parquet"], "two different weights files"),
