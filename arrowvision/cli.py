@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .backends import BACKENDS, PRECISIONS
+from .backends import BACKEND_PRECISIONS, BACKENDS, PRECISIONS
 from .errors import ArrowVisionError
 
 EXIT_OK = 0
@@ -32,13 +32,16 @@ EXIT_INTERRUPTED = 130
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
-BACKEND_CHOICES = ("auto", *BACKENDS)
+BACKEND_CHOICES = ("default", *BACKENDS)
+BACKEND_HELP = ("default: openvino fp32 if installed, else torch; auto: the fastest validated backend and "
+                "precision for this CPU (measured once, cached)")
 # Options that only some backends use; giving one to another backend is a usage error.
+# (--precision is checked against backends.BACKEND_PRECISIONS.)
 BACKEND_ONLY_OPTIONS = {
-    "precision": ("openvino",),
-    "mode": ("openvino",),
-    "calibration": ("openvino",),
-    "cache_dir": ("openvino",),
+    "mode": ("openvino", "auto"),
+    "calibration": ("openvino", "auto"),
+    "cache_dir": ("openvino", "onnxruntime", "auto"),
+    "min_cosine": ("openvino", "onnxruntime", "auto"),
 }
 
 
@@ -275,6 +278,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "checksums_verified": bool(args.verify),
         "source": _portable_source(weights.source),
         "vision_config": vision,
+        "auto_choice": _auto_choice(weights),
         "load_ms": round(elapsed * 1000, 2),
     }
     if args.json:
@@ -292,11 +296,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         "checksums": "verified" if args.verify else "not verified (use --verify)",
         "source": " ".join(str(source[k]) for k in ("type", "repo_id", "revision", "path") if source.get(k)) or "unknown",
         "vision": _describe_vision(vision),
+        "auto choice": report["auto_choice"],
         "load time": f"{report['load_ms']:.1f} ms",
     }
     for key, value in lines.items():
-        print(f"{key:>10}: {value}")
+        print(f"{key:>11}: {value}")
     return EXIT_OK
+
+
+def _auto_choice(weights) -> str:
+    """What ``--backend auto`` runs for this model on this CPU, if it was measured already."""
+    try:
+        from .backends.auto import remembered_choice
+
+        record = remembered_choice(weights)
+    except ArrowVisionError as exc:
+        return f"unknown ({exc})"
+    if record is None:
+        return "not measured on this CPU yet (the first --backend auto use measures it)"
+    return f"{record['backend']} {record['precision']} on {record['cpu']}"
 
 
 def _describe_vision(vision: dict[str, Any]) -> str:
@@ -312,10 +330,12 @@ def _describe_vision(vision: dict[str, Any]) -> str:
 
 def _backend_options(p: argparse.ArgumentParser, mode: str = "latency") -> None:
     p.add_argument("--weights", help="Parquet weights (default: the bundled random-init demo model, with a warning)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="auto: openvino if installed, else torch")
-    p.add_argument("--precision", choices=PRECISIONS, default=Default("fp32"), help="openvino export precision")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="default", help=BACKEND_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, help="default fp32; auto picks its own")
     p.add_argument("--device", default=Default("CPU"), help="openvino: CPU, GPU or AUTO; torch: cpu")
     p.add_argument("--mode", choices=["latency", "throughput"], default=Default(mode), help="openvino performance hint")
+    p.add_argument("--min-cosine", type=cosine_threshold,
+                   help="lossy precisions must reach this cosine vs fp32 on every held-out kind (default 0.99)")
     p.add_argument("--calibration", nargs="+", metavar="IMAGE",
                    help="int8 calibration images or folders, as given to `arrowvision export` "
                         "(default: the bundled sample photos)")
@@ -323,8 +343,9 @@ def _backend_options(p: argparse.ArgumentParser, mode: str = "latency") -> None:
 
 
 def resolve_backend(name: str) -> str:
-    """``auto``: OpenVINO when it is installed, else the torch reference."""
-    if name != "auto":
+    """``default``: OpenVINO (exact fp32) when it is installed, else the torch reference.
+    ``auto`` (measured per CPU, possibly lossy within --min-cosine) is chosen by name only."""
+    if name != "default":
         return name
     import importlib.util
 
@@ -333,14 +354,21 @@ def resolve_backend(name: str) -> str:
 
 def check_backend_options(args: argparse.Namespace, backend: str) -> None:
     """Refuse options the chosen backend would silently ignore (a usage error, exit 2)."""
+    chosen = f" (the default backend is {backend} here)" if args.backend == "default" else ""
+    precision = getattr(args, "precision", None)
+    if backend == "auto" and precision:
+        args.command_parser.error(f"--precision {precision}: backend auto chooses the precision itself; "
+                                  "name a backend to fix the precision")
+    if precision and precision not in BACKEND_PRECISIONS.get(backend, (precision,)):
+        args.command_parser.error(f"--precision {precision} is not available on the {backend} backend{chosen}; "
+                                  f"choose from {', '.join(BACKEND_PRECISIONS[backend])}")
     for option, backends in BACKEND_ONLY_OPTIONS.items():
         value = getattr(args, option, None)
-        if not given(value) or backend in backends or (option == "precision" and value == "fp32"):
+        if not given(value) or backend in backends:
             continue
         flag = "--" + option.replace("_", "-")
         shown = " ".join(value) if isinstance(value, list) else value
-        chosen = f" (auto chose {backend})" if args.backend == "auto" else ""
-        args.command_parser.error(f"{flag} {shown} applies to the {'/'.join(backends)} backend only, not {backend}{chosen}")
+        args.command_parser.error(f"{flag} {shown} applies to the {'/'.join(backends)} backends only, not {backend}{chosen}")
     device = str(getattr(args, "device", "cpu")).lower()
     if backend == "torch" and device != "cpu" and not device.startswith("cuda"):
         args.command_parser.error(f"--device {args.device}: the torch backend runs on cpu (or cuda)")
@@ -353,34 +381,62 @@ def image_files(sources: list[str]) -> list[str]:
     return list(dict.fromkeys(path for source in sources for path in collect_inputs(source)))
 
 
-def _openvino_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"precision": str(args.precision), "cache_dir": args.cache_dir,
-            "calibration": image_files(args.calibration) if args.calibration else None}
+def backend_options(args: argparse.Namespace, backend: str) -> dict[str, Any]:
+    """The options given for ``backend`` (precision, min_cosine, mode, cache_dir, calibration)."""
+    options: dict[str, Any] = {"precision": args.precision} if args.precision else {}
+    if args.min_cosine is not None:
+        options["min_cosine"] = args.min_cosine
+    if backend in BACKEND_ONLY_OPTIONS["mode"] and hasattr(args, "mode"):
+        options["mode"] = str(args.mode)
+    if args.cache_dir:
+        options["cache_dir"] = args.cache_dir
+    if args.calibration:
+        options["calibration"] = image_files(args.calibration)
+    return options
 
 
 def load_encoder(args: argparse.Namespace, weights: str | None = None):
-    """The encoder for the command's backend options. A first-use OpenVINO export shows progress."""
+    """The encoder for the command's backend options. A first-use export (or auto's first
+    measurement) shows a progress line."""
     from .encoder import VisionEncoder
 
     weights = weights or _weights_path(args, demo_default=True)
     backend = resolve_backend(args.backend)
     check_backend_options(args, backend)
-    if backend == "openvino":
-        options = _openvino_options(args)
-        with elapsed_bar(f"first use of this model: exporting it to OpenVINO IR ({options['precision']})",
-                         progress_enabled(args) and not _ir_cached(weights, options)):
-            return VisionEncoder.from_parquet(weights, backend="openvino", device=str(args.device),
-                                              mode=str(getattr(args, "mode", "latency")), **options)
-    device = "cpu" if str(args.device).upper() == "CPU" else str(args.device)
-    return VisionEncoder.from_parquet(weights, backend=backend, device=device)
+    options = backend_options(args, backend)
+    device = str(args.device)
+    if backend == "torch":
+        device = "cpu" if device.upper() == "CPU" else device
+    first_use = _first_use(weights, backend, options) if progress_enabled(args) else ""
+    with elapsed_bar(first_use, bool(first_use)):
+        encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
+    if backend == "auto":
+        print(f"auto: {encoder.backend.name} {encoder.backend.precision} (fastest validated on this CPU)", file=sys.stderr)
+    return encoder
 
 
-def _ir_cached(weights: str, options: dict[str, Any]) -> bool:
-    from .backends.openvino_backend import cache_key, cache_root
+def _first_use(weights: str, backend: str, options: dict[str, Any]) -> str:
+    """What a first use of ``backend`` will do before it can run (empty if it is cached)."""
     from .format import WeightLoader
 
-    key = cache_key(WeightLoader(weights), options["precision"], options["calibration"])
-    return (cache_root(options["cache_dir"]) / "ir" / key / "meta.json").exists()
+    try:
+        loaded = WeightLoader(weights)
+        if backend == "openvino":
+            from .backends.artifacts import is_complete
+            from .backends.openvino_backend import cache_key, cache_root
+
+            precision = options.get("precision", "fp32")
+            key = cache_key(loaded, precision, options.get("calibration"))
+            if not is_complete(cache_root(options.get("cache_dir")) / "ir" / key):
+                return f"first use of this model: exporting it to OpenVINO IR ({precision})"
+        elif backend == "auto":
+            from .backends.auto import DEFAULT_MIN_COSINE, remembered_choice
+
+            if remembered_choice(loaded, options.get("min_cosine", DEFAULT_MIN_COSINE), options.get("cache_dir")) is None:
+                return "first use of backend auto: measuring the backends and precisions on this CPU"
+    except ArrowVisionError:
+        return ""  # the load itself reports the problem
+    return ""
 
 
 def _backend_summary(encoder: Any) -> dict[str, Any]:
@@ -396,7 +452,7 @@ def _backend_summary(encoder: Any) -> dict[str, Any]:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "demo", "embed the bundled sample photos with the bundled default model", cmd_demo)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="Parquet weights")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="auto: openvino if installed, else torch")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="default", help=BACKEND_HELP)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -407,8 +463,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     weights = _weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend)
     start = time.perf_counter()
-    first_export = backend == "openvino" and not _ir_cached(weights, {"precision": "fp32", "calibration": None, "cache_dir": None})
-    with elapsed_bar("first use of this model: exporting it to OpenVINO IR (fp32)", first_export and progress_enabled(args)):
+    first_use = _first_use(weights, backend, {}) if progress_enabled(args) else ""
+    with elapsed_bar(first_use, bool(first_use)):
         encoder = VisionEncoder.from_parquet(weights, backend=backend)
     loaded = time.perf_counter()
     images = sorted(SAMPLES_DIR.glob("*.jpg"))
@@ -416,7 +472,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     done = time.perf_counter()
     print(f"model   {weights} ({encoder.config.family}, {encoder.config.image_size}px, dim {encoder.embedding_dim})")
     exported = "" if getattr(encoder.backend, "cache_hit", True) else " (first use: exported to OpenVINO IR and cached)"
-    print(f"backend {backend}; load {1000 * (loaded - start):.0f} ms{exported}; {len(images)} images embedded in {1000 * (done - loaded):.0f} ms")
+    print(f"backend {encoder.backend.name} {encoder.backend.precision}; load {1000 * (loaded - start):.0f} ms{exported}; "
+          f"{len(images)} images embedded in {1000 * (done - loaded):.0f} ms")
     print(f"weights checksum {encoder.checksum}")
     names = [p.stem[:10] for p in images]
     print("\ncosine similarity (L2-normalized embeddings)")
@@ -435,33 +492,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "export", "export a weights file to OpenVINO IR in the cache (done automatically on first use)",
-                 cmd_export)
+    p = _command(sub, "export", "export a weights file to OpenVINO IR in the cache (done automatically on first use) "
+                 "or to a portable ONNX file", cmd_export)
     _weights_argument(p)
+    p.add_argument("--format", choices=["openvino", "onnx"], default="openvino",
+                   help="openvino: IR into the cache; onnx: a validated .onnx file written to -o (fp32 or int8)")
+    p.add_argument("-o", "--output", help="output .onnx path (--format onnx)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="export precision")
-    p.add_argument("--calibration", nargs="+", metavar="IMAGE", help="images (or folders) to calibrate/validate int8 on "
-                   "(default: the bundled sample photos); give the same ones to embed/serve/bench to use this IR")
+    p.add_argument("--calibration", nargs="+", metavar="IMAGE", help="images (or folders) to calibrate int8 on "
+                   "(default: the bundled sample photos and grayscale/sketch renderings of them); give the same ones "
+                   "to embed/search/bench/validate/serve to use this IR")
     p.add_argument("--min-cosine", type=cosine_threshold, default=0.99,
-                   help="refuse a non-fp32 export less accurate than this, in (0, 1]")
-    p.add_argument("--cache-dir", help="IR cache (default: $ARROWVISION_CACHE or the user cache dir)")
+                   help="refuse a lossy export below this cosine on any held-out kind, in (0, 1]")
+    p.add_argument("--cache-dir", help="export cache (default: $ARROWVISION_CACHE or the user cache dir)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .backends.openvino_backend import export
     from .format import WeightLoader
 
+    if args.format == "onnx" and not args.output:
+        args.command_parser.error("--format onnx writes a file: give -o model.onnx")
+    if args.format == "onnx" and args.calibration:
+        args.command_parser.error("--calibration applies to OpenVINO int8 only (ONNX int8 is dynamically quantized)")
     weights = WeightLoader(_weights_path(args, demo_default=False))
     start = time.perf_counter()
-    calibration = image_files(args.calibration) if args.calibration else None
-    with elapsed_bar(f"exporting to OpenVINO IR ({args.precision})", progress_enabled(args)):
-        entry = export(weights, args.precision, cache_dir=args.cache_dir, calibration=calibration,
-                       min_cosine=args.min_cosine, force=args.force)
-    report = json.loads((entry / "meta.json").read_text())
-    print(f"{args.precision} IR: {entry / 'model.xml'} ({time.perf_counter() - start:.1f} s)")
-    if "min_cosine" in report:
-        print(f"accuracy vs fp32 torch reference on {report['validation_images']} images: "
+    if args.format == "onnx":
+        from .backends.onnx_export import save_onnx
+
+        with elapsed_bar(f"exporting to ONNX ({args.precision})", progress_enabled(args)):
+            report = save_onnx(weights, args.output, args.precision, cache_dir=args.cache_dir, min_cosine=args.min_cosine,
+                               force=args.force)
+        print(f"{args.precision} ONNX: {args.output} ({time.perf_counter() - start:.1f} s)")
+    else:
+        from .backends.artifacts import read_meta
+        from .backends.openvino_backend import export
+
+        calibration = image_files(args.calibration) if args.calibration else None
+        with elapsed_bar(f"exporting to OpenVINO IR ({args.precision})", progress_enabled(args)):
+            entry = export(weights, args.precision, cache_dir=args.cache_dir, calibration=calibration,
+                           min_cosine=args.min_cosine, force=args.force)
+        report = read_meta(entry)
+        print(f"{args.precision} IR: {entry / 'model.xml'} ({time.perf_counter() - start:.1f} s)")
+    if "max_abs" in report:
+        print(f"max abs diff vs fp32 torch reference on held-out images: {report['max_abs']:.2e}")
+    if "by_kind" in report:
+        print(f"accuracy vs fp32 torch reference on {report['validation_images']} held-out images: "
               f"min cosine {report['min_cosine']:.5f}, mean {report['mean_cosine']:.5f}")
+        for kind, row in report["by_kind"].items():
+            print(f"  {kind:<10} {row['images']:>3} images  min cosine {row['min_cosine']:.5f}  mean {row['mean_cosine']:.5f}")
     return EXIT_OK
 
 
@@ -550,7 +629,6 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     _backend_options(p)
     p.add_argument("--images", nargs="+", help="images or folders to compare on (default: bundled sample photos)")
     p.add_argument("--max-abs", type=non_negative_float, default=1e-4, help="pass threshold on max abs diff (fp32; 0: off)")
-    p.add_argument("--min-cosine", type=cosine_threshold, default=0.9999, help="pass threshold on min cosine, in (0, 1]")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
@@ -561,17 +639,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     backend = resolve_backend(args.backend)
     check_backend_options(args, backend)
     images = image_files(args.images) if args.images else sorted(SAMPLES_DIR.glob("*.jpg"))
-    options = _openvino_options(args)
-    rows, passed = validate(weights, backend, options["precision"], images, max_abs=args.max_abs,
-                            min_cosine=args.min_cosine, cache_dir=options["cache_dir"],
-                            calibration=options["calibration"], progress=progress_enabled(args))
+    options = backend_options(args, backend)
+    precision = options.pop("precision", None)
+    rows, passed = validate(weights, backend, precision, images, max_abs=args.max_abs,
+                            lossy_min_cosine=options.pop("min_cosine", 0.99), backend_options=options,
+                            progress=progress_enabled(args))
     if args.json:
-        print_json({"weights": weights, "backend": backend, "precision": options["precision"], "images": len(images),
-                    "comparisons": rows, "passed": passed})
+        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
+        print_json({"weights": weights, "backend": backend, "precision": precision, "images": len(images),
+                    "comparisons": clean, "passed": passed})
         return EXIT_OK if passed else EXIT_ERROR
-    print(f"{'comparison':<36} {'max abs':>10} {'mean abs':>10} {'rmse':>10} {'min cos':>10}  result")
+    print(f"{'comparison':<44} {'max abs':>10} {'mean abs':>10} {'rmse':>10} {'min cos':>10}  result")
     for row in rows:
-        print(f"{row['name']:<36} {row['max_abs']:10.2e} {row['mean_abs']:10.2e} {row['rmse']:10.2e} {row['min_cosine']:10.6f}  "
+        print(f"{row['name']:<44} {row['max_abs']:10.2e} {row['mean_abs']:10.2e} {row['rmse']:10.2e} {row['min_cosine']:10.6f}  "
               f"{'PASS' if row['passed'] else 'FAIL'}")
     print("PASS" if passed else "FAIL")
     return EXIT_OK if passed else EXIT_ERROR
@@ -594,8 +674,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from .backends.cpu import cpu_info
+
     encoder = load_encoder(args)
-    summary = _backend_summary(encoder)
+    summary = {**_backend_summary(encoder), "cpu": cpu_info().describe()}
     size = encoder.config.image_size
     rng = np.random.default_rng(0)
     results = []
@@ -619,9 +701,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print_json({**summary, "warmup_runs": 1, "timed_runs": args.iters, "results": results, "peak_rss_mb": rss_mb})
         return EXIT_OK
-    precision = f" {summary['precision']}" if summary["backend"] == "openvino" else ""
-    print(f"{summary['backend']}{precision} on {summary['device']}: {summary['family']} {size}px dim {summary['dim']}; "
-          f"{args.iters} timed runs per batch size after 1 warm-up; img/s = images / total timed seconds")
+    print(f"cpu: {summary['cpu']}")
+    print(f"{summary['backend']} {summary['precision']} on {summary['device']}: {summary['family']} {size}px "
+          f"dim {summary['dim']}; {args.iters} timed runs per batch size after 1 warm-up; "
+          "img/s = images / total timed seconds")
     print(f"{'batch':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'img/s':>9}")
     for row in results:
         print(f"{row['batch']:>5} {row['p50_ms']:9.1f} {row['p95_ms']:9.1f} {row['p99_ms']:9.1f} {row['img_per_s']:9.1f}")

@@ -42,8 +42,13 @@ def one_error_line(stderr: str) -> bool:
     (["serve", "--max-batch", "0"], "--max-batch: must be >= 1"),
     (["serve", "--port", "70000"], "1-65535"),
     (["embed", "x", "-o", "y", "--chunk-size", "0"], "--chunk-size: must be >= 1"),
-    (["embed", "x", "-o", "y", "--backend", "torch", "--precision", "int8"], "--precision int8 applies to the openvino backend only"),
-    (["search", "E", "q.jpg", "--backend", "torch", "--mode", "latency"], "--mode latency applies to the openvino backend only"),
+    (["embed", "x", "-o", "y", "--backend", "torch", "--precision", "int8"], "--precision int8 is not available on the torch backend"),
+    (["embed", "x", "-o", "y", "--backend", "onnxruntime", "--precision", "fp16"], "not available on the onnxruntime backend"),
+    (["embed", "x", "-o", "y", "--backend", "auto", "--precision", "int8"], "auto chooses the precision itself"),
+    (["embed", "x", "-o", "y", "--backend", "onnxruntime", "--calibration", "a.jpg"], "applies to the openvino/auto backends only"),
+    (["search", "E", "q.jpg", "--backend", "torch", "--mode", "latency"], "--mode latency applies to the openvino/auto backends only"),
+    (["search", "E", "q.jpg", "--backend", "torch", "--min-cosine", "0.9"], "--min-cosine 0.9 applies to"),
+    (["export", DEMO, "--format", "onnx"], "give -o model.onnx"),
     (["bench", "--backend", "torch", "--calibration", "x.jpg"], "--calibration x.jpg applies to the openvino"),
     (["bench", "--backend", "torch", "--device", "GPU"], "the torch backend runs on cpu"),
     (["embed", "x", "-o", "y", "--backend", "nope"], "invalid choice"),
@@ -158,7 +163,7 @@ def test_the_ir_made_by_export_is_the_one_embed_uses(capsys, tmp_path):
     entries = sorted((cache / "ir").glob("*/meta.json"))
     assert len(entries) == 1 and str(entries[0].parent / "model.xml") in out
     code, out, err = run(capsys, "embed", SAMPLES, "-o", tmp_path / "E", "--weights", DEMO, "--backend", "openvino",
-                         "--precision", "int8", "--calibration", *calibration, "--cache-dir", cache)
+                         "--precision", "int8", "--calibration", *calibration, "--cache-dir", cache, "--min-cosine", "0.5")
     assert code == 0, err
     assert sorted((cache / "ir").glob("*/meta.json")) == entries  # reused, not exported again
     assert "exporting" not in err and "7 embedded" in out
