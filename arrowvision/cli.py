@@ -279,6 +279,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "source": _portable_source(weights.source),
         "vision_config": vision,
         "auto_choice": _auto_choice(weights),
+        "exports": _export_summaries(weights),
         "load_ms": round(elapsed * 1000, 2),
     }
     if args.json:
@@ -297,10 +298,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         "source": " ".join(str(source[k]) for k in ("type", "repo_id", "revision", "path") if source.get(k)) or "unknown",
         "vision": _describe_vision(vision),
         "auto choice": report["auto_choice"],
+        "exports": report["exports"] or ["none cached"],
         "load time": f"{report['load_ms']:.1f} ms",
     }
     for key, value in lines.items():
-        print(f"{key:>11}: {value}")
+        for index, item in enumerate(value if isinstance(value, list) else [value]):  # lists: one line per item
+            print(f"{key if index == 0 else '':>11}{':' if index == 0 else ' '} {item}")
     return EXIT_OK
 
 
@@ -315,6 +318,19 @@ def _auto_choice(weights) -> str:
     if record is None:
         return "not measured on this CPU yet (the first --backend auto use measures it)"
     return f"{record['backend']} {record['precision']} on {record['cpu']}"
+
+
+def _export_summaries(weights) -> list[str]:
+    """Cached exports of this model and their held-out accuracy per kind (min cosine vs fp32)."""
+    from .backends.artifacts import cached_exports
+
+    lines = []
+    for meta in cached_exports(weights.checksum):
+        kinds = meta.get("by_kind")
+        accuracy = (", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in kinds.items()) if kinds
+                    else f"max abs {meta['max_abs']:.1e}" if "max_abs" in meta else "exact (fp32)")
+        lines.append(f"{meta['format']} {meta['precision']}: {accuracy}")
+    return lines
 
 
 def _describe_vision(vision: dict[str, Any]) -> str:

@@ -41,6 +41,8 @@ def test_auto_picks_the_fastest_validated_choice_and_remembers_it(tmp_path, monk
     usable = [row for row in record["candidates"] if "score" in row]
     assert len(usable) >= 2 and all(row["min_cosine"] >= 0.99 for row in usable)
     assert min(usable, key=lambda row: row["score"])["backend"] == record["backend"]
+    kinds = encoder.backend.report.get("by_kind")  # lossy choices were validated per kind, sketches included
+    assert kinds is None or kinds["sketches"]["min_cosine"] >= 0.99
     path = auto.choice_path(WeightLoader(tiny_siglip_parquet), 0.99, None)
     assert json.loads(path.read_text())["backend"] == record["backend"]
 

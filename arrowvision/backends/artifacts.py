@@ -43,6 +43,20 @@ def read_meta(entry: Path) -> dict[str, Any]:
     return json.loads((entry / "meta.json").read_text())
 
 
+def cached_exports(weights_checksum: str, cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Metadata of every finished export of these weights in the cache (for ``info``)."""
+    root = cache_root(cache_dir)
+    found = []
+    for meta_path in sorted([*root.glob("ir/*/meta.json"), *root.glob("onnx/*/meta.json")]):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("weights_checksum") == weights_checksum:
+            found.append({"format": meta.get("format", "openvino"), "path": str(meta_path.parent), **meta})
+    return found
+
+
 def build_entry(kind_root: Path, key: str, build: Callable[[Path], dict[str, Any]], force: bool = False) -> Path:
     """Return the finished entry ``kind_root/key``, building it with ``build(staging)`` if needed.
 
