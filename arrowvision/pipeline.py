@@ -12,12 +12,12 @@ by the next run.
 
 from __future__ import annotations
 
-import csv
 import glob as globlib
 import hashlib
 import os
 import queue
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,10 +33,11 @@ import pyarrow.parquet as pq
 
 from .errors import ArrowVisionError, ImageError
 from .fsutil import atomic_output
+from .pathlists import LIST_SUFFIXES, read_path_list
 
+MAX_IMAGE_FILE_BYTES = 1 << 30  # read into memory whole; the pixel limit is checked after
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 META_PREFIX = b"arrowvision."
-LIST_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img"}
 ERRORS_DIR = "_errors"  # dataset discovery (pyarrow, Spark, Hive) skips "_" folders
 
 
@@ -45,7 +46,10 @@ def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> 
     path = Path(os.path.expanduser(os.fspath(path)))
     if base is not None and not path.is_absolute():
         path = Path(base) / path
-    return str(path.resolve())
+    try:
+        return str(path.resolve())
+    except (OSError, ValueError):  # a NUL byte, a symlink loop: kept as given, it fails as a row later
+        return os.path.abspath(path)
 
 
 def input_root(source: str) -> Path:
@@ -64,25 +68,6 @@ def input_root(source: str) -> Path:
     return path.resolve().parent
 
 
-def _csv_paths(path: Path) -> list[str]:
-    """The path column of a CSV list: a column named like ``path``/``file``, else the first one;
-    a first row that names no existing file and has no image extension is taken as a header."""
-    with open(path, newline="") as handle:
-        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
-    if not rows:
-        return []
-    names = [cell.strip().lower() for cell in rows[0]]
-    column = next((i for i, name in enumerate(names) if name in LIST_HEADERS), None)
-    if column is not None:
-        rows = rows[1:]
-    else:
-        column = 0
-        first = rows[0][0].strip()
-        if Path(first).suffix.lower() not in IMAGE_EXTENSIONS and not (path.parent / first).is_file():
-            rows = rows[1:]  # a header with other names (e.g. "name,label")
-    return [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
-
-
 def collect_inputs(source: str) -> list[str]:
     """A folder (recursive), a glob, or a .txt/.csv/.parquet list of paths -> unique resolved
     absolute paths, in order. Relative entries of a list resolve against the list's folder."""
@@ -92,16 +77,8 @@ def collect_inputs(source: str) -> list[str]:
         files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     elif any(ch in source for ch in "*?["):
         files = sorted(p for p in globlib.glob(source, recursive=True) if Path(p).is_file())
-    elif path.is_file() and path.suffix.lower() == ".parquet":
-        table = pq.read_table(path)
-        if "path" not in table.column_names:
-            raise ArrowVisionError(f"{source}: a Parquet list of inputs needs a 'path' column")
-        files, base = [str(p) for p in table.column("path").to_pylist() if p], path.resolve().parent
-    elif path.is_file() and path.suffix.lower() == ".csv":
-        files, base = _csv_paths(path), path.resolve().parent
-    elif path.is_file() and path.suffix.lower() in (".txt", ".lst"):
-        files = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        base = path.resolve().parent
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        files, base = read_path_list(path), path.resolve().parent
     elif path.is_file():
         files = [str(path)]
     elif path.exists():
@@ -245,14 +222,22 @@ class EmbeddingWriter:
 
 
 def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Callable | None) -> _Item:
-    """Read, decode, (sketch-normalize,) preprocess one file; failures become an error item."""
+    """Read, decode, (sketch-normalize,) preprocess one file. Every failure, of any exception
+    type, becomes an error item: a worker that raised would leave the consumer waiting forever."""
     from .preprocess import load_image
 
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return _Item(path, None, error=f"{path}: cannot read ({exc.strerror})")
-    try:
+        if "\0" in path:
+            return _Item(path, None, error=f"{path!r}: path contains a NUL byte")
+        try:
+            status = os.stat(path)
+            if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
+                return _Item(path, None, error=f"{path}: not a regular file")
+            if status.st_size > MAX_IMAGE_FILE_BYTES:
+                return _Item(path, None, error=f"{path}: {status.st_size} bytes, larger than the {MAX_IMAGE_FILE_BYTES} allowed")
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return _Item(path, None, error=f"{path}: cannot read ({exc.strerror})")
         image = load_image(data, name=path)
         width, height = image.size
         if transform is not None:
@@ -260,6 +245,15 @@ def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Calla
         return _Item(path, preprocess(image), width, height, hashlib.sha256(data).hexdigest())
     except ImageError as exc:
         return _Item(path, None, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is this row's failure, not the job's
+        return _Item(path, None, error=f"{path}: {exc or type(exc).__name__}")
+
+
+class _WorkerDied:
+    """Put on the batch queue instead of a batch when the decoding thread itself fails."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 @contextmanager
@@ -341,12 +335,16 @@ def embed_paths(
     finished = threading.Event()
 
     def produce() -> None:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for start in range(0, len(todo), batch_size):
-                if finished.is_set():
-                    break
-                chunk = todo[start : start + batch_size]
-                batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform), chunk)))
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                for start in range(0, len(todo), batch_size):
+                    if finished.is_set():
+                        break
+                    chunk = todo[start : start + batch_size]
+                    batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform), chunk)))
+        except BaseException as exc:  # noqa: BLE001 - reported by the consumer, which would wait forever
+            batches.put(_WorkerDied(exc))
+            return
         batches.put(None)
 
     start_time = time.perf_counter()
@@ -359,6 +357,13 @@ def embed_paths(
         with stop_on_signals(stop):
             producer.start()
             while not stop.is_set() and (items := batches.get()) is not None:
+                if isinstance(items, _WorkerDied):
+                    if good or bad:
+                        writer.write(good, bad, relpath)  # keep every finished row
+                        good, bad = [], []
+                    exc = items.exc
+                    raise ArrowVisionError(f"a decoding worker died ({type(exc).__name__}: {exc}); "
+                                           "finished chunks are kept, rerun to resume")
                 ok = [item for item in items if not item.error]
                 if ok:
                     tick = time.perf_counter()
