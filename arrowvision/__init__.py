@@ -5,7 +5,16 @@ lazily, so the OpenVINO fast path stays torch-free.
 """
 
 from .config import VisionConfig
-from .errors import ArrowVisionError, BackendError, ConversionError, FormatError, ImageError, ImageTooLarge, ModelError
+from .errors import (
+    ArrowVisionError,
+    BackendError,
+    ConversionError,
+    FormatError,
+    ImageError,
+    ImageTooLarge,
+    ModelError,
+    TensorNotFound,
+)
 from .format import WeightLoader
 from .text_config import TextConfig
 
@@ -19,6 +28,7 @@ __all__ = [
     "ImageTextModel",
     "ImageTooLarge",
     "ModelError",
+    "TensorNotFound",
     "TextConfig",
     "TextEncoder",
     "VisionConfig",
