@@ -119,20 +119,35 @@ def test_killed_run_resumes_with_exactly_one_row_per_image(tmp_path, photos):
 
 
 def test_ctrl_c_exits_cleanly(tmp_path, corpus):
-    folder, good, _ = corpus
+    """SIGINT while `embed` is provably mid-run: the input list ends in a FIFO, whose read blocks
+    until the signal has been sent; then the run must stop with 130 and one line, not finish."""
+    _, good, _ = corpus
+    fifo = tmp_path / "blocks.jpg"
+    os.mkfifo(fifo)
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(good[:3] + [str(fifo)] + good[3:]) + "\n")
     out = tmp_path / "emb"
-    proc = subprocess.Popen([sys.executable, "-m", "arrowvision", "embed", str(folder), "-o", str(out), "--weights", str(DEMO),
-                             "--backend", "torch", "--batch-size", "1", "--chunk-size", "1", "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "arrowvision", "embed", str(listing), "-o", str(out), "--weights", str(DEMO),
+                             "--backend", "torch", "--batch-size", "1", "--chunk-size", "1", "--workers", "1", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("part-*.parquet")):
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("part-*.parquet"))) < 3:  # everything before the FIFO is written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
+    while True:  # open the FIFO's write end: unblocks the reader only after the signal was sent
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            break
+        except OSError:  # ENXIO: the reader has not opened it yet
+            assert proc.poll() is None and time.monotonic() < deadline, "embed never reached the FIFO"
+            time.sleep(0.01)
     _, stderr = proc.communicate(timeout=60)
-    if proc.returncode != 3:  # it may finish before the signal lands; otherwise: 130, one line
-        assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
+    paths = read_embeddings(out).column("path").to_pylist()
+    assert paths == good[:3]  # complete chunks only, none of the inputs after the FIFO
     for part in out.glob("part-*.parquet"):
-        pq.read_table(part)  # every chunk on disk is complete
+        pq.read_table(part)
 
 
 def test_search_and_info_and_validate(tmp_path, corpus):
