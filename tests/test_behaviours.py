@@ -13,9 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arrowvision import ArrowVisionError, ModelError, VisionEncoder, WeightLoader
-from arrowvision.format import write_weights
-from arrowvision.model import VisionTransformer
+from arrowvision import ArrowVisionError, VisionEncoder, WeightLoader
 from arrowvision.pipeline import embed_paths, read_embeddings
 from arrowvision.preprocess import normalize_sketch
 from arrowvision.search import top_k
@@ -178,21 +176,11 @@ def test_export_force_rebuilds_the_cached_ir(tmp_path):
 # ------------------------------------------------------------------------- weights vs config
 
 
-def _rewrite(source: Path, target: Path, config: dict | None = None, drop: str | None = None) -> Path:
-    weights = WeightLoader(source)
-    tensors = [(name, weights.tensor(name)) for name in weights.names() if name != drop]
-    write_weights(target, tensors, config=config or weights.config, family=weights.family)
-    return target
+def test_weights_that_do_not_fit_their_config_fail_cleanly_on_the_command_line(tmp_path, tiny_siglip_parquet):
+    from .test_model import rewrite_weights
 
-
-def test_model_error_for_weights_that_do_not_fit_their_config(tmp_path, tiny_siglip_parquet):
     config = WeightLoader(tiny_siglip_parquet).config
-    wrong_mlp = _rewrite(tiny_siglip_parquet, tmp_path / "mlp.parquet", {**config, "intermediate_size": 256})
-    with pytest.raises(ModelError, match="do not fit the config"):
-        VisionTransformer.from_weights(WeightLoader(wrong_mlp))
-    missing = _rewrite(tiny_siglip_parquet, tmp_path / "missing.parquet", drop="head.probe")
-    with pytest.raises(ModelError, match="missing tensor 'head.probe'"):
-        VisionTransformer.from_weights(WeightLoader(missing))
+    wrong_mlp = rewrite_weights(tiny_siglip_parquet, tmp_path / "mlp.parquet", {**config, "intermediate_size": 256})
     run = cli("embed", str(SAMPLES[0]), "-o", str(tmp_path / "o"), "--weights", str(wrong_mlp), "--backend", "torch")
     assert run.returncode == 1 and run.stderr.startswith("error:") and "Traceback" not in run.stderr
 
