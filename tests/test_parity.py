@@ -89,6 +89,19 @@ def test_interpolated_resolution_matches_transformers(tiny_pair):
     assert_close(out.last_hidden_state, last, "last_hidden_state (interpolated)")
 
 
+def test_non_square_input_with_the_stored_patch_count_is_interpolated(tiny_pair):
+    """A 1 x side^2 grid has as many patches as the stored side x side table but needs
+    interpolated positions."""
+    reference, ours, config = tiny_pair
+    patch, side = config["patch_size"], config["image_size"] // config["patch_size"]
+    pixels = torch.randn(2, 3, patch, patch * side * side)
+    pooled, last, _ = hf_outputs(reference, pixels, interpolate=True)
+    with torch.no_grad():
+        out = ours(pixels)
+    assert_close(out.pooled, pooled, "pooled (same patch count, other shape)")
+    assert_close(out.last_hidden_state, last, "last_hidden_state (same patch count, other shape)")
+
+
 def test_loading_from_half_precision_files_casts_to_float32(tmp_path, tiny_siglip):
     out = tmp_path / "bf16.parquet"
     convert(str(tiny_siglip), out, dtype="bfloat16", progress=False)
