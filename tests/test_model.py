@@ -61,9 +61,14 @@ def test_loading_keeps_or_casts_the_file_dtype(tmp_path, tiny_siglip):
     from arrowvision.convert import convert
 
     half = tmp_path / "half.parquet"
-    convert(str(tiny_siglip), half, dtype="float16", progress=False)
+    convert(str(tiny_siglip), half, dtype="bfloat16", progress=False)
     kept = VisionTransformer.from_weights(WeightLoader(half), dtype=None)
-    assert {p.dtype for p in kept.parameters()} == {torch.float16}
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
     cast = VisionTransformer.from_weights(WeightLoader(half))
     assert {p.dtype for p in cast.parameters()} == {torch.float32}
     assert not any(p.requires_grad for p in cast.parameters()) and not cast.training
+    pixels = torch.randn(2, 3, 32, 32)  # float32 input into a bf16 model: cast on the way in
+    with torch.no_grad():
+        low, full = kept(pixels).pooled, cast(pixels).pooled
+    assert low.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(low.float(), full).min() > 0.99
