@@ -143,10 +143,9 @@ def test_minimal_hub_config_matches_transformers_defaults(tmp_path, name):
         assert ours.projection_dim is None
         assert (ours.image_mean, ours.image_std) == (SIGLIP_MEAN, SIGLIP_STD)
     # the whole weight map: every tensor name and shape transformers would build from this file
-    prefix = "vision_model."
-    expected_shapes = {(n if n.startswith("visual_projection.") else prefix + n.removeprefix("vision_model.")): s
+    expected_shapes = {(n if n.startswith("visual_projection.") else "vision_model." + n.removeprefix("vision_model.")): s
                        for n, s in shapes.items()}
-    assert ours.expected_tensors(prefix) == expected_shapes
+    assert ours.expected_tensors() == expected_shapes  # full-checkpoint names by default
     assert ours.embedding_dim == (projection if ours.family == "clip" else vision.hidden_size)
 
 
@@ -159,3 +158,14 @@ def test_preprocessing_constants_match_transformers(family):
     ours = VisionConfig.from_hf({"model_type": family})
     assert ours.image_mean == pytest.approx(tuple(processor.image_mean))
     assert ours.image_std == pytest.approx(tuple(processor.image_std))
+
+
+@pytest.mark.parametrize("preset,hub", [
+    ("siglip-base-patch16-224", "google/siglip-base-patch16-224"),
+    ("siglip-so400m-patch14-384", "google/siglip-so400m-patch14-384"),
+    ("siglip-large-patch16-384", "google/siglip-large-patch16-384"),
+    ("clip-vit-base-patch32", "openai/clip-vit-base-patch32"),
+    ("clip-vit-large-patch14-336", "openai/clip-vit-large-patch14-336"),
+])
+def test_presets_equal_the_hub_configs(preset, hub):
+    assert VisionConfig.preset(preset) == VisionConfig.from_hf(HUB_CONFIGS[hub])
