@@ -169,3 +169,29 @@ def test_preprocessing_constants_match_transformers(family):
 ])
 def test_presets_equal_the_hub_configs(preset, hub):
     assert VisionConfig.preset(preset) == VisionConfig.from_hf(HUB_CONFIGS[hub])
+
+
+def test_config_errors_name_the_problem():
+    from arrowvision import ConversionError
+    from arrowvision.config import vision_prefix
+
+    with pytest.raises(ConversionError, match="unsupported model family 'bert'; supported: siglip, clip"):
+        VisionConfig("bert")
+    with pytest.raises(ConversionError, match="hidden_size 10 is not divisible by num_heads 3"):
+        VisionConfig("siglip", hidden_size=10, num_heads=3)
+    with pytest.raises(ConversionError, match="image_size 8 is smaller than patch_size 16"):
+        VisionConfig("siglip", image_size=8)
+    assert VisionConfig("siglip", image_size=16, patch_size=16).grid_size == 1  # one patch is fine
+    with pytest.raises(ConversionError, match="unsupported model_type ''; supported: clip, clip_vision_model, siglip, "
+                                              "siglip_vision_model"):
+        VisionConfig.from_hf({"vision_config": {}})
+    with pytest.raises(ConversionError, match="SigLIP checkpoints without the attention-pooling head are not supported"):
+        VisionConfig.from_hf({"model_type": "siglip", "vision_config": {"vision_use_head": False}})
+    with pytest.raises(ConversionError, match=r"no vision tower found: no tensor named \[vision_model\.\]embeddings"):
+        vision_prefix(["text_model.embeddings.token_embedding.weight"])
+
+
+def test_channel_count_comes_from_the_config():
+    config = VisionConfig.from_hf({"model_type": "siglip_vision_model", "num_channels": 1})
+    assert config.num_channels == 1
+    assert config.expected_tensors("")["embeddings.patch_embedding.weight"] == (768, 1, 16, 16)
