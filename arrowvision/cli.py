@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .backends import PRECISIONS
+from .backends import BACKENDS, PRECISIONS
 from .errors import ArrowVisionError
 
 EXIT_ERROR = 1
@@ -80,14 +80,47 @@ def cmd_info(args: argparse.Namespace) -> int:
         "checksums": "verified" if args.verify else "not verified (use --verify)",
         "source": weights.source,
         "vision_config": vision,
+        "auto_choice": _auto_choice(weights),
+        "exports": _export_summaries(weights),
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     for key, value in report.items():
-        print(f"{key:>16}: {value}")
+        if isinstance(value, list):  # one line per item
+            print(f"{key:>16}: {value[0] if value else 'none cached'}")
+            for item in value[1:]:
+                print(f"{'':>16}  {item}")
+        else:
+            print(f"{key:>16}: {value}")
     print(f"{'load time':>16}: {elapsed * 1000:.1f} ms")
     return 0
+
+
+def _auto_choice(weights) -> str:
+    """What ``--backend auto`` runs for this model on this CPU, if it was measured already."""
+    try:
+        from .backends.auto import remembered_choice
+
+        record = remembered_choice(weights)
+    except ArrowVisionError as exc:
+        return f"unknown ({exc})"
+    if record is None:
+        return "not measured on this CPU yet (the first --backend auto use measures it)"
+    return f"{record['backend']} {record['precision']} on {record['cpu']}"
+
+
+def _export_summaries(weights) -> list[str]:
+    """Cached exports of this model and their held-out accuracy per kind (min cosine vs fp32)."""
+    from .backends.artifacts import cached_exports
+
+    lines = []
+    for meta in cached_exports(weights.checksum):
+        kinds = meta.get("by_kind")
+        accuracy = (", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in kinds.items()) if kinds
+                    else f"max abs {meta['max_abs']:.1e}" if "max_abs" in meta else "exact (fp32)")
+        lines.append(f"{meta['format']} {meta['precision']}: {accuracy}")
+    return lines
 
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"
@@ -97,13 +130,15 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="embed the bundled sample photos with the bundled default model")
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="Parquet weights (default: bundled demo model)")
-    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto")
+    p.add_argument("--backend", choices=["default", *BACKENDS], default="default",
+                   help="default: openvino fp32 if installed, else torch; auto: the fastest validated choice for this CPU")
     p.set_defaults(func=cmd_demo)
 
 
 def resolve_backend(name: str) -> str:
-    """``auto``: OpenVINO when it is installed, else the torch reference."""
-    if name != "auto":
+    """``default``: OpenVINO (exact fp32) when it is installed, else the torch reference.
+    ``auto`` (measured per CPU, possibly lossy within --min-cosine) is chosen by name only."""
+    if name != "default":
         return name
     import importlib.util
 
@@ -124,7 +159,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     done = time.perf_counter()
     print(f"model   {args.weights} ({encoder.config.family}, {encoder.config.image_size}px, dim {encoder.embedding_dim})")
     exported = "" if getattr(encoder.backend, "cache_hit", True) else " (first use: exported to OpenVINO IR and cached)"
-    print(f"backend {backend}; load {1000 * (loaded - start):.0f} ms{exported}; {len(images)} images embedded in {1000 * (done - loaded):.0f} ms")
+    print(f"backend {encoder.backend.name} {encoder.backend.precision}; load {1000 * (loaded - start):.0f} ms{exported}; "
+          f"{len(images)} images embedded in {1000 * (done - loaded):.0f} ms")
     print(f"weights checksum {encoder.checksum}")
     names = [p.stem[:10] for p in images]
     print("\ncosine similarity (L2-normalized embeddings)")
@@ -140,12 +176,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a weights file to OpenVINO IR in the cache (done automatically on first use)")
+    p = sub.add_parser("export", help="export a weights file to OpenVINO IR in the cache (done automatically on first use) "
+                       "or to a portable ONNX file")
     p.add_argument("weights")
+    p.add_argument("--format", choices=["openvino", "onnx"], default="openvino",
+                   help="openvino: IR into the cache; onnx: a validated .onnx file written to -o (fp32 or int8)")
+    p.add_argument("-o", "--output", help="output .onnx path (--format onnx)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--calibration", nargs="+", metavar="IMAGE", help="images (or folders) to calibrate/validate int8 on "
-                   "(default: the bundled sample photos)")
-    p.add_argument("--min-cosine", type=float, default=0.99, help="refuse a non-fp32 export less accurate than this (default 0.99)")
+    p.add_argument("--calibration", nargs="+", metavar="IMAGE", help="images (or folders) to calibrate int8 on "
+                   "(default: the bundled sample photos and grayscale/sketch renderings of them)")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="refuse a lossy export below this cosine on any held-out kind")
     p.add_argument("--cache-dir", help="default: $ARROWVISION_CACHE or the user cache dir")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_export)
@@ -159,36 +199,65 @@ def image_files(sources: list[str]) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .backends.openvino_backend import export
     from .format import WeightLoader
 
     start = time.perf_counter()
-    calibration = image_files(args.calibration) if args.calibration else None
-    entry = export(WeightLoader(args.weights), args.precision, cache_dir=args.cache_dir, calibration=calibration,
-                   min_cosine=args.min_cosine, force=args.force)
-    report = json.loads((entry / "meta.json").read_text())
-    print(f"{args.precision} IR: {entry / 'model.xml'} ({time.perf_counter() - start:.1f} s)")
-    if "min_cosine" in report:
-        print(f"accuracy vs fp32 torch reference on {report['validation_images']} images: "
+    weights = WeightLoader(args.weights)
+    if args.format == "onnx":
+        from .backends.onnx_export import save_onnx
+
+        if not args.output:
+            raise ArrowVisionError("--format onnx writes a file: give -o model.onnx")
+        if args.calibration:
+            raise ArrowVisionError("--calibration applies to OpenVINO int8 only (ONNX int8 is dynamically quantized)")
+        report = save_onnx(weights, args.output, args.precision, cache_dir=args.cache_dir, min_cosine=args.min_cosine,
+                           force=args.force)
+        print(f"{args.precision} ONNX: {args.output} ({time.perf_counter() - start:.1f} s)")
+    else:
+        from .backends.artifacts import read_meta
+        from .backends.openvino_backend import export
+
+        calibration = image_files(args.calibration) if args.calibration else None
+        entry = export(weights, args.precision, cache_dir=args.cache_dir, calibration=calibration,
+                       min_cosine=args.min_cosine, force=args.force)
+        report = read_meta(entry)
+        print(f"{args.precision} IR: {entry / 'model.xml'} ({time.perf_counter() - start:.1f} s)")
+    if "max_abs" in report:
+        print(f"max abs diff vs fp32 torch reference on held-out images: {report['max_abs']:.2e}")
+    if "by_kind" in report:
+        print(f"accuracy vs fp32 torch reference on {report['validation_images']} held-out images: "
               f"min cosine {report['min_cosine']:.5f}, mean {report['mean_cosine']:.5f}")
+        for kind, row in report["by_kind"].items():
+            print(f"  {kind:<10} {row['images']:>3} images  min cosine {row['min_cosine']:.5f}  mean {row['mean_cosine']:.5f}")
     return 0
 
 
 def _backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="Parquet weights (default: bundled demo model)")
-    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto", help="auto: openvino if installed")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="openvino only")
+    p.add_argument("--backend", choices=["default", *BACKENDS], default="default",
+                   help="default: openvino fp32 if installed, else torch; auto: the fastest validated backend and "
+                        "precision for this CPU (measured once, cached)")
+    p.add_argument("--precision", choices=PRECISIONS, help="default fp32; auto picks its own")
     p.add_argument("--device", default="CPU", help="openvino device: CPU, GPU or AUTO (torch: cpu)")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="lossy precisions must reach this on every held-out kind")
 
 
 def load_encoder(args: argparse.Namespace):
     from .encoder import VisionEncoder
 
     backend = resolve_backend(args.backend)
-    if backend == "openvino":
-        return VisionEncoder.from_parquet(args.weights, backend="openvino", device=args.device, precision=args.precision,
-                                          mode=getattr(args, "mode", "latency"))
-    return VisionEncoder.from_parquet(args.weights, backend="torch", device="cpu" if args.device.upper() == "CPU" else args.device)
+    options = {"precision": args.precision} if args.precision else {}
+    if backend in ("openvino", "onnxruntime", "auto"):
+        options["min_cosine"] = args.min_cosine
+    if backend in ("openvino", "auto"):
+        options["mode"] = getattr(args, "mode", "latency")
+    device = args.device
+    if backend == "torch":
+        device = "cpu" if args.device.upper() == "CPU" else args.device
+    encoder = VisionEncoder.from_parquet(args.weights, backend=backend, device=device, **options)
+    if backend == "auto":
+        print(f"auto: {encoder.backend.name} {encoder.backend.precision} (fastest validated on this CPU)", file=sys.stderr)
+    return encoder
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -255,7 +324,6 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     _backend_options(p)
     p.add_argument("--images", nargs="+", help="images or folders to compare on (default: bundled sample photos)")
     p.add_argument("--max-abs", type=float, default=1e-4, help="pass threshold on max abs diff (fp32)")
-    p.add_argument("--min-cosine", type=float, default=0.9999, help="pass threshold on min cosine")
     p.set_defaults(func=cmd_validate)
 
 
@@ -264,10 +332,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     images = image_files(args.images) if args.images else sorted(SAMPLES_DIR.glob("*.jpg"))
     rows, passed = validate(args.weights, resolve_backend(args.backend), args.precision, images,
-                            max_abs=args.max_abs, min_cosine=args.min_cosine)
-    print(f"{'comparison':<36} {'max abs':>10} {'mean abs':>10} {'rmse':>10} {'min cos':>10}  result")
+                            max_abs=args.max_abs, lossy_min_cosine=args.min_cosine)
+    print(f"{'comparison':<44} {'max abs':>10} {'mean abs':>10} {'rmse':>10} {'min cos':>10}  result")
     for row in rows:
-        print(f"{row['name']:<36} {row['max_abs']:10.2e} {row['mean_abs']:10.2e} {row['rmse']:10.2e} {row['min_cosine']:10.6f}  "
+        print(f"{row['name']:<44} {row['max_abs']:10.2e} {row['mean_abs']:10.2e} {row['rmse']:10.2e} {row['min_cosine']:10.6f}  "
               f"{'PASS' if row['passed'] else 'FAIL'}")
     print("PASS" if passed else "FAIL")
     return 0 if passed else EXIT_ERROR
@@ -290,8 +358,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     encoder = load_encoder(args)
     size = encoder.config.image_size
     rng = np.random.default_rng(0)
-    print(f"{encoder.backend.name} {args.precision if encoder.backend.name == 'openvino' else ''} "
-          f"{encoder.config.family} {size}px dim {encoder.embedding_dim}")
+    from .backends.cpu import cpu_info
+
+    print(f"cpu: {cpu_info().describe()}")
+    print(f"{encoder.backend.name} {encoder.backend.precision} {encoder.config.family} {size}px dim {encoder.embedding_dim}")
     print(f"{'batch':>5} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'img/s':>9}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         pixels = rng.standard_normal((batch, 3, size, size), dtype=np.float32)

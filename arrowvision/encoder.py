@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .backends import BACKENDS, Backend
+from .backends import Backend
+from .backends import create as create_backend
 from .config import VisionConfig
 from .errors import ArrowVisionError
 from .format import WeightLoader
@@ -62,20 +63,12 @@ class VisionEncoder:
     def from_parquet(
         cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", **options: Any
     ) -> VisionEncoder:
+        """``backend``: torch (reference), openvino, onnxruntime, or auto (the fastest validated
+        backend and precision for this CPU, measured once and cached). ``options`` go to the
+        backend: precision, cache_dir, min_cosine, calibration, mode, num_threads."""
         weights = WeightLoader(path)
-        if backend == "torch":
-            from .backends.torch_backend import TorchBackend
-
-            if options:
-                raise ArrowVisionError(f"option(s) {', '.join(sorted(options))} apply to the openvino backend only")
-            impl: Backend = TorchBackend(weights, device=device)
-            return cls(weights, impl, impl.config)
-        if backend == "openvino":
-            from .backends.openvino_backend import OpenVINOBackend
-
-            impl = OpenVINOBackend(weights, device=device, **options)
-            return cls(weights, impl, impl.config)
-        raise ArrowVisionError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        impl = create_backend(backend, weights, device=device, **options)
+        return cls(weights, impl, impl.config)
 
     @property
     def embedding_dim(self) -> int:

@@ -63,5 +63,5 @@ def test_bad_arguments(encoder):
         encoder.encode([b"definitely not an image"])
     with pytest.raises(ArrowVisionError, match="unknown backend"):
         VisionEncoder.from_parquet(DEMO, backend="tensorrt")
-    with pytest.raises(ArrowVisionError, match="openvino backend only"):
+    with pytest.raises(ArrowVisionError, match="not available on the torch backend"):
         VisionEncoder.from_parquet(DEMO, backend="torch", precision="int8")

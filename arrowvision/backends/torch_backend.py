@@ -10,6 +10,7 @@ from ..format import WeightLoader
 
 class TorchBackend:
     name = "torch"
+    precision = "fp32"
 
     def __init__(self, weights: WeightLoader, device: str = "cpu"):
         try:

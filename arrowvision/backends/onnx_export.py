@@ -1,0 +1,146 @@
+"""ONNX artifact: our ViT exported with ``torch.onnx`` (fp32) and quantized by ONNX Runtime (int8).
+
+The portable artifact for other runtimes (ONNX Runtime, tract, WebAssembly) and the model the
+``onnxruntime`` backend runs. Entries live in the artifact cache under ``onnx/<key>/model.onnx``,
+keyed like the OpenVINO IR. Validation: fp32 must match our torch reference to max abs 1e-4 on
+the held-out images; int8 must reach ``min_cosine`` on every held-out kind.
+
+int8 is dynamic quantization of the MatMuls (per-channel int8 weights, activations quantized per
+call). CPUs without VNNI compute u8 x s8 products with a saturating int16 intermediate, so there
+the weights use 7 bits (``reduce_range``). The MAP head and the patch convolution stay fp32: they
+are a few percent of the FLOPs and where int8 error showed most on held-out graphics/grayscale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import VisionConfig
+from ..errors import BackendError
+from ..format import WeightLoader
+from .artifacts import build_entry, cache_root, hash_key, pooled_module, require_torch
+from .cpu import cpu_info
+from .validation import DEFAULT_MIN_COSINE, accuracy_by_kind, check_accuracy, heldout_pixels, reference_embeddings, summarize
+
+log = logging.getLogger("arrowvision")
+
+ONNX_PRECISIONS = ("fp32", "int8")
+EXPORT_VERSION = "1"
+OPSET = 17
+FP32_MAX_ABS = 1e-4
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError("the onnxruntime backend needs ONNX Runtime: pip install onnxruntime") from None
+    return onnxruntime
+
+
+def cache_key(weights: WeightLoader, precision: str) -> str:
+    ort = _onnxruntime()
+    return hash_key({
+        "weights": weights.checksum,
+        "config": VisionConfig.from_weights(weights).to_dict(),
+        "precision": precision,
+        "export_version": EXPORT_VERSION,
+        "opset": OPSET,
+        "onnxruntime": ort.__version__,  # its quantizer writes the int8 graph
+        "reduce_range": (not cpu_info().int8_vnni) if precision == "int8" else None,
+    })
+
+
+def export_onnx(
+    weights: WeightLoader,
+    precision: str = "fp32",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    min_cosine: float = DEFAULT_MIN_COSINE,
+    force: bool = False,
+) -> Path:
+    """Export (or find) the validated ONNX model for ``weights`` in the cache; return its folder."""
+    if precision not in ONNX_PRECISIONS:
+        raise BackendError(f"precision {precision!r} is not available as ONNX; choose from {', '.join(ONNX_PRECISIONS)}")
+    key = cache_key(weights, precision)
+    return build_entry(cache_root(cache_dir) / "onnx", key,
+                       lambda folder: _export_into(folder, weights, precision, min_cosine, key), force=force)
+
+
+def save_onnx(weights: WeightLoader, output: str | os.PathLike, precision: str = "fp32", **options: Any) -> dict[str, Any]:
+    """``arrowvision export --format onnx``: the validated model copied to ``output`` (atomically)."""
+    from ..fsutil import atomic_output
+    from .artifacts import read_meta
+
+    entry = export_onnx(weights, precision, **options)
+    with atomic_output(Path(output)) as staging:
+        shutil.copyfile(entry / "model.onnx", staging)
+    return read_meta(entry)
+
+
+def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine: float, key: str) -> dict[str, Any]:
+    torch = require_torch("ONNX model")
+    ort = _onnxruntime()
+    from ..model import VisionTransformer
+
+    start = time.perf_counter()
+    model = VisionTransformer.from_weights(weights)
+    config = model.config
+    fp32_path = folder / ("model.onnx" if precision == "fp32" else "fp32.onnx")
+    size = config.image_size
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes about constant shape checks
+        torch.onnx.export(
+            pooled_module(model), (torch.zeros(2, 3, size, size),), str(fp32_path), input_names=["pixel_values"],
+            output_names=["embedding"], dynamic_axes={"pixel_values": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=OPSET, dynamo=False,
+        )
+    meta: dict[str, Any] = {"format": "onnx", "precision": precision, "key": key, "weights_checksum": weights.checksum,
+                            "onnxruntime": ort.__version__, "opset": OPSET}
+    if precision == "int8":
+        meta["reduce_range"] = _quantize(fp32_path, folder / "model.onnx")
+        fp32_path.unlink()
+    pixels = heldout_pixels(config)
+    reference = reference_embeddings(model, pixels)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    run = lambda batch: session.run(None, {"pixel_values": batch})[0]  # noqa: E731
+    if precision == "fp32":
+        max_abs = max(float(np.abs(run(batch) - reference[kind]).max()) for kind, batch in pixels.items())
+        meta["max_abs"] = max_abs
+        if max_abs > FP32_MAX_ABS:
+            raise BackendError(f"ONNX fp32 export differs from the torch reference by {max_abs:.2e} > {FP32_MAX_ABS}")
+    else:
+        report = accuracy_by_kind(reference, run, pixels)
+        meta.update(summarize(report))
+        log.warning("onnx %s export: cosine vs fp32 torch reference min %.5f (%s)", precision, meta["min_cosine"],
+                    ", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in report.items()))
+        check_accuracy(precision, report, min_cosine)
+    meta["export_seconds"] = time.perf_counter() - start
+    meta["vision_config"] = config.to_dict()
+    return meta
+
+
+def _quantize(source: Path, target: Path) -> bool:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    reduce_range = not cpu_info().int8_vnni
+    graph = onnx.load(str(source), load_external_data=False).graph
+    keep_fp32 = [node.name for node in graph.node if node.op_type == "MatMul" and "/head/" in node.name]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs generic "run pre-processing" advice on the root logger
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32)
+    finally:
+        root.setLevel(level)
+    return reduce_range
