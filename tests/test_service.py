@@ -121,6 +121,15 @@ def test_bad_inputs_get_clear_status_and_service_keeps_serving(client):
     assert client.post("/v1/embed", files={"file": ("ok.jpg", jpeg, "image/jpeg")}).status_code == 200
 
 
+def test_pixel_limit_applies_before_decoding(client):
+    """A header declaring 9 Mpx (limit 4 Mpx) with the pixel data cut off: 413 from the header,
+    not 422 from a failed decode."""
+    buffer = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buffer, "PNG")
+    response = client.post("/v1/embed", files={"file": ("cut.png", buffer.getvalue()[:200], "image/png")})
+    assert response.status_code == 413 and "3000x3000" in response.json()["error"], response.text
+
+
 def test_full_queue_answers_503_with_retry_after(encoder):
     slow = VisionEncoder(encoder.weights, _SlowBackend(encoder.backend), encoder.config)
     config = ServiceConfig(max_queue=2, max_batch=1, max_wait_ms=0)
