@@ -72,3 +72,13 @@ def test_loading_keeps_or_casts_the_file_dtype(tmp_path, tiny_siglip):
         low, full = kept(pixels).pooled, cast(pixels).pooled
     assert low.dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(low.float(), full).min() > 0.99
+
+
+def test_hidden_states_only_when_asked(tiny_siglip_parquet):
+    model = VisionTransformer.from_weights(WeightLoader(tiny_siglip_parquet))
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        plain, full = model(pixels), model(pixels, output_hidden_states=True)
+    assert plain.hidden_states is None
+    assert len(full.hidden_states) == model.config.num_layers + 1
+    torch.testing.assert_close(plain.pooled, full.pooled)
