@@ -208,3 +208,16 @@ def test_to_hf_round_trips_and_builds_the_same_tower(tmp_path, name):
     assert (vision.layer_norm_eps, vision.hidden_act, vision.num_channels) == (ours.layer_norm_eps, ours.hidden_act, ours.num_channels)
     assert {n.removeprefix("vision_model."): s for n, s in ours.expected_tensors("").items()} == \
         {n.removeprefix("vision_model."): s for n, s in shapes.items()}
+
+
+def test_to_hf_keeps_non_default_values_and_unknown_presets_are_named():
+    from arrowvision import ConversionError
+
+    for family in ("siglip", "clip"):
+        odd = VisionConfig(family, num_channels=1, layer_norm_eps=0.25, hidden_act="gelu",
+                           projection_dim=24 if family == "clip" else None,
+                           image_mean=CLIP_MEAN if family == "clip" else SIGLIP_MEAN,
+                           image_std=CLIP_STD if family == "clip" else SIGLIP_STD)
+        assert VisionConfig.from_hf(odd.to_hf()) == odd
+    with pytest.raises(ConversionError, match=r"^unknown preset 'vit-h'; known: siglip-base-patch16-224, siglip-base-patch16-256, "):
+        VisionConfig.preset("vit-h")
