@@ -342,6 +342,8 @@ class Gated:
     def __call__(self, pixels):
         self.calls += 1
         if self.calls == 2:
+            with open(gate + ".held", "w") as held:  # how many requests this first batch holds
+                held.write(str(len(pixels)))
             with open(gate, "rb") as fifo:
                 fifo.read()
         return self.inner(pixels)
@@ -349,12 +351,13 @@ class Gated:
 
 base = VisionEncoder.from_parquet(weights, backend="torch")
 encoder = VisionEncoder(base.weights, Gated(base.backend), base.config)
-serve(encoder, "127.0.0.1", int(port), ServiceConfig(max_batch=4, max_wait_ms=0))
+serve(encoder, "127.0.0.1", int(port), ServiceConfig(max_batch=4, max_wait_ms=0, request_timeout_s=120))
 """
 
 
 def test_sigterm_drains_every_queued_request(tmp_path):
-    """N requests: one holds the model, N-1 are queued; SIGTERM arrives; all N are answered 200."""
+    """N requests: the first batch holds the model, the rest are queued; SIGTERM arrives; all N
+    are answered 200."""
     n = 10
     gate = tmp_path / "gate"
     os.mkfifo(gate)
@@ -384,7 +387,13 @@ def test_sigterm_drains_every_queued_request(tmp_path):
                     httpx.AsyncClient(timeout=30) as monitor:
                 requests = [asyncio.create_task(http.post(f"{base}/v1/embed", files={"file": ("a.jpg", payload, "image/jpeg")}))
                             for _ in range(n)]
-                while queue_depth(await monitor.get(f"{base}/metrics")) < n - 1:  # one in the model, the rest queued
+                held = Path(f"{gate}.held")
+                deadline = loop.time() + 120
+                while True:  # the first batch is held in the model and every other request is queued
+                    queued = queue_depth(await monitor.get(f"{base}/metrics"))
+                    if held.exists() and held.read_text() and int(held.read_text()) + queued == n:
+                        break
+                    assert loop.time() < deadline and proc.poll() is None, (queued, "".join(log))
                     await asyncio.sleep(0.01)
                 proc.send_signal(signal.SIGTERM)
                 assert await loop.run_in_executor(None, draining.wait, 60), "".join(log)
