@@ -7,7 +7,6 @@ unrestricted pickle.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -17,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import FAMILIES, VisionConfig, vision_prefix
-from .errors import ConversionError
+from .config import FAMILIES, VisionConfig, tensor_problems
+from .errors import ConversionError, FormatError
 from .format import write_weights
+from .safejson import MAX_CONFIG_BYTES, load_json
 
 TOWER_PREFIXES = {
     "vision": ("vision_model.", "visual_projection."),
@@ -44,8 +44,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"missing config: {path} not found (a HF checkpoint needs config.json)")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = load_json(path.read_bytes(), str(path), max_bytes=MAX_CONFIG_BYTES)
+    except (OSError, FormatError) as exc:
         raise ConversionError(f"unreadable config {path}: {exc}") from None
     if not isinstance(config, dict):
         raise ConversionError(f"config {path} is not a JSON object")
@@ -61,10 +61,10 @@ def _weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, KeyError, json.JSONDecodeError) as exc:
-                raise ConversionError(f"unreadable shard index {index}: {exc}") from None
-            shards = [folder / name for name in sorted(set(weight_map.values()))]
+                weight_map = load_json(index.read_bytes(), str(index))["weight_map"]
+                shards = [folder / name for name in sorted(set(weight_map.values()))]
+            except (OSError, FormatError, KeyError, TypeError, AttributeError) as exc:
+                raise ConversionError(f"unreadable shard index {index}: {exc!r}") from None
             missing = [str(s) for s in shards if not s.is_file()]
             if missing:
                 raise ConversionError(f"shard index {index} names missing files: {', '.join(missing)}")
@@ -161,19 +161,7 @@ def _file_checksum(files: list[Path]) -> str:
 
 def check_tensors(config: VisionConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """Fail with the list of missing, unexpected or misshapen vision tensors."""
-    expected = config.expected_tensors(vision_prefix(shapes))
-    if config.family == "clip" and "visual_projection.weight" not in shapes:
-        expected.pop("visual_projection.weight")  # CLIPVisionModel: pooled output, no projection
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(f"{n} {shapes[n]} != {expected[n]}" for n in set(expected) & set(shapes) if tuple(shapes[n]) != expected[n])
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong:
-        problems.append(f"wrong shapes: {', '.join(wrong[:8])}")
+    problems = tensor_problems(config, shapes)
     if problems:
         raise ConversionError("checkpoint does not match its config; " + "; ".join(problems))
 

@@ -15,6 +15,7 @@ import json
 import logging
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .errors import FormatError
 from .fsutil import atomic_output
+from .safejson import MAX_CONFIG_BYTES, load_json
 
 if TYPE_CHECKING:  # torch is optional here: the fast path must not import it
     import torch
@@ -39,6 +41,9 @@ LAYOUT = "aligned-plain-v1"
 ALIGNMENT = 64
 MAX_TENSOR_BYTES = 2**31 - 1  # Parquet BYTE_ARRAY values carry a 4-byte length
 MAX_NDIM = 8
+MAX_NAME_LENGTH = 1024  # tensor names; HF names are < 100 characters
+MAX_INDEX_BYTES = 64 << 20  # decoded size of the index columns (names, dtypes, shapes...)
+MAX_INDEX_VALUES = 16 << 20
 META_PREFIX = "arrowvision."
 
 # dtype name -> numpy dtype. bfloat16 uses ml_dtypes so numpy views stay bit-exact.
@@ -234,30 +239,23 @@ class WeightLoader:
         self.path = Path(path)
         self._mmap: mmap.mmap | None = None
         self._decoded: dict[str, np.ndarray] = {}
-        try:
-            size = self.path.stat().st_size
-        except OSError as exc:
-            raise FormatError(f"{self.path}: cannot read weights file ({exc.strerror})") from None
-        if size < 12:
-            raise FormatError(f"{self.path}: file is {size} bytes, too small to be Parquet (truncated?)")
-        self.file_size = size
-        with open(self.path, "rb") as handle:
-            # Copy-on-write: writable views (torch wants them) that never touch the file.
-            self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        if self._mmap[:4] != b"PAR1" or self._mmap[-4:] != b"PAR1":
-            raise FormatError(f"{self.path}: wrong magic bytes, not a Parquet file (or truncated)")
+        self.file_size = self._open()
         try:
             self._parquet = pq.ParquetFile(pa.py_buffer(self._mmap))
             metadata = self._parquet.metadata
-            index = self._parquet.read(columns=INDEX_COLUMNS, use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise FormatError(f"{self.path}: corrupt Parquet footer or index columns: {exc}") from None
+            raise FormatError(f"{self.path}: corrupt Parquet footer: {exc}") from None
         self.metadata = self._read_key_values(metadata)
         self.config: dict = self._json_metadata("config")
         self.source: dict = self._json_metadata("source")
         self.family: str = self.metadata.get("family", "")
         self.tower: str = self.metadata.get("tower", "")
         self.checksum: str = self.metadata.get("weights_checksum", "")
+        self._check_index_size(metadata)
+        try:
+            index = self._parquet.read(columns=INDEX_COLUMNS, use_threads=False)
+        except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+            raise FormatError(f"{self.path}: corrupt or missing index columns: {exc}") from None
         self._infos = self._validate_index(index)
         self.zero_copy = self._locate_tensors(metadata)
         if not self.zero_copy:
@@ -266,6 +264,47 @@ class WeightLoader:
             self.verify()
 
     # -- validation ---------------------------------------------------------------------
+
+    def _open(self) -> int:
+        """Map the file; only a readable regular file of Parquet size gets that far."""
+        try:
+            status = self.path.stat()
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            raise FormatError(f"{self.path}: cannot read weights file ({getattr(exc, 'strerror', None) or exc})") from None
+        if not stat.S_ISREG(status.st_mode):
+            kind = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+            raise FormatError(f"{self.path}: cannot read weights file ({kind})")
+        if status.st_size < 12:
+            raise FormatError(f"{self.path}: file is {status.st_size} bytes, too small to be Parquet (truncated?)")
+        try:
+            with open(self.path, "rb") as handle:
+                # Copy-on-write: writable views (torch wants them) that never touch the file.
+                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{self.path}: cannot read weights file ({getattr(exc, 'strerror', None) or exc})") from None
+        if self._mmap[:4] != b"PAR1" or self._mmap[-4:] != b"PAR1":
+            raise FormatError(f"{self.path}: wrong magic bytes, not a Parquet file (or truncated)")
+        return status.st_size
+
+    def _check_index_size(self, metadata: pq.FileMetaData) -> None:
+        """Refuse index columns whose decoded size (from the footer) is out of proportion before
+        decoding them: a small compressed file must not expand into gigabytes."""
+        decoded = values = 0
+        try:
+            for group in range(metadata.num_row_groups):
+                row_group = metadata.row_group(group)
+                for column in range(row_group.num_columns):
+                    chunk = row_group.column(column)
+                    if chunk.path_in_schema.split(".")[0] in INDEX_COLUMNS:
+                        decoded += max(chunk.total_uncompressed_size, 0)
+                        values += max(chunk.num_values, 0)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise FormatError(f"{self.path}: corrupt Parquet footer: {exc}") from None
+        if decoded > MAX_INDEX_BYTES or values > MAX_INDEX_VALUES:
+            raise FormatError(
+                f"{self.path}: index columns decode to {decoded} bytes / {values} values; at most "
+                f"{MAX_INDEX_BYTES} / {MAX_INDEX_VALUES} allowed"
+            )
 
     def _read_key_values(self, metadata: pq.FileMetaData) -> dict[str, str]:
         raw = metadata.metadata or {}
@@ -284,31 +323,37 @@ class WeightLoader:
         return values
 
     def _json_metadata(self, key: str) -> dict:
-        try:
-            value = json.loads(self.metadata.get(key) or "{}")
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{self.path}: metadata {META_PREFIX}{key} is not valid JSON ({exc})") from None
+        what = f"{self.path}: metadata {META_PREFIX}{key}"
+        value = load_json(self.metadata.get(key) or "{}", what, max_bytes=MAX_CONFIG_BYTES)
         if not isinstance(value, dict):
-            raise FormatError(f"{self.path}: metadata {META_PREFIX}{key} must be a JSON object")
+            raise FormatError(f"{what} must be a JSON object, not {type(value).__name__}")
         return value
 
     def _validate_index(self, index: pa.Table) -> dict[str, TensorInfo]:
         for field in SCHEMA:
+            if field.name in INDEX_COLUMNS and field.name not in index.schema.names:
+                raise FormatError(f"{self.path}: missing index column {field.name!r}; not an arrowvision weights file")
             if field.name in INDEX_COLUMNS and not index.schema.field(field.name).type.equals(field.type):
                 raise FormatError(f"{self.path}: column {field.name!r} has type {index.schema.field(field.name).type}, expected {field.type}")
         infos: dict[str, TensorInfo] = {}
         rows = index.to_pydict()
         for name, dtype, shape, nbytes, checksum in zip(*(rows[c] for c in INDEX_COLUMNS)):
-            label = f"{self.path}: tensor {name!r}"
+            label = f"{self.path}: tensor {_short(name)}"
             if not name or name in infos:
                 raise FormatError(f"{label}: empty or duplicated tensor name")
+            if len(name) > MAX_NAME_LENGTH or not name.isprintable():
+                raise FormatError(f"{label}: tensor names must be printable and at most {MAX_NAME_LENGTH} characters")
             if dtype not in DTYPES:
-                raise FormatError(f"{label}: unsupported dtype {dtype!r}")
+                raise FormatError(f"{label}: unsupported dtype {_short(dtype)}")
             if shape is None or len(shape) > MAX_NDIM or any(d is None or d < 0 for d in shape):
-                raise FormatError(f"{label}: invalid shape {shape}")
-            expected = DTYPES[dtype].itemsize
-            for dim in shape:
-                expected *= dim  # Python ints: no overflow, and we compare before allocating
+                raise FormatError(f"{label}: invalid shape {_short(shape)}")
+            itemsize = DTYPES[dtype].itemsize
+            expected = extent = itemsize
+            for dim in shape:  # Python ints: no overflow, and we compare before allocating
+                expected *= dim
+                extent *= max(dim, 1)  # numpy and torch refuse [0, 2**62] too: bound every dim
+            if extent > MAX_TENSOR_BYTES:
+                raise FormatError(f"{label}: shape {shape} x {dtype} is too large (the format allows 2 GiB per tensor)")
             if nbytes is None or expected != nbytes:
                 raise FormatError(f"{label}: shape {shape} x {dtype} is {expected} bytes but nbytes says {nbytes}")
             if nbytes > self.file_size:
@@ -360,6 +405,7 @@ class WeightLoader:
 
     def _decoded_bytes(self, name: str) -> np.ndarray:
         if not self._decoded:
+            self._check_data_size()
             try:
                 table = self._parquet.read(columns=["name", "data"], use_threads=False)
             except (pa.ArrowException, OSError) as exc:
@@ -370,6 +416,22 @@ class WeightLoader:
         if data.nbytes != self._infos[name].nbytes:
             raise FormatError(f"{self.path}: tensor {name!r}: data has {data.nbytes} bytes, nbytes says {self._infos[name].nbytes}")
         return data
+
+    def _check_data_size(self) -> None:
+        """Before decoding a non-canonical file: its data column must not decode (per the footer)
+        to more than the tensors the index declares, plus page overhead."""
+        metadata = self._parquet.metadata
+        declared = sum(info.nbytes for info in self._infos.values())
+        allowed = declared + 4 * len(self._infos) + 1024 * metadata.num_row_groups + (64 << 10)
+        decoded = 0
+        for group in range(metadata.num_row_groups):
+            row_group = metadata.row_group(group)
+            for column in range(row_group.num_columns):
+                chunk = row_group.column(column)
+                if chunk.path_in_schema == "data":
+                    decoded += max(chunk.total_uncompressed_size, 0)
+        if decoded > allowed:
+            raise FormatError(f"{self.path}: data column decodes to {decoded} bytes, but the index declares {declared}")
 
     def names(self, pattern: str | None = None) -> list[str]:
         """Tensor names in file order; ``pattern`` is a prefix, or a glob if it has * ? [."""
@@ -433,6 +495,12 @@ class WeightLoader:
     def __repr__(self) -> str:
         family, zero_copy = getattr(self, "family", "?"), getattr(self, "zero_copy", "?")
         return f"WeightLoader({str(self.path)!r}, family={family!r}, tensors={len(getattr(self, '_infos', ()))}, zero_copy={zero_copy})"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() of a value from the file, cut short: hostile names must not flood error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _iter_binary(column: pa.ChunkedArray) -> Iterator[np.ndarray]:

@@ -9,11 +9,11 @@ every path already in a chunk and never writes a path twice. Bad images go to
 
 from __future__ import annotations
 
-import csv
 import glob as globlib
 import hashlib
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +28,9 @@ import pyarrow.parquet as pq
 
 from .errors import ArrowVisionError, ImageError
 from .fsutil import atomic_output
+from .pathlists import LIST_SUFFIXES, read_path_list
 
+MAX_IMAGE_FILE_BYTES = 1 << 30  # read into memory whole; the pixel limit is checked after
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 META_PREFIX = b"arrowvision."
 
@@ -40,19 +42,8 @@ def collect_inputs(source: str) -> list[str]:
         files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     elif any(ch in source for ch in "*?["):
         files = sorted(p for p in globlib.glob(source, recursive=True) if Path(p).is_file())
-    elif path.is_file() and path.suffix.lower() == ".parquet":
-        table = pq.read_table(path)
-        if "path" not in table.column_names:
-            raise ArrowVisionError(f"{source}: a Parquet list of inputs needs a 'path' column")
-        files = [str(p) for p in table.column("path").to_pylist() if p]
-    elif path.is_file() and path.suffix.lower() == ".csv":
-        with open(path, newline="") as handle:
-            rows = list(csv.reader(handle))
-        column = rows[0].index("path") if rows and "path" in rows[0] else 0
-        start = 1 if rows and "path" in rows[0] else 0
-        files = [row[column] for row in rows[start:] if row and row[column].strip()]
-    elif path.is_file() and path.suffix.lower() in (".txt", ".lst"):
-        files = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        files = read_path_list(path)
     elif path.is_file():
         files = [str(path)]
     else:
@@ -161,14 +152,22 @@ class EmbeddingWriter:
 
 
 def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Callable | None) -> _Item:
-    """Read, decode, (sketch-normalize,) preprocess one file; failures become an error item."""
+    """Read, decode, (sketch-normalize,) preprocess one file. Every failure, of any exception
+    type, becomes an error item: a worker that raised would leave the consumer waiting forever."""
     from .preprocess import load_image
 
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return _Item(path, None, error=f"cannot read: {exc.strerror}")
-    try:
+        if "\0" in path:
+            return _Item(path, None, error=f"{path!r}: path contains a NUL byte")
+        try:
+            status = os.stat(path)
+            if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
+                return _Item(path, None, error=f"{path}: not a regular file")
+            if status.st_size > MAX_IMAGE_FILE_BYTES:
+                return _Item(path, None, error=f"{path}: {status.st_size} bytes, larger than the {MAX_IMAGE_FILE_BYTES} allowed")
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            return _Item(path, None, error=f"cannot read: {exc.strerror}")
         image = load_image(data, name=path)
         width, height = image.size
         if transform is not None:
@@ -176,6 +175,15 @@ def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Calla
         return _Item(path, preprocess(image), width, height, hashlib.sha256(data).hexdigest())
     except ImageError as exc:
         return _Item(path, None, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is this row's failure, not the job's
+        return _Item(path, None, error=f"{path}: {exc or type(exc).__name__}")
+
+
+class _WorkerDied:
+    """Put on the batch queue instead of a batch when the decoding thread itself fails."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 def embed_paths(
@@ -212,12 +220,16 @@ def embed_paths(
     stop = threading.Event()
 
     def produce() -> None:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for start in range(0, len(todo), batch_size):
-                if stop.is_set():
-                    break
-                chunk = todo[start : start + batch_size]
-                batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform), chunk)))
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                for start in range(0, len(todo), batch_size):
+                    if stop.is_set():
+                        break
+                    chunk = todo[start : start + batch_size]
+                    batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform), chunk)))
+        except BaseException as exc:  # noqa: BLE001 - reported by the consumer, which would wait forever
+            batches.put(_WorkerDied(exc))
+            return
         batches.put(None)
 
     start_time = time.perf_counter()
@@ -227,6 +239,12 @@ def embed_paths(
     bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress, dynamic_ncols=True)
     try:
         while (items := batches.get()) is not None:
+            if isinstance(items, _WorkerDied):
+                if pending:
+                    writer.write(pending)  # keep every finished row
+                    pending = []
+                exc = items.exc
+                raise ArrowVisionError(f"a decoding worker died ({type(exc).__name__}: {exc}); finished chunks are kept, rerun to resume")
             good = [item for item in items if not item.error]
             if good:
                 tick = time.perf_counter()

@@ -67,3 +67,16 @@ def photos() -> dict[str, np.ndarray]:
         "coffee": data.coffee(),
         "rocket": data.rocket(),
     }
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory) -> Path:
+    """One artifact cache (ARROWVISION_CACHE) shared by a test module's exports."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("ARROWVISION_CACHE")
+    os.environ["ARROWVISION_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ARROWVISION_CACHE")
+    else:
+        os.environ["ARROWVISION_CACHE"] = old

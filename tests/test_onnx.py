@@ -22,20 +22,8 @@ DEMO = ROOT / "weights" / "siglip-demo-random.parquet"
 PHOTO = ROOT / "arrowvision" / "samples" / "chelsea.jpg"
 
 
-@pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("onnxcache")
-    old = os.environ.get("ARROWVISION_CACHE")
-    os.environ["ARROWVISION_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ARROWVISION_CACHE")
-    else:
-        os.environ["ARROWVISION_CACHE"] = old
-
-
 @pytest.mark.parametrize("weights_fixture", ["tiny_siglip_parquet", "tiny_clip_parquet"])
-def test_fp32_matches_torch_reference(request, onnx_cache, weights_fixture):
+def test_fp32_matches_torch_reference(request, module_cache, weights_fixture):
     path = request.getfixturevalue(weights_fixture)
     reference = VisionEncoder.from_parquet(path, backend="torch")
     fast = VisionEncoder.from_parquet(path, backend="onnxruntime")
@@ -48,7 +36,7 @@ def test_fp32_matches_torch_reference(request, onnx_cache, weights_fixture):
         assert diff <= 1e-4, (batch, diff)
 
 
-def test_int8_holds_on_every_heldout_kind(onnx_cache):
+def test_int8_holds_on_every_heldout_kind(module_cache):
     encoder = VisionEncoder.from_parquet(DEMO, backend="onnxruntime", precision="int8")
     report = encoder.backend.report
     assert report["reduce_range"] == (not cpu_info().int8_vnni)  # 7-bit weights where u8 x s8 saturates
@@ -63,17 +51,17 @@ def test_int8_holds_on_every_heldout_kind(onnx_cache):
     assert (encoder.backend.entry / "model.onnx").stat().st_size < 0.6 * (fp32.backend.entry / "model.onnx").stat().st_size
 
 
-def test_cache_is_reused_and_keyed(onnx_cache, tiny_siglip_parquet):
+def test_cache_is_reused_and_keyed(module_cache, tiny_siglip_parquet):
     weights = WeightLoader(tiny_siglip_parquet)
     entry = export_onnx(weights)
     stamp = (entry / "meta.json").stat().st_mtime_ns
     assert export_onnx(weights) == entry and (entry / "meta.json").stat().st_mtime_ns == stamp
     assert export_onnx(weights, force=True) == entry and (entry / "meta.json").stat().st_mtime_ns != stamp
     assert cache_key(weights, "int8") != cache_key(weights, "fp32")
-    assert entry.parent == onnx_cache / "onnx"
+    assert entry.parent == module_cache / "onnx"
 
 
-def test_unsupported_options_are_clear_errors(onnx_cache, tiny_siglip_parquet):
+def test_unsupported_options_are_clear_errors(module_cache, tiny_siglip_parquet):
     with pytest.raises(BackendError, match="not available on the onnxruntime backend"):
         VisionEncoder.from_parquet(tiny_siglip_parquet, backend="onnxruntime", precision="bf16")
     with pytest.raises(BackendError, match="CPU only"):

@@ -30,18 +30,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture(scope="module")
-def module_cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ovcache")
-    old = os.environ.get("ARROWVISION_CACHE")
-    os.environ["ARROWVISION_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ARROWVISION_CACHE")
-    else:
-        os.environ["ARROWVISION_CACHE"] = old
-
-
 def random_pixels(batch: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
 

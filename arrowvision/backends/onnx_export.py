@@ -28,7 +28,7 @@ from ..errors import BackendError
 from ..format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, pooled_module, require_torch
 from .cpu import cpu_info
-from .validation import DEFAULT_MIN_COSINE, accuracy_by_kind, check_accuracy, heldout_pixels, reference_embeddings, summarize
+from .validation import DEFAULT_MIN_COSINE, heldout_pixels, reference_embeddings, validate_lossy
 
 log = logging.getLogger("arrowvision")
 
@@ -118,11 +118,7 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine
         if max_abs > FP32_MAX_ABS:
             raise BackendError(f"ONNX fp32 export differs from the torch reference by {max_abs:.2e} > {FP32_MAX_ABS}")
     else:
-        report = accuracy_by_kind(reference, run, pixels)
-        meta.update(summarize(report))
-        log.warning("onnx %s export: cosine vs fp32 torch reference min %.5f (%s)", precision, meta["min_cosine"],
-                    ", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in report.items()))
-        check_accuracy(precision, report, min_cosine)
+        meta.update(validate_lossy("onnx", precision, run, pixels, reference, min_cosine))
     meta["export_seconds"] = time.perf_counter() - start
     meta["vision_config"] = config.to_dict()
     return meta

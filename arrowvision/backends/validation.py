@@ -12,6 +12,7 @@ holds on photos but not on sketches never ships.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..errors import BackendError
 PACKAGE = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = PACKAGE / "samples"
 HELDOUT_DIR = PACKAGE / "heldout"
+log = logging.getLogger("arrowvision")
 KINDS = ("photos", "grayscale", "sketches", "graphics", "small")
 DEFAULT_MIN_COSINE = 0.99
 
@@ -127,6 +129,18 @@ def check_accuracy(precision: str, report: dict[str, dict[str, float]], min_cosi
             f"on held-out {kind} vs the fp32 reference (per kind: {summary}); lower min_cosine to accept it, "
             "or use fp32/fp16"
         )
+
+
+def validate_lossy(label: str, precision: str, run: Callable[[np.ndarray], np.ndarray], pixels: dict[str, np.ndarray],
+                   reference: dict[str, np.ndarray], min_cosine: float) -> dict[str, Any]:
+    """Measure an export per held-out kind, log it, refuse it below ``min_cosine``; return the
+    figures for its meta.json."""
+    report = accuracy_by_kind(reference, run, pixels)
+    summary = summarize(report)
+    log.warning("%s %s export: cosine vs fp32 torch reference min %.5f (%s)", label, precision, summary["min_cosine"],
+                ", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in report.items()))
+    check_accuracy(precision, report, min_cosine)
+    return summary
 
 
 def recheck(meta: dict[str, Any], min_cosine: float) -> None:
