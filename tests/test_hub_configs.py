@@ -177,9 +177,9 @@ def test_config_errors_name_the_problem():
 
     with pytest.raises(ConversionError, match="unsupported model family 'bert'; supported: siglip, clip"):
         VisionConfig("bert")
-    with pytest.raises(ConversionError, match="hidden_size 10 is not divisible by num_heads 3"):
+    with pytest.raises(ConversionError, match="num_attention_heads: 3 does not divide hidden_size 10"):
         VisionConfig("siglip", hidden_size=10, num_heads=3)
-    with pytest.raises(ConversionError, match="image_size 8 is smaller than patch_size 16"):
+    with pytest.raises(ConversionError, match="patch_size: 16 is larger than image_size 8"):
         VisionConfig("siglip", image_size=8)
     assert VisionConfig("siglip", image_size=16, patch_size=16).grid_size == 1  # one patch is fine
     with pytest.raises(ConversionError, match="unsupported model_type ''; supported: clip, clip_vision_model, siglip, "
@@ -192,9 +192,12 @@ def test_config_errors_name_the_problem():
 
 
 def test_channel_count_comes_from_the_config():
-    config = VisionConfig.from_hf({"model_type": "siglip_vision_model", "num_channels": 1})
-    assert config.num_channels == 1
-    assert config.expected_tensors("")["embeddings.patch_embedding.weight"] == (768, 1, 16, 16)
+    from arrowvision import ConversionError
+
+    config = VisionConfig.from_hf({"model_type": "siglip_vision_model", "num_channels": 3})
+    assert config.expected_tensors("")["embeddings.patch_embedding.weight"] == (768, 3, 16, 16)
+    with pytest.raises(ConversionError, match="num_channels: 1 is out of range"):  # the key is read, and RGB only
+        VisionConfig.from_hf({"model_type": "siglip_vision_model", "num_channels": 1})
 
 
 @pytest.mark.parametrize("name", list(HUB_CONFIGS))
@@ -214,7 +217,7 @@ def test_to_hf_keeps_non_default_values_and_unknown_presets_are_named():
     from arrowvision import ConversionError
 
     for family in ("siglip", "clip"):
-        odd = VisionConfig(family, num_channels=1, layer_norm_eps=0.25, hidden_act="gelu",
+        odd = VisionConfig(family, layer_norm_eps=0.25, hidden_act="gelu",
                            projection_dim=24 if family == "clip" else None,
                            image_mean=CLIP_MEAN if family == "clip" else SIGLIP_MEAN,
                            image_std=CLIP_STD if family == "clip" else SIGLIP_STD)
