@@ -5,7 +5,16 @@ lazily, so the OpenVINO fast path stays torch-free.
 """
 
 from .config import VisionConfig
-from .errors import ArrowVisionError, BackendError, ConversionError, FormatError, ImageError, ImageTooLarge, ModelError
+from .errors import (
+    ArrowVisionError,
+    BackendError,
+    ConversionError,
+    FormatError,
+    ImageError,
+    ImageTooLarge,
+    ModelError,
+    TensorNotFound,
+)
 from .format import WeightLoader
 
 __version__ = "0.1.0"
@@ -17,6 +26,7 @@ __all__ = [
     "ImageError",
     "ImageTooLarge",
     "ModelError",
+    "TensorNotFound",
     "VisionConfig",
     "VisionEncoder",
     "WeightLoader",

@@ -28,3 +28,10 @@ class ModelError(ArrowVisionError):
 
 class BackendError(ArrowVisionError):
     """A backend is unavailable (missing package) or failed to export/compile."""
+
+
+class TensorNotFound(ArrowVisionError, KeyError):
+    """No tensor in a weights file has the requested name or matches the selection."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import FormatError
+from .errors import FormatError, TensorNotFound
 from .fsutil import atomic_output
 from .safejson import MAX_CONFIG_BYTES, load_json
 
@@ -232,7 +232,7 @@ class WeightLoader:
     Parquet files (compressed, written by another tool) are decoded with pyarrow instead.
 
     >>> weights = WeightLoader("model.parquet")
-    >>> weights.numpy("vision_model.encoder.layers.0.")  # prefix or glob selection
+    >>> weights.numpy("encoder.layers.0.")  # prefix or glob selection
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = False):
@@ -454,14 +454,22 @@ class WeightLoader:
         return array.reshape(info.shape)
 
     def numpy(self, pattern: str | None = None) -> dict[str, np.ndarray]:
-        return {name: self.tensor(name) for name in self.names(pattern)}
+        return {name: self.tensor(name) for name in self._selection(pattern)}
+
+    def _selection(self, pattern: str | None) -> list[str]:
+        """``names(pattern)``, but a pattern that matches nothing is an error, not an empty dict."""
+        names = self.names(pattern)
+        if pattern is not None and not names:
+            examples = ", ".join(list(self._infos)[:3])
+            raise TensorNotFound(f"{self.path}: no tensor matches {pattern!r} (names look like {examples}, ...)")
+        return names
 
     def torch(self, pattern: str | None = None) -> dict[str, torch.Tensor]:
         """Torch tensors sharing memory with the mapping (``torch.frombuffer``, no copy)."""
         import torch
 
         out = {}
-        for name in self.names(pattern):
+        for name in self._selection(pattern):
             info = self._infos[name]
             torch_dtype = getattr(torch, "bool" if info.dtype == "bool" else info.dtype)
             if info.nbytes == 0:

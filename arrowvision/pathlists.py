@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from .errors import ArrowVisionError
 
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
+HEADER_NAMES = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img"}
 MAX_LINE_BYTES = 64 << 10  # paths are at most 4 KiB on Linux; longer lines mean a wrong file
 
 
@@ -55,17 +56,27 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _csv_paths(path: Path) -> list[str]:
-    """The 'path' column if the header has one, else the first column."""
+    """The column named like ``path``/``file`` if the header has one, else the first column; a
+    first row that names no existing file and has no image extension is a header too."""
+    from .pipeline import IMAGE_EXTENSIONS
+
     lines = _lines(path)
     reader = csv.reader(text for _, text in lines)
     try:
-        rows = list(reader)
+        rows = [row for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as exc:
         raise ArrowVisionError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
-    header = rows[0] if rows else []
-    column = header.index("path") if "path" in header else 0
-    start = 1 if "path" in header else 0
-    return [row[column] for row in rows[start:] if len(row) > column and row[column].strip()]
+    if not rows:
+        return []
+    names = [cell.strip().lower() for cell in rows[0]]
+    column = next((i for i, name in enumerate(names) if name in HEADER_NAMES), None)
+    if column is not None:
+        rows = rows[1:]
+    else:
+        column, first = 0, rows[0][0].strip()
+        if Path(first).suffix.lower() not in IMAGE_EXTENSIONS and not (path.parent / first).is_file():
+            rows = rows[1:]  # a header with other names, e.g. "name,label"
+    return [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
 
 
 def _parquet_paths(path: Path) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 from pathlib import Path
@@ -17,24 +16,37 @@ from .pipeline import META_PREFIX, iter_embedding_batches, part_files
 log = logging.getLogger("arrowvision")
 
 
-def top_k(dataset: str | os.PathLike, query: np.ndarray, k: int = 10, model_checksum: str | None = None) -> list[tuple[float, str]]:
-    """The k rows most similar to ``query`` (cosine), best first. Memory: one batch + k rows."""
+def top_k(dataset: str | os.PathLike, query: np.ndarray, k: int = 10, model_checksum: str | None = None,
+          progress: bool = False) -> list[tuple[float, str]]:
+    """The k images most similar to ``query`` (cosine), best first, each path once (a dataset
+    written before paths were resolved may hold an image twice). Memory: one batch + k rows."""
+    from tqdm import tqdm
+
+    if k < 1:
+        raise ArrowVisionError(f"k must be >= 1, got {k}")
     query = l2_normalize(np.asarray(query, dtype=np.float32))
     if model_checksum:
         _check_model(Path(dataset), model_checksum)
-    best: list[tuple[float, str]] = []  # min-heap of the current top k
+    best: dict[str, float] = {}
+    rows = sum(pq.read_metadata(part).num_rows for part in part_files(dataset))
+    bar = tqdm(total=rows, desc="searching", unit="row", unit_scale=True, leave=False, disable=not progress)
     for paths, vectors in iter_embedding_batches(dataset):
+        bar.update(len(paths))
         if vectors.shape[1] != query.shape[0]:
             raise ArrowVisionError(f"{dataset}: embeddings have dim {vectors.shape[1]}, the query has {query.shape[0]}")
         scores = l2_normalize(vectors) @ query
-        candidates = np.argpartition(-scores, min(k, len(scores)) - 1)[:k] if len(scores) > k else np.arange(len(scores))
-        for i in candidates:
-            item = (float(scores[i]), paths[i])
-            if len(best) < k:
-                heapq.heappush(best, item)
-            elif item > best[0]:
-                heapq.heapreplace(best, item)
-    return sorted(best, reverse=True)
+        taken = 0
+        for i in np.argsort(-scores, kind="stable"):  # best first, until k distinct paths
+            path, score = paths[i], float(scores[i])
+            if path not in best:
+                taken += 1
+            best[path] = max(score, best.get(path, score))
+            if taken >= k:
+                break
+        if len(best) > k:
+            best = dict(sorted(best.items(), key=lambda item: -item[1])[:k])
+    bar.close()
+    return sorted(((score, path) for path, score in best.items()), key=lambda hit: (-hit[0], hit[1]))
 
 
 def _check_model(dataset: Path, checksum: str) -> None:

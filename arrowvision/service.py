@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import logging
+import re
+import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -20,13 +24,49 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .encoder import VisionEncoder, l2_normalize
-from .errors import ImageError, ImageTooLarge
+from .errors import ArrowVisionError, ImageError, ImageTooLarge
 from .preprocess import MAX_PIXELS, load_image, normalize_sketch_image
 
 log = logging.getLogger("arrowvision.service")
+
+
+DATA_URI = re.compile(r"^data:(?:image/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*;base64,", re.IGNORECASE)
+
+
+def decode_base64(text: str) -> bytes:
+    """Plain base64 or a ``data:image/...;base64,`` URI (what browsers' FileReader produces)."""
+    return base64.b64decode(DATA_URI.sub("", text.strip(), count=1), validate=True)
+
+
+_OPTIONS = {
+    "normalize": {"type": "boolean", "default": True, "description": "L2-normalize the embedding"},
+    "sketch": {"type": "boolean", "default": False, "description": "sketch-normalize the image first"},
+}
+_BASE64 = {"type": "string", "description": "base64 image bytes, or a data:image/...;base64, URI"}
+_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+RESPONSES = {status: {"description": text, "content": {"application/json": {"schema": _ERROR}}} for status, text in (
+    (413, "body, image count or pixels over the limit"), (415, "unsupported content type"),
+    (422, "malformed request or undecodable image"), (503, "queue full or shutting down"), (504, "timed out"))}
+
+
+def request_body(many: bool) -> dict[str, Any]:
+    """The OpenAPI request body of an embed endpoint (the handlers parse the body themselves)."""
+    if many:
+        form = {"type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                                 **_OPTIONS}, "required": ["files"]}
+        body = {"type": "object", "properties": {"images": {"type": "array", "items": _BASE64}, **_OPTIONS},
+                "required": ["images"]}
+    else:
+        form = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, **_OPTIONS},
+                "required": ["file"]}
+        body = {"type": "object", "properties": {"image": _BASE64, **_OPTIONS}, "required": ["image"]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
+                                                          "application/json": {"schema": body}}}}
 
 
 @dataclass
@@ -183,6 +223,14 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
     async def malformed_handler(request: Request, exc: MalformedRequest):
         return JSONResponse({"error": str(exc)}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_handler(request: Request, exc: StarletteHTTPException):  # 404, 405... in our shape
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_handler(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request"}, status_code=422)
+
     @app.middleware("http")
     async def observe(request: Request, call_next):
         start = time.perf_counter()
@@ -239,10 +287,10 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
             files = []
             for index, text in enumerate(encoded):
                 try:
-                    files.append((f"images[{index}]", base64.b64decode(text, validate=True)))
+                    files.append((f"images[{index}]", decode_base64(text)))
                 except (binascii.Error, ValueError):
                     if not many:
-                        raise HTTPProblem(422, "'image' is not valid base64") from None
+                        raise HTTPProblem(422, "'image' is not valid base64 (or a data:image/...;base64, URI)") from None
                     files.append((f"images[{index}]", b""))  # reported per item
             normalize = option(payload.get("normalize", params.get("normalize")), True)
             sketch = option(payload.get("sketch", params.get("sketch")), False)
@@ -288,7 +336,8 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
     def image_problem(exc: ImageError) -> HTTPProblem:
         return HTTPProblem(413 if isinstance(exc, ImageTooLarge) else 422, str(exc))
 
-    @app.post("/v1/embed", summary="Embed one image (multipart 'file' or JSON {'image': base64})")
+    @app.post("/v1/embed", summary="Embed one image (multipart 'file' or JSON {'image': base64})",
+              openapi_extra=request_body(many=False), responses=RESPONSES)
     async def embed(request: Request):
         files, normalize, sketch = await parse(request, many=False)
         try:
@@ -296,7 +345,8 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None):
         except ImageError as exc:
             raise image_problem(exc) from None
 
-    @app.post("/v1/embed/batch", summary="Embed several images; per-item errors do not fail the others")
+    @app.post("/v1/embed/batch", summary="Embed several images; per-item errors do not fail the others",
+              openapi_extra=request_body(many=True), responses=RESPONSES)
     async def embed_batch(request: Request):
         files, normalize, sketch = await parse(request, many=True)
 
@@ -349,7 +399,38 @@ async def _parse_multipart(request, body: bytes):
         raise MalformedRequest(f"malformed multipart body: {exc.message}") from None
 
 
-def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or one clear error (port busy, unknown host) before anything loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ArrowVisionError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ArrowVisionError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None, *,
+          sock: socket.socket | None = None, access_log: bool = True, model_name: str | None = None) -> None:
+    """Run the service until SIGINT/SIGTERM (then drain). ``sock``: an already listening socket."""
     import uvicorn
 
-    uvicorn.run(create_app(encoder, config), host=host, port=port, timeout_graceful_shutdown=int((config or ServiceConfig()).request_timeout_s))
+    config = config or ServiceConfig()
+    sock = sock or listen(host, port)
+    host, port = sock.getsockname()[:2]
+    backend = encoder.backend
+    print(f"arrowvision serving {model_name or encoder.weights.path} ({encoder.config.family}, dim {encoder.embedding_dim}) "
+          f"with {backend.name} {getattr(backend, 'precision', 'fp32')} on {getattr(backend, 'device', 'cpu')} "
+          f"at http://{host}:{port}", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(encoder, config), access_log=access_log,
+                                           timeout_graceful_shutdown=int(config.request_timeout_s)))
+    server.run(sockets=[sock])
+    if not server.started:
+        raise ArrowVisionError("the service failed to start (see the log above)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +21,54 @@ def compare(name: str, ours: np.ndarray, reference: np.ndarray, max_abs: float, 
     return row
 
 
+BATCH = 16  # images per model call: bounded memory and a moving progress bar on big image sets
+
+
+def _batched(run: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, description: str, progress: bool) -> np.ndarray:
+    from tqdm import tqdm
+
+    outputs = []
+    with tqdm(total=len(pixels), desc=description, unit="img", leave=False, disable=not progress) as bar:
+        for start in range(0, len(pixels), BATCH):
+            outputs.append(np.asarray(run(pixels[start : start + BATCH]), dtype=np.float32))
+            bar.update(len(outputs[-1]))
+    return np.concatenate(outputs)
+
+
 def validate(weights: str | Path, backend: str, precision: str | None, images: Sequence[Any], *, max_abs: float = 1e-4,
-             min_cosine: float = 0.9999, lossy_min_cosine: float = 0.99) -> tuple[list[dict[str, Any]], bool]:
+             min_cosine: float = 0.9999, lossy_min_cosine: float = 0.99, backend_options: dict[str, Any] | None = None,
+             progress: bool = False) -> tuple[list[dict[str, Any]], bool]:
     """Unnormalized pooled outputs on ``images``; abs-diff thresholds apply to fp32 comparisons only.
 
     A lossy backend (anything but fp32) is held to ``lossy_min_cosine`` on ``images`` and gets one
-    row per held-out kind from its export validation (photos, grayscale, sketches, ...)."""
+    row per held-out kind from its export validation (photos, grayscale, sketches, ...).
+    ``backend_options`` (cache_dir, calibration, mode) select the same cached export that
+    ``arrowvision export`` made."""
+    from tqdm import tqdm
+
     reference = VisionEncoder.from_parquet(weights, backend="torch")
-    pixels = reference.preprocess(list(images))
-    expected = reference.encode(pixels, normalize=False)
+    pixels = np.stack([reference.preprocessor(image) for image in tqdm(list(images), desc="decoding", unit="img",
+                                                                         leave=False, disable=not progress)])
+    expected = _batched(reference.backend, pixels, "torch reference", progress)
     rows = []
     if backend != "torch":
-        options = {"precision": precision} if precision else {}
-        fast = VisionEncoder.from_parquet(weights, backend=backend, min_cosine=0.0, **options)
+        options = {**(backend_options or {}), **({"precision": precision} if precision else {})}
+        fast = VisionEncoder.from_parquet(weights, backend=backend, **{**options, "min_cosine": 0.0})
         label = f"{fast.backend.name} {fast.backend.precision}"
         exact = fast.backend.precision == "fp32"
-        rows.append(compare(f"{label} vs torch", fast.encode(pixels, normalize=False), expected,
+        rows.append(compare(f"{label} vs torch", _batched(fast.backend, pixels, label, progress), expected,
                             max_abs if exact else 0, min_cosine if exact else lossy_min_cosine))
         for kind, row in getattr(fast.backend, "report", {}).get("by_kind", {}).items():
             rows.append({"name": f"{label} held-out {kind} ({row['images']})", "max_abs": float("nan"), "mean_abs": float("nan"),
                          "rmse": float("nan"), "min_cosine": row["min_cosine"], "passed": row["min_cosine"] >= lossy_min_cosine})
     if importlib.util.find_spec("transformers"):
-        rows.append(compare("torch vs transformers", expected, _transformers_pooled(reference, pixels), max_abs, min_cosine))
+        hf = _transformers_model(reference)
+        rows.append(compare("torch vs transformers", expected, _batched(hf, pixels, "transformers", progress), max_abs, min_cosine))
     return rows, all(r["passed"] for r in rows)
 
 
-def _transformers_pooled(encoder: VisionEncoder, pixels: np.ndarray) -> np.ndarray:
-    """Load the same tensors into the HF model class and run it."""
+def _transformers_model(encoder: VisionEncoder) -> Callable[[np.ndarray], np.ndarray]:
+    """The same tensors loaded into the HF model class: pixels -> pooled outputs."""
     import torch
     import transformers as tf
 
@@ -71,7 +92,11 @@ def _transformers_pooled(encoder: VisionEncoder, pixels: np.ndarray) -> np.ndarr
                 break
     model.load_state_dict(state, strict=True)
     model.eval()
-    with torch.no_grad():
-        out = model(pixel_values=torch.from_numpy(pixels))
-    pooled = getattr(out, "image_embeds", None)
-    return (pooled if pooled is not None else out.pooler_output).numpy()
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model(pixel_values=torch.from_numpy(np.ascontiguousarray(pixels)))
+        pooled = getattr(out, "image_embeds", None)
+        return (pooled if pooled is not None else out.pooler_output).numpy()
+
+    return run

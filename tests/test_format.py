@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from arrowvision import FormatError, WeightLoader
 from arrowvision.convert import convert
+from arrowvision.errors import TensorNotFound
 from arrowvision.format import ALIGNMENT, SCHEMA, write_weights
 
 from .conftest import TINY_CLIP, TINY_SIGLIP, hf_model, save_checkpoint
@@ -92,6 +93,10 @@ def test_selection_by_prefix_and_glob(tiny_siglip_parquet):
     biases = weights.names("*.bias")
     assert biases and all(n.endswith(".bias") for n in biases)
     assert set(weights.numpy("head.")) == set(weights.names("head."))
+    with pytest.raises(TensorNotFound, match="no tensor matches 'vision_model.encoder.layers.0.'"):
+        weights.numpy("vision_model.encoder.layers.0.")  # an unmatched selection is an error, not {}
+    with pytest.raises(KeyError):  # still a KeyError for dict-style callers
+        weights.torch("nothing.*")
 
 
 def test_other_parquet_writers_fall_back_to_decoding(tmp_path, tiny_siglip_parquet, caplog):

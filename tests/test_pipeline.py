@@ -3,10 +3,13 @@ after a kill, search, validate, info."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +19,8 @@ import pytest
 from PIL import Image
 
 from arrowvision import VisionEncoder
-from arrowvision.pipeline import collect_inputs, read_embeddings
+from arrowvision.errors import ArrowVisionError
+from arrowvision.pipeline import collect_inputs, embed_paths, read_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "weights" / "siglip-demo-random.parquet"
@@ -79,15 +83,137 @@ def test_embed_folder_end_to_end(tmp_path, corpus):
     import hashlib
 
     assert row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
-    error_rows = [r for p in sorted(out.glob("errors-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    error_rows = [r for p in sorted((out / "_errors").glob("errors-*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["path"] for r in error_rows) == bad
-    assert all(r["error"] for r in error_rows)
+    assert all(r["error"].startswith(r["path"]) for r in error_rows)  # every reason names its file
+    assert [pq.read_metadata(p).num_rows for p in sorted(out.glob("part-*.parquet"))] == [5, 3]  # --chunk-size exactly
+    assert sorted(table.column("relpath").to_pylist()) == sorted(str(Path(p).relative_to(folder)) for p in good)
     metadata = pq.read_schema(next(out.glob("part-*.parquet"))).metadata
     assert metadata[b"arrowvision.model_checksum"].decode() == encoder.checksum
-    # rerun: nothing new, nothing written twice
+    # rerun: the failures are retried (and fail again), nothing is written twice, no img/s for nothing
+    error_chunks = len(list((out / "_errors").glob("*.parquet")))
     again = cli("embed", str(folder), "-o", str(out), "--weights", str(DEMO), "--backend", "torch", "--no-progress")
-    assert again.returncode == 0 and "0 embedded" in again.stdout
+    assert again.returncode == 3 and "0 embedded" in again.stdout and f"{len(bad)} failed" in again.stdout
+    assert f"{len(good)} already done" in again.stdout and "img/s" not in again.stdout
+    assert len(list((out / "_errors").glob("*.parquet"))) == error_chunks + 1
+    skipped = cli("embed", str(folder), "-o", str(out), "--weights", str(DEMO), "--backend", "torch", "--no-progress",
+                  "--skip-failed")
+    assert skipped.returncode == 3 and f"{len(bad)} failed" in skipped.stdout  # skipped, still counted as failed
+    assert len(list((out / "_errors").glob("*.parquet"))) == error_chunks + 1  # not retried
     assert sorted(read_embeddings(out).column("path").to_pylist()) == good
+
+
+def test_every_parquet_reader_sees_only_the_embeddings(tmp_path, corpus):
+    """Error tables live in _errors/, which dataset discovery skips (README: any reader)."""
+    import duckdb
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    folder, good, bad = corpus
+    out = tmp_path / "emb"
+    run = cli("embed", str(folder), "-o", str(out), "--weights", str(DEMO), "--backend", "torch", "--no-progress",
+              "--chunk-size", "3")
+    assert run.returncode == 3 and list((out / "_errors").glob("errors-*.parquet"))
+    columns = {"path", "relpath", "embedding", "width", "height", "sha256"}
+    readers = {
+        "pq.read_table": lambda: pq.read_table(out).to_pydict(),
+        "pyarrow.dataset": lambda: ds.dataset(out).to_table().to_pydict(),
+        "duckdb": lambda: duckdb.sql(f"SELECT * FROM read_parquet('{out}/*.parquet')").arrow().read_all().to_pydict(),
+        "polars": lambda: pl.read_parquet(f"{out}/*.parquet").to_dict(as_series=False),
+    }
+    for name, read in readers.items():
+        rows = read()
+        assert set(rows) == columns, name
+        assert sorted(rows["path"]) == good, name
+        assert all(len(vector) == 128 for vector in rows["embedding"]), name
+
+
+def test_one_identity_per_image_whatever_the_spelling(tmp_path, photos):
+    """Relative, absolute and `.`-from-inside spellings of one folder resume one dataset."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name, photo in list(photos.items())[:3]:
+        Image.fromarray(photo).resize((64, 64)).save(folder / f"{name}.png")
+    out = tmp_path / "E"
+    base = [sys.executable, "-m", "arrowvision", "embed", "--weights", str(DEMO), "--backend", "torch", "--no-progress"]
+    runs = [(tmp_path, ["mixed", "-o", "E"]), (tmp_path / "elsewhere", [str(folder), "-o", str(out)]), (folder, [".", "-o", "../E"])]
+    (tmp_path / "elsewhere").mkdir()
+    for i, (cwd, args) in enumerate(runs):
+        run = subprocess.run(base + args, capture_output=True, text=True, timeout=300, cwd=cwd)
+        assert run.returncode == 0, run.stderr
+        assert ("3 embedded" if i == 0 else "3 already done") in run.stdout
+    table = read_embeddings(out)
+    assert sorted(table.column("path").to_pylist()) == sorted(str(p.resolve()) for p in folder.glob("*.png"))
+    assert sorted(table.column("relpath").to_pylist()) == sorted(p.name for p in folder.glob("*.png"))
+    search = cli("search", str(out), str(folder / "chelsea.png"), "--weights", str(DEMO), "--backend", "torch", "--json")
+    hits = json.loads(search.stdout)["hits"]
+    assert len(hits) == 3 and len({hit["path"] for hit in hits}) == 3 and hits[0]["path"].endswith("chelsea.png")
+
+
+def test_lists_resolve_against_their_folder_and_skip_headers(tmp_path, monkeypatch, corpus):
+    folder, good, _ = corpus
+    lists = tmp_path / "lists"
+    (lists / "img").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(lists / "img" / name)
+    expected = [str((lists / "img" / n).resolve()) for n in ("a.png", "b.png")]
+    (lists / "list.txt").write_text("img/a.png\nimg/b.png\n")
+    (lists / "header.csv").write_text("file,label\nimg/a.png,cat\nimg/b.png,dog\n")
+    (lists / "other_header.csv").write_text("name,label\nimg/a.png,cat\nimg/b.png,dog\n")
+    (lists / "plain.csv").write_text("img/a.png,cat\nimg/b.png,dog\n")
+    monkeypatch.chdir(folder)  # another folder: entries still resolve against the list's folder
+    for name in ("list.txt", "header.csv", "other_header.csv", "plain.csv"):
+        assert collect_inputs(str(lists / name)) == expected, name
+    assert collect_inputs(str(folder / "nested" / ".." / "coffee.jpg")) == [str((folder / "coffee.jpg").resolve())]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArrowVisionError, match="no images found"):
+        collect_inputs(str(tmp_path / "empty"))
+
+
+def test_a_missing_file_is_a_failure_that_names_it(tmp_path, corpus):
+    folder, good, _ = corpus
+    missing = str(tmp_path / "gone.jpg")
+    encoder = VisionEncoder.from_parquet(DEMO)
+    out = tmp_path / "out"
+    stats = embed_paths(encoder, [missing], out, progress=False)
+    assert (stats.embedded, stats.failed) == (0, 1)
+    assert stats.errors == [(missing, f"{missing}: cannot read (No such file or directory)")]
+    (out / "_errors" / "errors-00000.parquet").rename(out / "errors-00000.parquet")  # the older layout
+    stats = embed_paths(encoder, [missing, good[0]], out, progress=False)
+    assert (stats.embedded, stats.failed) == (1, 1)  # the failure is retried
+    assert not list(out.glob("errors-*.parquet"))  # moved into _errors/
+    assert len(list((out / "_errors").glob("errors-*.parquet"))) == 2
+    assert pq.read_table(out).column("path").to_pylist() == [good[0]]
+
+
+class _StopAfter:
+    """A backend wrapper that sets ``stop`` during its n-th call, like a Ctrl-C mid-run."""
+
+    def __init__(self, backend, stop: threading.Event, calls: int):
+        self.backend, self.stop, self.calls, self.name = backend, stop, calls, backend.name
+
+    def __call__(self, pixels):
+        self.calls -= 1
+        if self.calls == 0:
+            self.stop.set()
+        return self.backend(pixels)
+
+
+def test_stop_flushes_embedded_rows_as_one_more_chunk(tmp_path, corpus):
+    folder, good, _ = corpus
+    encoder = VisionEncoder.from_parquet(DEMO)
+    stop = threading.Event()
+    encoder.backend = _StopAfter(encoder.backend, stop, calls=3)
+    out = tmp_path / "emb"
+    stats = embed_paths(encoder, good, out, batch_size=2, chunk_size=100, progress=False, stop=stop)
+    assert stats.interrupted and stats.embedded == 6
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == 1 and pq.read_metadata(parts[0]).num_rows == 6  # nothing embedded was lost
+    encoder.backend = encoder.backend.backend
+    resumed = embed_paths(encoder, good, out, batch_size=2, chunk_size=100, progress=False)
+    assert not resumed.interrupted and (resumed.skipped, resumed.embedded) == (6, len(good) - 6)
+    paths = read_embeddings(out).column("path").to_pylist()
+    assert sorted(paths) == good and len(set(paths)) == len(paths)
 
 
 def test_killed_run_resumes_with_exactly_one_row_per_image(tmp_path, photos):
@@ -180,6 +306,42 @@ def test_ctrl_c_exits_cleanly(tmp_path, corpus):
     assert read_embeddings(out).column("path").to_pylist() == good[:3]  # complete chunks only
     for part in out.glob("part-*.parquet"):
         pq.read_table(part)
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_flush_then_exit_130(tmp_path, photos, sig):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(list(photos.values())[i % 4]).resize((700, 700)).save(folder / f"img{i:03d}.png")
+    out = tmp_path / "emb"
+    proc = subprocess.Popen([sys.executable, "-m", "arrowvision", "embed", str(folder), "-o", str(out), "--weights", str(DEMO),
+                             "--backend", "torch", "--batch-size", "1", "--chunk-size", "1000", "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = bytearray()
+
+    def read_progress():
+        while chunk := proc.stderr.read1(4096):
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=read_progress, daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not re.search(rb" ([2-9]|\d\d)/40 ", bytes(seen)):  # tqdm: 2+ images embedded
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    stdout, _ = proc.communicate(timeout=120)
+    reader.join(10)
+    stderr = bytes(seen).decode()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    parts = list(out.glob("part-*.parquet"))
+    assert len(parts) == 1  # the rows since the last chunk were written as one more chunk
+    rows = pq.read_metadata(parts[0]).num_rows
+    assert 2 <= rows < 40 and f"{rows} embedded" in stdout.decode()
+    resumed = cli("embed", str(folder), "-o", str(out), "--weights", str(DEMO), "--backend", "torch", "--no-progress")
+    assert resumed.returncode == 0 and f"{rows} already done" in resumed.stdout
+    paths = read_embeddings(out).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 40
 
 
 def test_search_and_info_and_validate(tmp_path, corpus):

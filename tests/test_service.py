@@ -96,7 +96,29 @@ def test_health_metrics_and_openapi(client):
     assert 'arrowvision_requests_total{endpoint="/v1/embed",status="200"}' in metrics
     for name in ("arrowvision_request_latency_seconds_bucket", "arrowvision_batch_size_bucket", "arrowvision_queue_depth"):
         assert name in metrics
-    assert "/v1/embed/batch" in client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, field in (("/v1/embed", "image"), ("/v1/embed/batch", "images")):
+        content = paths[path]["post"]["requestBody"]["content"]  # request bodies documented
+        assert set(content) == {"multipart/form-data", "application/json"}
+        assert field in content["application/json"]["schema"]["properties"]
+
+
+def test_data_uris_are_accepted(client, encoder):
+    data = SAMPLES[0].read_bytes()
+    uri = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    response = client.post("/v1/embed", json={"image": uri})
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["embedding"], encoder.encode([data])[0], atol=1e-5)
+    batch = client.post("/v1/embed/batch", json={"images": [uri, "data:image/png;base64,%%%"]}).json()["results"]
+    assert "embedding" in batch[0] and batch[1]["status"] == 422
+
+
+def test_every_error_has_one_body_shape(client):
+    for response in (client.get("/v1/embed"), client.get("/nowhere"), client.post("/health"),
+                     client.post("/v1/embed", content=b"x", headers={"content-type": "text/plain"})):
+        assert response.status_code in (404, 405, 415), response.status_code
+        assert set(response.json()) == {"error"} and response.json()["error"], response.text
+    assert client.get("/v1/embed").headers["allow"] == "POST"
 
 
 def test_bad_inputs_get_clear_status_and_service_keeps_serving(client):
@@ -320,7 +342,10 @@ def test_bad_inputs_against_real_server_then_clean_shutdown(server):
     proc.send_signal(signal.SIGTERM)
     # uvicorn finishes the shutdown, then re-raises SIGTERM so the exit status names the signal
     assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in proc.stdout.read()
+    log = proc.stdout.read()
+    assert "Application shutdown complete" in log
+    assert re.search(r"arrowvision serving \S+siglip-demo-random.parquet \(siglip, dim 128\) with openvino fp32 on CPU", log)
+    assert '"POST /v1/embed HTTP/1.1" 200' in log  # access log
 
 
 GATED_SERVER = """

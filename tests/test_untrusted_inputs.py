@@ -62,8 +62,8 @@ def test_embed_on_a_list_with_a_nul_line_finishes_with_that_row_failed(tmp_path,
     assert run.returncode == cli.EXIT_PARTIAL, run.stderr
     assert "NUL byte" in run.stderr and "Traceback" not in run.stderr
     assert sorted(read_embeddings(out).column("path").to_pylist()) == sorted(images[:2])
-    errors = pa.concat_tables(pq.read_table(p) for p in out.glob("errors-*.parquet")).to_pylist()
-    assert errors == [{"path": "/tmp/evil\0name.jpg", "error": "'/tmp/evil\\x00name.jpg': path contains a NUL byte"}]
+    errors = pa.concat_tables(pq.read_table(p, columns=["path", "error"]) for p in (out / "_errors").glob("errors-*.parquet"))
+    assert errors.to_pylist() == [{"path": "/tmp/evil\0name.jpg", "error": "'/tmp/evil\\x00name.jpg': path contains a NUL byte"}]
 
 
 def test_any_exception_in_a_decoding_worker_is_a_failed_row(tmp_path, images, encoder, monkeypatch):
@@ -81,7 +81,7 @@ def test_any_exception_in_a_decoding_worker_is_a_failed_row(tmp_path, images, en
     stats = outcome["stats"]
     assert (stats.embedded, stats.failed) == (len(images) - 1, 1)
     assert stats.errors[0][1].endswith("preprocessing exploded")
-    errors = pq.read_table(next((tmp_path / "out").glob("errors-*.parquet"))).to_pylist()
+    errors = pq.read_table(next((tmp_path / "out" / "_errors").glob("errors-*.parquet"))).to_pylist()
     assert errors[0]["error"].endswith("preprocessing exploded")
 
 
@@ -201,7 +201,8 @@ def test_cli_bad_list_is_one_error_line(tmp_path):
 
 
 def test_paths_in_lists_are_kept_as_written(tmp_path):
-    """Reading a list does not touch the listed files: a slow or odd path cannot stall it."""
+    """Reading a list does not open the listed files: a slow or odd path cannot stall it. (Each
+    entry becomes its resolved absolute path, relative ones against the list's folder: issue 17.)"""
     listing = tmp_path / "list.txt"
     listing.write_text("/dev/zero\n/nonexistent/a.jpg\n" + str(Path("relative/b.jpg")) + "\n")
-    assert collect_inputs(str(listing)) == ["/dev/zero", "/nonexistent/a.jpg", "relative/b.jpg"]
+    assert collect_inputs(str(listing)) == ["/dev/zero", "/nonexistent/a.jpg", str((tmp_path / "relative" / "b.jpg").resolve())]
