@@ -151,8 +151,9 @@ def test_search_refuses_other_dimensions_and_warns_on_another_model(demo, photo_
 def test_search_command_with_another_models_query_dimension_fails_cleanly(tmp_path, photo_dataset, tiny_siglip_parquet):
     out, paths, _ = photo_dataset  # 128-dim demo embeddings; the tiny model gives 64-dim queries
     run = cli("search", str(out), paths[0], "--weights", str(tiny_siglip_parquet), "--backend", "torch")
-    last = run.stderr.strip().splitlines()[-1]  # after the "another model" warning
-    assert run.returncode == 1 and last.startswith("error:") and "dim 128, the query has 64" in last, run.stderr
+    assert run.returncode == 1 and run.stderr.count("error:") == 1 and "Traceback" not in run.stderr, run.stderr
+    error = run.stderr[run.stderr.index("error:"):].splitlines()[0]  # after the "another model" warning
+    assert "embeddings have dim 128, the query has 64" in error, run.stderr
 
 
 # ------------------------------------------------------------------------------------ export

@@ -281,7 +281,7 @@ sys.exit(cli.main(argv))
 
 def test_ctrl_c_exits_cleanly(tmp_path, corpus):
     """SIGINT while `embed` is provably mid-run (its 4th model call blocked on a FIFO): the run
-    stops with 130 and one line, keeping exactly the three chunks already written."""
+    stops with 130 and one line, and keeps (only) the rows it says it saved."""
     _, good, _ = corpus
     gate, marker = tmp_path / "gate", tmp_path / "blocked"
     os.mkfifo(gate)
@@ -302,8 +302,10 @@ def test_ctrl_c_exits_cleanly(tmp_path, corpus):
         except OSError:  # ENXIO: nobody is waiting on the gate (any more)
             time.sleep(0.01)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
-    assert read_embeddings(out).column("path").to_pylist() == good[:3]  # complete chunks only
+    assert proc.returncode == 130 and stderr.strip().startswith("interrupted"), stderr
+    assert "\n" not in stderr.strip() and "Traceback" not in stderr
+    paths = read_embeddings(out).column("path").to_pylist()
+    assert len(paths) >= 3 and paths == good[: len(paths)] and f"{len(paths)} rows" in stderr  # what it says it saved
     for part in out.glob("part-*.parquet"):
         pq.read_table(part)
 
