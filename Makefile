@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[test,serve,quantize,bench]"
 	touch $(STAMP)
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench mutants
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -23,3 +23,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/load_time.py
 	$(VENV)/bin/python benchmarks/parity.py
+
+# Mutation check (not in CI; see docs/TESTING.md): mutmut plants small bugs in model, preprocess,
+# config and format and runs the fast tests against each. Narrow it with e.g.
+# `make mutants MUTANTS='arrowvision.model*'`; `.venv/bin/mutmut browse` shows the survivors.
+MUTANTS ?=
+mutants: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[mutation]"
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	$(VENV)/bin/mutmut results

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import errno
+import logging
 import re
 import socket
 import sys
@@ -30,6 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .encoder import VisionEncoder, l2_normalize
 from .errors import ArrowVisionError, ImageError, ImageTooLarge
 from .preprocess import MAX_PIXELS, load_image, normalize_sketch_image
+
+log = logging.getLogger("arrowvision.service")
 
 
 DATA_URI = re.compile(r"^data:(?:image/[\w.+-]+)?(?:;[\w-]+=[^;,]*)*;base64,", re.IGNORECASE)
@@ -175,16 +178,30 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
     queue_depth = Gauge("arrowvision_queue_depth", "Images waiting for the model", registry=registry)
     images_total = Counter("arrowvision_images_total", "Images embedded", registry=registry)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="arrowvision-decode")
-    state: dict[str, Any] = {"accepting": True}
+    state: dict[str, Any] = {"accepting": True, "model_loaded": False, "model_error": None}
 
     def record_batch(size: int, seconds: float) -> None:
         batch_sizes.observe(size)
         inference_seconds.observe(seconds)
         images_total.inc(size)
 
+    def warm_up() -> None:
+        """One inference on a blank image: /health says the model is loaded only once it has
+        actually produced an embedding of the right size (and OpenVINO has compiled it)."""
+        size = encoder.config.image_size
+        output = np.asarray(encoder.backend(np.zeros((1, encoder.config.num_channels, size, size), np.float32)))
+        if output.shape != (1, encoder.embedding_dim):
+            raise ValueError(f"warm-up produced shape {output.shape}, expected (1, {encoder.embedding_dim})")
+
     @asynccontextmanager
     async def lifespan(app):
         batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, record_batch)
+        try:
+            await asyncio.get_running_loop().run_in_executor(batcher.executor, warm_up)
+            state["model_loaded"] = True
+        except Exception as exc:  # keep serving /health, which reports the failure
+            log.exception("model warm-up failed")
+            state["model_error"] = f"{type(exc).__name__}: {exc}"
         batcher.start()
         queue_depth.set_function(lambda: batcher.queue.qsize())
         state["batcher"] = batcher
@@ -195,6 +212,7 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         await batcher.drain(config.request_timeout_s)
         if "text_batcher" in state:
             await state["text_batcher"].drain(config.request_timeout_s)
+        state["model_loaded"] = False
         decode_pool.shutdown(wait=False)
 
     app = FastAPI(title="arrowvision", version="0.1.0", lifespan=lifespan,
@@ -357,13 +375,22 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         add_text_routes(app, text_model, config, registry=registry, state=state, embed_image=embed_one,
                         image_problem=image_problem, batcher_factory=MicroBatcher, queue_full=QueueFull)
 
-    @app.get("/health", summary="Model loaded, backend and device")
+    @app.get("/health", summary="Model loaded, backend and device (503 unless ready to embed)")
     async def health():
         backend = encoder.backend
-        return {"status": "ok" if state["accepting"] else "shutting down", "model_loaded": True, "backend": backend.name,
+        if not state["accepting"]:
+            status = "shutting down"
+        elif state["model_loaded"]:
+            status = "ok"
+        else:
+            status = "unavailable" if state["model_error"] else "starting"
+        body = {"status": status, "model_loaded": state["model_loaded"], "backend": backend.name,
                 "device": str(getattr(backend, "device", "cpu")), "precision": getattr(backend, "precision", "fp32"),
                 "family": encoder.config.family, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum,
                 "text": text_model is not None}
+        if state["model_error"]:
+            body["error"] = state["model_error"]
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():

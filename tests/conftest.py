@@ -1,4 +1,5 @@
-"""Shared fixtures: real (random-init, fixed seed) HF checkpoints saved with save_pretrained."""
+"""Shared fixtures: real HF checkpoints (fixed seed, every parameter perturbed; see checkpoints.py)
+saved with save_pretrained."""
 
 from __future__ import annotations
 
@@ -8,38 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .checkpoints import save_checkpoint  # noqa: F401  (re-exported for the test modules)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TINY_SIGLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
 TINY_CLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, projection_dim=48)
 BASE_SIGLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
-
-
-def save_checkpoint(folder: Path, kind: str, seed: int = 0, **config) -> Path:
-    """Random-init SigLIP/CLIP model from a config, saved like a hub checkpoint."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    if kind == "siglip_vision":
-        model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**config))
-    elif kind == "clip_vision":
-        model = tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**config))
-    elif kind == "clip_vision_no_projection":  # pooled output is the post-LN class token
-        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(**config))
-    elif kind == "siglip_full":  # the layout the hub publishes: vision_model.* + text_model.*
-        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
-        model = tf.SiglipModel(tf.SiglipConfig(vision_config=config, text_config=text))
-    elif kind == "clip_full":
-        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
-        proj = config.pop("projection_dim", 48)
-        model = tf.CLIPModel(tf.CLIPConfig(vision_config=config, text_config=text, projection_dim=proj))
-    else:
-        raise ValueError(kind)
-    model.eval()
-    model.save_pretrained(folder)
-    return folder
 
 
 def hf_model(folder: Path):

@@ -14,11 +14,13 @@ from .conftest import BASE_SIGLIP, hf_model, save_checkpoint
 
 TINY_CONFIGS = {
     "siglip-64-h4-p8-i32": ("siglip_vision", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)),
-    "siglip-odd-48-h3-p7-i35": ("siglip_vision", dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=100, image_size=35, patch_size=7)),
+    # large eps and other activations: a LayerNorm built without the config's eps, or a wrong
+    # activation, differs from transformers far beyond the tolerance
+    "siglip-odd-48-h3-p7-i35": ("siglip_vision", dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=100, image_size=35, patch_size=7, layer_norm_eps=0.5, hidden_act="gelu")),
     "siglip-96-h6-p4-i20": ("siglip_vision", dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, intermediate_size=200, image_size=20, patch_size=4)),
     "siglip-full-model": ("siglip_full", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, image_size=24, patch_size=6)),
     "clip-64-h2-p8-i40": ("clip_vision", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=40, patch_size=8, projection_dim=32)),
-    "clip-odd-36-h3-p6-i30": ("clip_vision", dict(hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=77, image_size=30, patch_size=6, projection_dim=20)),
+    "clip-odd-36-h3-p6-i30": ("clip_vision", dict(hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=77, image_size=30, patch_size=6, projection_dim=20, layer_norm_eps=0.5, hidden_act="gelu_new")),
     "clip-no-projection": ("clip_vision_no_projection", dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=24, patch_size=8)),
     "clip-full-model": ("clip_full", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8, projection_dim=24)),
 }
@@ -81,12 +83,26 @@ def test_interpolated_resolution_matches_transformers(tiny_pair):
     reference, ours, config = tiny_pair
     patch = config["patch_size"]
     size = config["image_size"] + 2 * patch  # a different grid: positions are interpolated
-    pixels = torch.randn(2, 3, size, size + patch)  # non-square too
+    for height, width in ((size, size + patch), (size, size)):  # non-square and square
+        pixels = torch.randn(2, 3, height, width)
+        pooled, last, _ = hf_outputs(reference, pixels, interpolate=True)
+        with torch.no_grad():
+            out = ours(pixels)
+        assert_close(out.pooled, pooled, f"pooled (interpolated to {height}x{width})")
+        assert_close(out.last_hidden_state, last, f"last_hidden_state (interpolated to {height}x{width})")
+
+
+def test_non_square_input_with_the_stored_patch_count_is_interpolated(tiny_pair):
+    """A 1 x side^2 grid has as many patches as the stored side x side table but needs
+    interpolated positions."""
+    reference, ours, config = tiny_pair
+    patch, side = config["patch_size"], config["image_size"] // config["patch_size"]
+    pixels = torch.randn(2, 3, patch, patch * side * side)
     pooled, last, _ = hf_outputs(reference, pixels, interpolate=True)
     with torch.no_grad():
         out = ours(pixels)
-    assert_close(out.pooled, pooled, "pooled (interpolated)")
-    assert_close(out.last_hidden_state, last, "last_hidden_state (interpolated)")
+    assert_close(out.pooled, pooled, "pooled (same patch count, other shape)")
+    assert_close(out.last_hidden_state, last, "last_hidden_state (same patch count, other shape)")
 
 
 def test_loading_from_half_precision_files_casts_to_float32(tmp_path, tiny_siglip):

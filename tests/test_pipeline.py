@@ -244,6 +244,71 @@ def test_killed_run_resumes_with_exactly_one_row_per_image(tmp_path, photos):
     assert not list(out.glob(".*.tmp"))  # no temp files remain visible as chunks
 
 
+GATED_EMBED = """
+import sys
+from arrowvision import cli
+from arrowvision.encoder import VisionEncoder
+
+gate, marker, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+load = VisionEncoder.from_parquet
+
+
+class Gated:
+    # The 4th model call blocks on a FIFO: Ctrl-C always lands while embed is mid-run.
+    name = "gated"
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, pixels):
+        self.calls += 1
+        if self.calls == 4:
+            open(marker, "w").close()
+            with open(gate, "rb") as fifo:
+                fifo.read()
+        return self.inner(pixels)
+
+
+def gated(*args, **kwargs):
+    encoder = load(*args, **kwargs)
+    return VisionEncoder(encoder.weights, Gated(encoder.backend), encoder.config)
+
+
+VisionEncoder.from_parquet = gated
+sys.exit(cli.main(argv))
+"""
+
+
+def test_ctrl_c_exits_cleanly(tmp_path, corpus):
+    """SIGINT while `embed` is provably mid-run (its 4th model call blocked on a FIFO): the run
+    stops with 130 and one line, and keeps (only) the rows it says it saved."""
+    _, good, _ = corpus
+    gate, marker = tmp_path / "gate", tmp_path / "blocked"
+    os.mkfifo(gate)
+    out = tmp_path / "emb"
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(good) + "\n")
+    proc = subprocess.Popen([sys.executable, "-c", GATED_EMBED, str(gate), str(marker), "embed", str(listing), "-o", str(out),
+                             "--weights", str(DEMO), "--backend", "torch", "--batch-size", "1", "--chunk-size", "1",
+                             "--workers", "1", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():  # three images embedded and written, the fourth held in the model
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # interrupts the blocked open() in the main thread
+    while proc.poll() is None and time.monotonic() < deadline:  # fallback: release the gate if it is still held
+        try:
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody is waiting on the gate (any more)
+            time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.strip().startswith("interrupted"), stderr
+    assert "\n" not in stderr.strip() and "Traceback" not in stderr
+    paths = read_embeddings(out).column("path").to_pylist()
+    assert len(paths) >= 3 and paths == good[: len(paths)] and f"{len(paths)} rows" in stderr  # what it says it saved
+    for part in out.glob("part-*.parquet"):
+        pq.read_table(part)
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_flush_then_exit_130(tmp_path, photos, sig):
     folder = tmp_path / "many"

@@ -112,3 +112,15 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         Preprocessor(8, SIGLIP_MEAN, SIGLIP_STD, False)(small_png, max_pixels=50)
     with pytest.raises(ImageError, match="exceeds"):
         load_image(np.zeros((100, 100), np.uint8), max_pixels=50)
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    """A truncated file whose header declares too many pixels is refused as too large: the
+    limit is applied before any decoding (a decode would fail as truncated instead)."""
+    buffer = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buffer, "PNG")
+    truncated = buffer.getvalue()[:200]  # header intact, pixel data cut
+    with pytest.raises(ImageTooLarge, match="3000x3000 pixels exceeds the limit of 1,000,000"):
+        load_image(truncated, max_pixels=1_000_000)
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(truncated)  # within the default limit: it is decoded, and fails as truncated

@@ -150,6 +150,7 @@ def _quantize(ov_model, precision: str, config: VisionConfig, calibration, meta:
         import nncf
     except ImportError:
         raise BackendError(f"precision {precision} needs nncf: pip install 'arrowvision[quantize]'") from None
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # its INFO lines (one per ignored node) go to stdout
     if precision == "int8-weights":
         return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters, OverflowFix
