@@ -629,8 +629,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         query = normalize_sketch(query)
     vector = encoder.encode([query])[0]
     hits = top_k(args.embeddings, vector, args.top_k, model_checksum=encoder.checksum, progress=progress_enabled(args))
+    return print_hits(args, {"query": args.query}, hits)
+
+
+def print_hits(args: argparse.Namespace, query: dict, hits: list) -> int:
+    """Search results as one JSON document (--json) or a ranked table; shared by image and text queries."""
     if args.json:
-        print_json({"dataset": args.embeddings, "query": args.query, "k": args.top_k,
+        print_json({"dataset": args.embeddings, **query, "k": args.top_k,
                     "hits": [{"rank": rank, "cosine": score, "path": path} for rank, (score, path) in enumerate(hits, 1)]})
         return EXIT_OK
     print(f"{'rank':>4}  {'cosine':>8}  path")
@@ -804,14 +809,7 @@ def cmd_search_text(args: argparse.Namespace) -> int:
     require_model(args.embeddings, model.checksum)
     vector = model.encode_texts([args.text])[0]
     hits = top_k(args.embeddings, vector, args.top_k, progress=progress_enabled(args))
-    if args.json:
-        print_json({"dataset": args.embeddings, "text": args.text, "k": args.top_k,
-                    "hits": [{"rank": rank, "cosine": score, "path": path} for rank, (score, path) in enumerate(hits, 1)]})
-        return EXIT_OK
-    print(f"{'rank':>4}  {'cosine':>8}  path")
-    for rank, (score, path) in enumerate(hits, 1):
-        print(f"{rank:>4}  {score:8.4f}  {path}")
-    return EXIT_OK
+    return print_hits(args, {"text": args.text}, hits)
 
 
 def _add_score(sub: argparse._SubParsersAction) -> None:

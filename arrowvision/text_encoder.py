@@ -33,13 +33,11 @@ class TorchTextBackend:
     name = "torch"
 
     def __init__(self, weights: WeightLoader, device: str = "cpu"):
-        try:
-            import torch
-        except ImportError:
-            raise BackendError("the torch backend needs PyTorch: pip install torch==2.13.0") from None
+        from .backends.torch_backend import import_torch
+
+        self.torch = torch = import_torch()  # before .text_model, which imports torch
         from .text_model import TextTransformer
 
-        self.torch = torch
         self.device = torch.device(device.lower())
         self.model = TextTransformer.from_weights(weights).to(self.device)
 

@@ -146,6 +146,18 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, calibratio
 
 
 def _quantize(ov_model, precision: str, config: VisionConfig, calibration, meta: dict):
+    # Picked by measurement on the held-out kinds (SigLIP-B/16, AVX2 + overflow fix, min cosine over
+    # kinds): nncf defaults 0.988 (graphics/grayscale fail); MAP head and patch conv kept in fp32
+    # (a few percent of the FLOPs) 0.988; plus SmoothQuant off 0.9994 (SmoothQuant alpha 0.5: 0.998).
+    samples = (lambda: calibration_pixels(config, calibration)) if precision == "int8" else None
+    return nncf_quantize(ov_model, precision, samples, meta, "calibration_images",
+                         keep_fp32_patterns=[r".*\.head\..*"], keep_fp32_types=["Convolution"], smooth_quant=False)
+
+
+def nncf_quantize(ov_model, precision: str, samples, meta: dict, count_key: str, *, keep_fp32_patterns=(),
+                  keep_fp32_types=(), smooth_quant: bool = True):
+    """int8-weights (weight compression) or int8 (PTQ on ``samples()``, a batch calibrated one row
+    at a time) for either tower; 7-bit weights where u8 x s8 products saturate (no VNNI)."""
     try:
         import nncf
     except ImportError:
@@ -155,17 +167,18 @@ def _quantize(ov_model, precision: str, config: VisionConfig, calibration, meta:
         return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters, OverflowFix
 
-    pixels = calibration_pixels(config, calibration)
+    batch = samples()
     overflow_fix = OverflowFix.ENABLE if _int8_saturates() else OverflowFix.FIRST_LAYER
-    meta.update({"calibration_images": len(pixels), "overflow_fix": overflow_fix.value})
-    dataset = nncf.Dataset([pixels[i : i + 1] for i in range(len(pixels))])
-    # Picked by measurement on the held-out kinds (SigLIP-B/16, AVX2 + overflow fix, min cosine over
-    # kinds): nncf defaults 0.988 (graphics/grayscale fail); MAP head and patch conv kept in fp32
-    # (a few percent of the FLOPs) 0.988; plus SmoothQuant off 0.9994 (SmoothQuant alpha 0.5: 0.998).
-    keep_fp32 = nncf.IgnoredScope(patterns=[r".*\.head\..*"], types=["Convolution"], validate=False)
-    advanced = AdvancedQuantizationParameters(overflow_fix=overflow_fix, smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
-    return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(pixels),
-                         ignored_scope=keep_fp32, advanced_parameters=advanced)
+    meta.update({count_key: len(batch), "overflow_fix": overflow_fix.value})
+    dataset = nncf.Dataset([batch[i : i + 1] for i in range(len(batch))])
+    options: dict[str, Any] = {"overflow_fix": overflow_fix}
+    if not smooth_quant:
+        options["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=-1)
+    ignored = None
+    if keep_fp32_patterns or keep_fp32_types:
+        ignored = nncf.IgnoredScope(patterns=list(keep_fp32_patterns), types=list(keep_fp32_types), validate=False)
+    return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batch),
+                         ignored_scope=ignored, advanced_parameters=AdvancedQuantizationParameters(**options))
 
 
 class OpenVINOBackend:

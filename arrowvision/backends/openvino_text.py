@@ -23,7 +23,7 @@ from ..errors import BackendError
 from ..format import WeightLoader
 from ..text_config import TextConfig
 from .artifacts import build_entry, cache_root, hash_key, is_complete, read_meta, require_torch
-from .openvino_backend import _int8_saturates, _openvino, inference_hint, unsupported_reason
+from .openvino_backend import _int8_saturates, _openvino, inference_hint, nncf_quantize, unsupported_reason
 from .validation import DEFAULT_MIN_COSINE, recheck, validate_lossy
 
 log = logging.getLogger("arrowvision")
@@ -122,20 +122,7 @@ def _export_into(folder: Path, weights: WeightLoader, tokenizer: Any, precision:
 
 
 def _quantize(ov_model, precision: str, tokenizer: Any, meta: dict):
-    try:
-        import nncf
-    except ImportError:
-        raise BackendError(f"precision {precision} needs nncf: pip install 'arrowvision[quantize]'") from None
-    if precision == "int8-weights":
-        return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-
-    ids = tokenizer(CALIBRATION_TEXTS)
-    overflow_fix = OverflowFix.ENABLE if _int8_saturates() else OverflowFix.FIRST_LAYER
-    meta.update({"calibration_texts": len(ids), "overflow_fix": overflow_fix.value})
-    dataset = nncf.Dataset([ids[i : i + 1] for i in range(len(ids))])
-    return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(ids),
-                         advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow_fix))
+    return nncf_quantize(ov_model, precision, lambda: tokenizer(CALIBRATION_TEXTS), meta, "calibration_texts")
 
 
 class OpenVINOTextBackend:

@@ -8,18 +8,23 @@ from ..errors import BackendError
 from ..format import WeightLoader
 
 
+def import_torch():
+    """torch, or a BackendError saying how to install the CPU build."""
+    try:
+        import torch
+    except ImportError:
+        raise BackendError("the torch backend needs PyTorch: pip install torch==2.13.0") from None
+    return torch
+
+
 class TorchBackend:
     name = "torch"
     precision = "fp32"
 
     def __init__(self, weights: WeightLoader, device: str = "cpu"):
-        try:
-            import torch
-        except ImportError:
-            raise BackendError("the torch backend needs PyTorch: pip install torch==2.13.0") from None
+        self.torch = torch = import_torch()  # before ..model, which imports torch
         from ..model import VisionTransformer
 
-        self.torch = torch
         self.device = torch.device(device.lower())
         self.model = VisionTransformer.from_weights(weights).to(self.device)
         self.config = self.model.config
