@@ -331,9 +331,9 @@ def test_ctrl_c_and_sigterm_flush_then_exit_130(tmp_path, photos, sig):
     while time.time() < deadline and not re.search(rb" ([2-9]|\d\d)/40 ", bytes(seen)):  # tqdm: 2+ images embedded
         time.sleep(0.01)
     proc.send_signal(sig)
-    stdout, _ = proc.communicate(timeout=120)
+    stdout, rest = proc.communicate(timeout=120)  # communicate also drains stderr: keep what it read
     reader.join(10)
-    stderr = bytes(seen).decode()
+    stderr = (bytes(seen) + (rest or b"")).decode()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     parts = list(out.glob("part-*.parquet"))
