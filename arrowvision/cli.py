@@ -565,8 +565,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "embed", "embed a folder, glob or list of images into a Parquet dataset (resumable)", cmd_embed)
-    p.add_argument("inputs", help="a folder (recursive), a quoted glob, or a .txt/.csv/.parquet list of paths "
-                   "(relative entries resolve against the list's folder)")
+    p.add_argument("inputs", help="a folder (recursive), a quoted glob, or a .txt/.csv/.parquet list of paths or "
+                   "http(s) URLs (relative entries resolve against the list's folder)")
     p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, _errors/)")
     _backend_options(p, mode="throughput")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
@@ -575,16 +575,20 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sketch", action="store_true", help="apply sketch normalization before embedding")
     p.add_argument("--skip-failed", action="store_true",
                    help="do not retry inputs that failed in an earlier run (they still count as failed)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let http(s) inputs reach loopback, private and link-local hosts (intranet use)")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, embed_paths, input_root
+    from .urlfetch import UrlPolicy
 
     paths = collect_inputs(args.inputs)
     encoder = load_encoder(args)
     stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
                         workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
-                        root=input_root(args.inputs), skip_failed=args.skip_failed)
+                        root=input_root(args.inputs), skip_failed=args.skip_failed,
+                        url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")
     print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
@@ -750,18 +754,61 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=positive_float, default=20.0, help="largest request body, MiB")
     p.add_argument("--timeout", type=positive_float, default=30.0, help="per-request timeout, seconds")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    _add_serve_profiles_and_access(p)
+
+
+def _add_serve_profiles_and_access(p: argparse.ArgumentParser) -> None:
+    """serve: model profiles, image URLs, access control, logs (issue 19)."""
+    p.add_argument("--model", action="append", metavar="NAME=WEIGHTS", dest="profiles",
+                   help="serve WEIGHTS as model NAME (repeat for several; requests pick one with \"model\": NAME)")
+    p.add_argument("--default", dest="default_model", metavar="NAME", help="model used when a request names none "
+                   "(default: the first --model)")
+    p.add_argument("--max-loaded-models", type=positive_int, metavar="N",
+                   help="models kept loaded at once; the least recently used is unloaded (default: all)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let image URLs reach loopback, private and link-local hosts (intranet use)")
+    p.add_argument("--url-timeout", type=positive_float, default=20.0, help="longest image-URL fetch, seconds")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health "
+                   "(default: $ARROWVISION_API_KEY; prefer the variable, command lines are visible to other users)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow listening on a non-loopback address without an API key")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
+                   help="allow browser calls from ORIGIN (repeat; * for any); CORS is off otherwise")
+    p.add_argument("--rate-limit", metavar="N/s", help="requests per second per client address (429 over it)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines (each with the request id) as text or JSON documents")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import ServiceConfig, listen, serve
+    from .service_models import registry_from_profiles
+    from .service_security import security_from_options
 
+    if args.profiles and (args.weights or getattr(args, "weights_positional", None)):
+        args.command_parser.error("give either --weights or --model NAME=WEIGHTS profiles, not both")
+    if not args.profiles and (args.default_model or args.max_loaded_models):
+        args.command_parser.error("--default and --max-loaded-models apply to --model profiles")
+    security = security_from_options(args.host, args.api_key or os.environ.get("ARROWVISION_API_KEY"),
+                                     allow_unauthenticated=args.allow_unauthenticated, cors_origins=args.cors_origins,
+                                     rate_limit=args.rate_limit)
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout)
+                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout,
+                           allow_private_urls=args.allow_private_urls, url_timeout_s=args.url_timeout)
     sock = listen(args.host, args.port)  # a busy port fails now, before the model loads
+
+    def load(weights: str):
+        text_model = load_text_model_if_any(args, weights)  # weights converted with --tower all also serve text
+        return (text_model.vision if text_model else load_encoder(args, weights)), text_model
+
+    if args.profiles:
+        models = registry_from_profiles(args.profiles, load, default=args.default_model, max_loaded=args.max_loaded_models,
+                                        backend=resolve_backend(args.backend))
+        serve(models, config=config, sock=sock, access_log=not args.quiet, security=security, log_format=args.log_format)
+        return EXIT_OK
     weights = _weights_path(args, demo_default=True)
-    text_model = load_text_model_if_any(args, weights)  # weights converted with --tower all also serve text
-    encoder = text_model.vision if text_model else load_encoder(args, weights)
-    serve(encoder, config=config, sock=sock, access_log=not args.quiet, model_name=weights, text_model=text_model)
+    encoder, text_model = load(weights)
+    serve(encoder, config=config, sock=sock, access_log=not args.quiet, model_name=weights, text_model=text_model,
+          security=security, log_format=args.log_format)
     return EXIT_OK
 
 
@@ -814,17 +861,21 @@ def cmd_search_text(args: argparse.Namespace) -> int:
 
 def _add_score(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "score", "CLIP score, logit and probability for each (image, text) row of a CSV/Parquet table", cmd_score)
-    p.add_argument("pairs", help="CSV or Parquet with `image` (path, relative to the table) and `text` columns")
+    p.add_argument("pairs", help="CSV or Parquet with `image` (path, relative to the table, or http(s) URL) and `text` columns")
     p.add_argument("-o", "--output", required=True, help="output .csv or .parquet (input columns + scores + error)")
     _backend_options(p)
     p.add_argument("--batch-size", type=positive_int, default=32, help="images (and texts) per model call")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let http(s) images reach loopback, private and link-local hosts (intranet use)")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .score_pairs import score_pairs
+    from .urlfetch import UrlPolicy
 
     model = load_image_text(args)
-    stats = score_pairs(model, args.pairs, args.output, batch_size=args.batch_size, progress=progress_enabled(args))
+    stats = score_pairs(model, args.pairs, args.output, batch_size=args.batch_size, progress=progress_enabled(args),
+                        url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     print(f"{stats.rows} pairs: {stats.scored} scored, {stats.failed} failed -> {args.output}")
     return EXIT_PARTIAL if stats.failed else EXIT_OK
 

@@ -59,6 +59,7 @@ def _csv_paths(path: Path) -> list[str]:
     """The column named like ``path``/``file`` if the header has one, else the first column; a
     first row that names no existing file and has no image extension is a header too."""
     from .pipeline import IMAGE_EXTENSIONS
+    from .urlfetch import is_url
 
     lines = _lines(path)
     reader = csv.reader(text for _, text in lines)
@@ -74,7 +75,7 @@ def _csv_paths(path: Path) -> list[str]:
         rows = rows[1:]
     else:
         column, first = 0, rows[0][0].strip()
-        if Path(first).suffix.lower() not in IMAGE_EXTENSIONS and not (path.parent / first).is_file():
+        if not is_url(first) and Path(first).suffix.lower() not in IMAGE_EXTENSIONS and not (path.parent / first).is_file():
             rows = rows[1:]  # a header with other names, e.g. "name,label"
     return [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
 

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from .errors import ArrowVisionError, ImageError
 from .fsutil import atomic_output
 from .pathlists import LIST_SUFFIXES, read_path_list
+from .urlfetch import UrlError, UrlFetcher, UrlPolicy, is_url
 
 MAX_IMAGE_FILE_BYTES = 1 << 30  # read into memory whole; the pixel limit is checked after
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -42,7 +43,10 @@ ERRORS_DIR = "_errors"  # dataset discovery (pyarrow, Spark, Hive) skips "_" fol
 
 
 def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
-    """An image's one identity: its resolved absolute path (relative paths resolve against ``base``)."""
+    """An image's one identity: its resolved absolute path (relative paths resolve against ``base``);
+    an http(s) URL is its own identity."""
+    if is_url(path):
+        return str(path).strip()
     path = Path(os.path.expanduser(os.fspath(path)))
     if base is not None and not path.is_absolute():
         path = Path(base) / path
@@ -70,10 +74,13 @@ def input_root(source: str) -> Path:
 
 def collect_inputs(source: str) -> list[str]:
     """A folder (recursive), a glob, or a .txt/.csv/.parquet list of paths -> unique resolved
-    absolute paths, in order. Relative entries of a list resolve against the list's folder."""
+    absolute paths, in order. Relative entries of a list resolve against the list's folder; http(s)
+    URLs (in a list, or given directly) are kept as they are."""
     path = Path(source)
     base: Path | None = None
-    if path.is_dir():
+    if is_url(source):
+        files = [source]
+    elif path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     elif any(ch in source for ch in "*?["):
         files = sorted(p for p in globlib.glob(source, recursive=True) if Path(p).is_file())
@@ -221,12 +228,24 @@ class EmbeddingWriter:
             self.failed.update((r.path, r.error) for r in bad)
 
 
-def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Callable | None) -> _Item:
-    """Read, decode, (sketch-normalize,) preprocess one file. Every failure, of any exception
-    type, becomes an error item: a worker that raised would leave the consumer waiting forever."""
+def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Callable | None,
+            fetch: Callable[[str], bytes] | None = None) -> _Item:
+    """Read (or fetch, for a URL), decode, (sketch-normalize,) preprocess one file. Every failure,
+    of any exception type, becomes an error item: a worker that raised would leave the consumer
+    waiting forever."""
     from .preprocess import load_image
 
     try:
+        if is_url(path):
+            try:
+                data = (fetch or UrlFetcher().fetch)(path)
+            except UrlError as exc:
+                return _Item(path, None, error=str(exc))
+            image = load_image(data, name=path)
+            width, height = image.size
+            if transform is not None:
+                image = transform(image)
+            return _Item(path, preprocess(image), width, height, hashlib.sha256(data).hexdigest())
         if "\0" in path:
             return _Item(path, None, error=f"{path!r}: path contains a NUL byte")
         try:
@@ -294,6 +313,7 @@ def embed_paths(
     root: str | os.PathLike | None = None,
     skip_failed: bool = False,
     stop: threading.Event | None = None,
+    url_policy: UrlPolicy | None = None,
 ) -> EmbedStats:
     """Embed ``paths`` into the dataset folder ``output``, resuming where a previous run stopped.
 
@@ -301,7 +321,9 @@ def embed_paths(
     (default: the current folder). Inputs that failed before are retried unless ``skip_failed``;
     either way they count as failed. Every part chunk holds exactly ``chunk_size`` rows (the last
     one fewer). Setting ``stop`` (or SIGINT/SIGTERM in the main thread) ends the run after the
-    current batch, with the rows embedded so far written as one more chunk."""
+    current batch, with the rows embedded so far written as one more chunk. http(s) URLs among
+    ``paths`` are fetched under ``url_policy`` (default: the SSRF guard on); one that fails is a
+    row of the errors table."""
     from tqdm import tqdm
 
     from .encoder import l2_normalize
@@ -320,7 +342,7 @@ def embed_paths(
     root = Path(root).resolve() if root is not None else Path.cwd()
 
     def relpath(path: str) -> str:
-        return os.path.relpath(path, root)
+        return path if is_url(path) else os.path.relpath(path, root)
 
     stats = EmbedStats()
     paths = list(dict.fromkeys(identity(p) for p in paths))
@@ -330,6 +352,8 @@ def embed_paths(
         stats.errors = [(p, writer.failed[p]) for p in paths if p not in writer.done and p in writer.failed]
         stats.failed = len(stats.errors)
     transform = normalize_sketch_image if sketch else None
+    fetcher = UrlFetcher(url_policy) if any(is_url(p) for p in todo) else None
+    fetch = fetcher.fetch if fetcher else None
     batches: queue.Queue = queue.Queue(maxsize=2)  # decoded batches waiting for the model
     stop = stop or threading.Event()
     finished = threading.Event()
@@ -341,7 +365,7 @@ def embed_paths(
                     if finished.is_set():
                         break
                     chunk = todo[start : start + batch_size]
-                    batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform), chunk)))
+                    batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform, fetch), chunk)))
         except BaseException as exc:  # noqa: BLE001 - reported by the consumer, which would wait forever
             batches.put(_WorkerDied(exc))
             return
@@ -393,6 +417,8 @@ def embed_paths(
                 batches.get_nowait()
             except queue.Empty:
                 producer.join(0.05)
+        if fetcher is not None:
+            fetcher.close()
     stats.seconds = time.perf_counter() - start_time
     return stats
 

@@ -1,12 +1,12 @@
 """``arrowvision score``: a table of (image, text) pairs in, the same rows with scores out.
 
-Input: a CSV or Parquet file with ``image`` (path; relative paths are taken from the table's
-folder) and ``text`` columns. Output (CSV or Parquet, by suffix, written atomically): every input
+Input: a CSV or Parquet file with ``image`` (path, relative paths taken from the table's folder,
+or an http(s) URL, fetched with the SSRF guard of ``arrowvision.urlfetch``) and ``text`` columns. Output (CSV or Parquet, by suffix, written atomically): every input
 column plus ``clip_score`` (max(100 cos, 0)), ``logit`` (transformers' logits_per_image entry of the
 pair), ``probability`` and ``error``. ``probability`` is the pair's sigmoid for SigLIP; for CLIP
 it is the softmax of the image's logits over the table's distinct texts (what CLIP's
 ``probs`` means: this text among the candidates). Unreadable images get an ``error`` and empty
-scores; the run goes on. Texts are embedded once each, images in batches.
+scores (a URL that cannot be fetched too, with the reason); the run goes on. Texts are embedded once each, images in batches.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pyarrow as pa
 from . import scoring
 from .errors import ArrowVisionError, ImageError
 from .fsutil import atomic_output
+from .urlfetch import UrlFetcher, UrlPolicy, is_url
 
 
 @dataclass
@@ -58,13 +59,16 @@ def read_pairs(path: str | os.PathLike) -> pa.Table:
 def _resolve(image: str | None, folder: Path) -> str | None:
     if not image:
         return None
+    if is_url(image):
+        return image.strip()
     path = Path(image).expanduser()
     return str(path if path.is_absolute() else folder / path)
 
 
 def score_pairs(model: Any, pairs: str | os.PathLike, output: str | os.PathLike, *, batch_size: int = 32,
-                progress: bool = True) -> ScoreStats:
-    """Score every (image, text) row of ``pairs`` with ``model`` (an ``ImageTextModel``) into ``output``."""
+                progress: bool = True, url_policy: UrlPolicy | None = None, url_workers: int = 8) -> ScoreStats:
+    """Score every (image, text) row of ``pairs`` with ``model`` (an ``ImageTextModel``) into ``output``.
+    Image URLs are fetched ``url_workers`` at a time under ``url_policy`` (default: SSRF guard on)."""
     if batch_size < 1:
         raise ArrowVisionError(f"batch_size must be >= 1, got {batch_size}")
     out_suffix = Path(output).suffix.lower()
@@ -83,20 +87,35 @@ def score_pairs(model: Any, pairs: str | os.PathLike, output: str | os.PathLike,
     logits = np.full(n, np.nan, np.float32)
     probabilities = np.full(n, np.nan, np.float32)
     errors: list[str | None] = [None] * n
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
-    with tqdm(total=n, unit="pair", desc="scoring", disable=not progress, leave=False) as bar:
+    fetcher = UrlFetcher(url_policy) if any(is_url(image) for image in images) else None
+
+    def pixels_of(image: str) -> np.ndarray:
+        return model.vision.preprocessor(fetcher.fetch(image) if fetcher and is_url(image) else image)
+
+    def attempt(row: int) -> np.ndarray | str:
+        if images[row] is None:
+            return "empty image path"
+        try:
+            return pixels_of(images[row])
+        except (ImageError, OSError) as exc:  # UrlError is an ImageError
+            return str(exc)
+
+    with tqdm(total=n, unit="pair", desc="scoring", disable=not progress, leave=False) as bar, \
+            ThreadPoolExecutor(url_workers if fetcher else 1) as pool, fetcher or nullcontext():
         for start in range(0, n, batch_size):
             rows, pixels = [], []
-            for row in range(start, min(start + batch_size, n)):
-                if images[row] is None:
-                    errors[row] = "empty image path"
-                    continue
-                try:
-                    pixels.append(model.vision.preprocessor(images[row]))
+            span = range(start, min(start + batch_size, n))
+            for row, outcome in zip(span, pool.map(attempt, span)):
+                if isinstance(outcome, str):
+                    errors[row] = outcome
+                else:
+                    pixels.append(outcome)
                     rows.append(row)
-                except (ImageError, OSError) as exc:
-                    errors[row] = str(exc)
             if rows:
                 image_embeddings = model.encode_images(np.stack(pixels), batch_size=batch_size)
                 all_logits = scoring.logits(image_embeddings, text_embeddings, model.logit_scale, model.logit_bias)

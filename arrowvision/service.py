@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import errno
+import functools
 import logging
 import re
 import socket
@@ -28,9 +29,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import tracing
 from .encoder import VisionEncoder, l2_normalize
 from .errors import ArrowVisionError, ImageError, ImageTooLarge
 from .preprocess import MAX_PIXELS, load_image, normalize_sketch_image
+from .service_models import ModelRegistry, ModelUnavailable, ServedModel, UnknownModel
+from .service_security import SecurityConfig, add_security
+from .tracing import RequestContextMiddleware
+from .urlfetch import AsyncUrlFetcher, UrlError, UrlPolicy, is_url
 
 log = logging.getLogger("arrowvision.service")
 
@@ -81,6 +87,17 @@ class ServiceConfig:
     decode_threads: int = 2
     max_texts: int = 64  # texts per /v1/embed/text or /v1/score request (413 above)
     max_text_chars: int = 1000  # characters per text (422 above)
+    allow_private_urls: bool = False  # image URLs may point at loopback/private/link-local hosts
+    url_timeout_s: float = 20.0  # a whole image-URL fetch, redirects included
+    url_connect_timeout_s: float = 5.0
+    url_read_timeout_s: float = 10.0  # longest silence while fetching
+    url_max_redirects: int = 5
+
+    def url_policy(self) -> UrlPolicy:
+        """Image URLs: the upload byte limit, these timeouts, the SSRF guard unless allowed."""
+        return UrlPolicy(max_bytes=self.max_body_bytes, connect_timeout_s=self.url_connect_timeout_s,
+                         read_timeout_s=self.url_read_timeout_s, total_timeout_s=self.url_timeout_s,
+                         max_redirects=self.url_max_redirects, allow_private=self.allow_private_urls)
 
 
 class QueueFull(Exception):
@@ -162,61 +179,59 @@ class MicroBatcher:
         self.executor.shutdown(wait=True)
 
 
-def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text_model: Any = None):
-    """The FastAPI application serving ``encoder``; with ``text_model`` (an ``ImageTextModel``)
-    also the text endpoints of ``service_text``."""
+def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | None = None, text_model: Any = None, *,
+               security: SecurityConfig | None = None, name: str | None = None):
+    """The FastAPI application serving ``encoder`` (with ``text_model``, an ``ImageTextModel``, also
+    the text endpoints of ``service_text``), or every model of a ``ModelRegistry`` (profiles).
+    ``security``: API key, CORS, rate limit (``service_security``)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     config = config or ServiceConfig()
+    models = encoder if isinstance(encoder, ModelRegistry) else ModelRegistry.single(encoder, text_model, name)
     registry = CollectorRegistry()
-    requests_total = Counter("arrowvision_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=registry)
-    latency = Histogram("arrowvision_request_latency_seconds", "Request latency", ["endpoint"], registry=registry,
+    requests_total = Counter("arrowvision_requests_total", "HTTP requests by endpoint, status and model",
+                             ["endpoint", "status", "model"], registry=registry)
+    latency = Histogram("arrowvision_request_latency_seconds", "Request latency", ["endpoint", "model"], registry=registry,
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-    batch_sizes = Histogram("arrowvision_batch_size", "Images per model call", registry=registry,
+    batch_sizes = Histogram("arrowvision_batch_size", "Images per model call", ["model"], registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-    inference_seconds = Histogram("arrowvision_inference_seconds", "Model call duration", registry=registry)
-    queue_depth = Gauge("arrowvision_queue_depth", "Images waiting for the model", registry=registry)
-    images_total = Counter("arrowvision_images_total", "Images embedded", registry=registry)
+    inference_seconds = Histogram("arrowvision_inference_seconds", "Model call duration", ["model"], registry=registry)
+    queue_depth = Gauge("arrowvision_queue_depth", "Images waiting for the model", ["model"], registry=registry)
+    images_total = Counter("arrowvision_images_total", "Images embedded", ["model"], registry=registry)
+    url_fetches = Counter("arrowvision_url_fetches_total", "Image URL fetches by outcome", ["outcome"], registry=registry)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="arrowvision-decode")
-    state: dict[str, Any] = {"accepting": True, "model_loaded": False, "model_error": None}
+    state: dict[str, Any] = {"accepting": True, "started": False, "models": models, "fetcher": None}
+    recorders: dict[str, Any] = {}
 
-    def record_batch(size: int, seconds: float) -> None:
-        batch_sizes.observe(size)
-        inference_seconds.observe(seconds)
-        images_total.inc(size)
-
-    def warm_up() -> None:
-        """One inference on a blank image: /health says the model is loaded only once it has
-        actually produced an embedding of the right size (and OpenVINO has compiled it)."""
-        size = encoder.config.image_size
-        output = np.asarray(encoder.backend(np.zeros((1, encoder.config.num_channels, size, size), np.float32)))
-        if output.shape != (1, encoder.embedding_dim):
-            raise ValueError(f"warm-up produced shape {output.shape}, expected (1, {encoder.embedding_dim})")
+    def make_batcher(model: str, kind: str, run) -> MicroBatcher:
+        """One micro-batcher per model and tower (models never share a batch)."""
+        if kind == "text":
+            record = functools.partial(recorders["text"], model)
+        else:
+            def record(size: int, seconds: float) -> None:
+                batch_sizes.labels(model).observe(size)
+                inference_seconds.labels(model).observe(seconds)
+                images_total.labels(model).inc(size)
+        batcher = MicroBatcher(run, config.max_batch, config.max_wait_ms, config.max_queue, record)
+        if kind == "image":
+            queue_depth.labels(model).set_function(lambda: batcher.queue.qsize())
+        return batcher
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, record_batch)
-        try:
-            await asyncio.get_running_loop().run_in_executor(batcher.executor, warm_up)
-            state["model_loaded"] = True
-        except Exception as exc:  # keep serving /health, which reports the failure
-            log.exception("model warm-up failed")
-            state["model_error"] = f"{type(exc).__name__}: {exc}"
-        batcher.start()
-        queue_depth.set_function(lambda: batcher.queue.qsize())
-        state["batcher"] = batcher
-        if "text_batcher" in state:
-            state["text_batcher"].start()
+        state["fetcher"] = AsyncUrlFetcher(config.url_policy())
+        await models.start(make_batcher)
+        state["started"] = True
         yield
         state["accepting"] = False
-        await batcher.drain(config.request_timeout_s)
-        if "text_batcher" in state:
-            await state["text_batcher"].drain(config.request_timeout_s)
-        state["model_loaded"] = False
+        await models.close(config.request_timeout_s)
+        await state["fetcher"].close()
+        state["started"] = False
         decode_pool.shutdown(wait=False)
 
     app = FastAPI(title="arrowvision", version="0.1.0", lifespan=lifespan,
                   description="SigLIP/CLIP image embeddings with dynamic micro-batching.")
+    app.state.models = models
 
     class HTTPProblem(Exception):
         def __init__(self, status: int, message: str, headers: dict | None = None):
@@ -229,6 +244,14 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
     @app.exception_handler(MalformedRequest)
     async def malformed_handler(request: Request, exc: MalformedRequest):
         return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model_handler(request: Request, exc: UnknownModel):
+        return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(ModelUnavailable)
+    async def unavailable_handler(request: Request, exc: ModelUnavailable):
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_handler(request: Request, exc: StarletteHTTPException):  # 404, 405... in our shape
@@ -250,8 +273,9 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         else:
             response = await call_next(request)
         if endpoint.startswith("/v1/"):
-            requests_total.labels(endpoint, str(response.status_code)).inc()
-            latency.labels(endpoint).observe(time.perf_counter() - start)
+            model = getattr(request.state, "model", "")
+            requests_total.labels(endpoint, str(response.status_code), model).inc()
+            latency.labels(endpoint, model).observe(time.perf_counter() - start)
         return response
 
     async def read_body(request: Request) -> bytes:
@@ -269,15 +293,30 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
             return value
         return str(value).lower() in ("1", "true", "yes", "on")
 
-    async def parse(request: Request, many: bool) -> tuple[list[tuple[str, bytes]], bool, bool]:
-        """-> ([(name, image bytes)], normalize, sketch) from multipart or JSON (base64)."""
+    def image_source(field: str, value: Any, *, url_only: bool = False) -> bytes | ImageUrl:
+        """A JSON image field: an http(s) URL (fetched later) or base64 / a data: URI."""
+        if not isinstance(value, str):
+            raise HTTPProblem(422, f"'{field}' must be a string")
+        if is_url(value):
+            return ImageUrl(value.strip())
+        if url_only:
+            raise HTTPProblem(422, f"'{field}' must be an http(s) URL")
+        try:
+            return decode_base64(value)
+        except (binascii.Error, ValueError):
+            raise HTTPProblem(422, f"'{field}' is not valid base64 (or a data:image/...;base64, URI, or an http(s) URL)") from None
+
+    async def parse(request: Request, many: bool) -> tuple[list[tuple[str, bytes | ImageUrl]], bool, bool, Any]:
+        """-> ([(name, image bytes or URL)], normalize, sketch, model) from multipart or JSON."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         params = request.query_params
         if content_type == "multipart/form-data":
             body = await read_body(request)
             form = await _parse_multipart(request, body)
-            files = [(getattr(v, "filename", None) or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
+            files: list[tuple[str, bytes | ImageUrl]] = [
+                (getattr(v, "filename", None) or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
             normalize, sketch = option(form.get("normalize", params.get("normalize")), True), option(form.get("sketch", params.get("sketch")), False)
+            model = form.get("model", params.get("model"))
         elif content_type == "application/json":
             import json
 
@@ -288,19 +327,28 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
                 raise HTTPProblem(422, f"malformed JSON: {exc}") from None
             if not isinstance(payload, dict):
                 raise HTTPProblem(422, "JSON body must be an object")
-            encoded = payload.get("images") if many else [payload.get("image")]
-            if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
-                raise HTTPProblem(422, "expected 'images': [base64, ...]" if many else "expected 'image': base64 string")
             files = []
-            for index, text in enumerate(encoded):
-                try:
-                    files.append((f"images[{index}]", decode_base64(text)))
-                except (binascii.Error, ValueError):
-                    if not many:
-                        raise HTTPProblem(422, "'image' is not valid base64 (or a data:image/...;base64, URI)") from None
-                    files.append((f"images[{index}]", b""))  # reported per item
+            if many:
+                encoded, urls = payload.get("images", []), payload.get("image_urls", [])
+                if not isinstance(encoded, list) or not isinstance(urls, list) or not (encoded or urls) \
+                        or not all(isinstance(e, str) for e in encoded + urls):
+                    raise HTTPProblem(422, "expected 'images': [base64 or URL, ...] and/or 'image_urls': [URL, ...]")
+                for index, text in enumerate(encoded):
+                    try:
+                        files.append((f"images[{index}]", image_source(f"images[{index}]", text)))
+                    except HTTPProblem:
+                        files.append((f"images[{index}]", b""))  # reported per item
+                for index, text in enumerate(urls):
+                    name = f"image_urls[{index}]"
+                    files.append((name, ImageUrl(text.strip()) if is_url(text) else BadInput(f"{name} is not an http(s) URL")))
+            else:
+                given = [key for key in ("image", "image_url") if key in payload]
+                if len(given) != 1:
+                    raise HTTPProblem(422, "expected 'image': base64 string or 'image_url': http(s) URL (exactly one)")
+                files.append((given[0], image_source(given[0], payload[given[0]], url_only=given[0] == "image_url")))
             normalize = option(payload.get("normalize", params.get("normalize")), True)
             sketch = option(payload.get("sketch", params.get("sketch")), False)
+            model = payload.get("model", params.get("model"))
         else:
             raise HTTPProblem(415, f"unsupported content type {content_type or '(none)'}; use multipart/form-data or application/json")
         if not files:
@@ -309,94 +357,150 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
             raise HTTPProblem(422, "send exactly one image to /v1/embed (use /v1/embed/batch for several)")
         if len(files) > config.max_batch_items:
             raise HTTPProblem(413, f"{len(files)} images in one request; the limit is {config.max_batch_items}")
-        return files, normalize, sketch
+        return files, normalize, sketch, model
 
-    def decode(name: str, data: bytes, sketch: bool) -> np.ndarray:
+    def decode(served: ServedModel, name: str, data: bytes, sketch: bool) -> np.ndarray:
         if not data:
             raise ImageError(f"{name}: empty or invalid image data")
         image = load_image(data, max_pixels=config.max_pixels, name=name)
         if sketch:
             image = normalize_sketch_image(image)
-        return encoder.preprocessor.pixels(image)
+        return served.encoder.preprocessor.pixels(image)
 
-    async def embed_one(name: str, data: bytes, normalize: bool, sketch: bool) -> dict[str, Any]:
+    async def fetch(url: ImageUrl) -> bytes:
+        with tracing.span("fetch", **{"url.full": url}):
+            try:
+                data = await state["fetcher"].fetch(url)
+            except UrlError as exc:
+                url_fetches.labels(type(exc).__name__).inc()
+                raise
+        url_fetches.labels("ok").inc()
+        return data
+
+    async def embed_one(served: ServedModel, name: str, source: bytes | ImageUrl, normalize: bool, sketch: bool) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        pixels = await loop.run_in_executor(decode_pool, decode, name, data, sketch)
+        data = await fetch(source) if isinstance(source, ImageUrl) else source
+        fetched = time.perf_counter()
+        with tracing.span("decode", **{"arrowvision.input": name}):
+            pixels = await loop.run_in_executor(decode_pool, decode, served, name, data, sketch)
         decoded = time.perf_counter()
         try:
-            vector, inference = await asyncio.wait_for(state["batcher"].submit(pixels), config.request_timeout_s)
+            vector, inference = await asyncio.wait_for(served.batcher.submit(pixels), config.request_timeout_s)
         except QueueFull:
             raise HTTPProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
         except TimeoutError:
             raise HTTPProblem(504, f"timed out after {config.request_timeout_s} s") from None
-        vector = l2_normalize(vector) if normalize else vector
         done = time.perf_counter()
+        model_started = max(decoded, done - inference)
+        tracing.record_span("queue wait", decoded, model_started, **{"arrowvision.model": served.name})
+        tracing.record_span("model call", model_started, done, **{"arrowvision.model": served.name})
+        vector = l2_normalize(vector) if normalize else vector
+        timing = {"decode": 1000 * (decoded - fetched), "inference": 1000 * inference,
+                  "queue": 1000 * max(0.0, done - decoded - inference), "total": 1000 * (done - start)}
+        if isinstance(source, ImageUrl):
+            timing["fetch"] = 1000 * (fetched - start)
         return {
             "embedding": vector.astype(np.float32).tolist(),
             "dim": int(vector.shape[0]),
-            "model_checksum": encoder.checksum,
-            "timing_ms": {"decode": 1000 * (decoded - start), "inference": 1000 * inference,
-                          "queue": 1000 * max(0.0, done - decoded - inference), "total": 1000 * (done - start)},
+            "model_checksum": served.encoder.checksum,
+            "timing_ms": timing,
         }
 
     def image_problem(exc: ImageError) -> HTTPProblem:
-        return HTTPProblem(413 if isinstance(exc, ImageTooLarge) else 422, str(exc))
+        status = getattr(exc, "status", None) or (413 if isinstance(exc, ImageTooLarge) else 422)
+        return HTTPProblem(status, str(exc))
 
-    @app.post("/v1/embed", summary="Embed one image (multipart 'file' or JSON {'image': base64})",
+    def answered(request: Request, served: ServedModel, body: dict[str, Any], start: float) -> dict[str, Any]:
+        """Every answer names its model and its processing time."""
+        request.state.model = served.name
+        return {**body, "model": served.name, "processing_time_ms": 1000 * (time.perf_counter() - start)}
+
+    @app.post("/v1/embed", summary="Embed one image (multipart 'file', JSON {'image': base64} or {'image_url': URL})",
               openapi_extra=request_body(many=False), responses=RESPONSES)
     async def embed(request: Request):
-        files, normalize, sketch = await parse(request, many=False)
-        try:
-            return await embed_one(*files[0], normalize, sketch)
-        except ImageError as exc:
-            raise image_problem(exc) from None
+        start = time.perf_counter()
+        files, normalize, sketch, model = await parse(request, many=False)
+        async with models.use(model) as served:
+            try:
+                return answered(request, served, await embed_one(served, *files[0], normalize, sketch), start)
+            except ImageError as exc:
+                raise image_problem(exc) from None
 
     @app.post("/v1/embed/batch", summary="Embed several images; per-item errors do not fail the others",
               openapi_extra=request_body(many=True), responses=RESPONSES)
     async def embed_batch(request: Request):
-        files, normalize, sketch = await parse(request, many=True)
+        start = time.perf_counter()
+        files, normalize, sketch, model = await parse(request, many=True)
 
-        async def one(name: str, data: bytes) -> dict[str, Any]:
+        async def one(served: ServedModel, name: str, data: bytes | ImageUrl) -> dict[str, Any]:
+            if isinstance(data, BadInput):
+                return {"error": str(data), "status": 422}
             try:
-                return await embed_one(name, data, normalize, sketch)
+                return await embed_one(served, name, data, normalize, sketch)
             except ImageError as exc:
                 problem = image_problem(exc)
                 return {"error": problem.message, "status": problem.status}
             except HTTPProblem as problem:
                 return {"error": problem.message, "status": problem.status}
 
-        results = await asyncio.gather(*(one(name, data) for name, data in files))
-        return {"results": results, "model_checksum": encoder.checksum, "dim": encoder.embedding_dim}
+        async with models.use(model) as served:
+            results = await asyncio.gather(*(one(served, name, data) for name, data in files))
+            return answered(request, served, {"results": results, "model_checksum": served.encoder.checksum,
+                                              "dim": served.encoder.embedding_dim}, start)
 
-    if text_model is not None:
+    @app.get("/v1/models", summary="The models this service serves (family, towers, dimension, backend)")
+    async def list_models():
+        return {"object": "list", "data": models.describe(), "default": models.default}
+
+    embed_texts = None
+    if models.has_text:
         from .service_text import add_text_routes
 
-        add_text_routes(app, text_model, config, registry=registry, state=state, embed_image=embed_one,
-                        image_problem=image_problem, batcher_factory=MicroBatcher, queue_full=QueueFull)
+        embed_texts = add_text_routes(app, models, config, registry=registry, recorders=recorders, embed_image=embed_one,
+                                      image_problem=image_problem, queue_full=QueueFull, answered=answered)
+
+    from .service_openai import add_openai_routes
+
+    add_openai_routes(app, models, config, embed_image=embed_one, embed_texts=embed_texts)
 
     @app.get("/health", summary="Model loaded, backend and device (503 unless ready to embed)")
     async def health():
-        backend = encoder.backend
+        served = models.loaded.get(models.default)
+        model_error = (served.error if served else None) or models.failures.get(models.default)
+        model_loaded = bool(state["started"] and served is not None and served.error is None)
         if not state["accepting"]:
             status = "shutting down"
-        elif state["model_loaded"]:
+        elif model_loaded:
             status = "ok"
         else:
-            status = "unavailable" if state["model_error"] else "starting"
-        body = {"status": status, "model_loaded": state["model_loaded"], "backend": backend.name,
+            status = "unavailable" if model_error else "starting"
+        spec = models.specs[models.default]
+        backend = served.encoder.backend if served else None
+        body = {"status": status, "model_loaded": model_loaded, "backend": backend.name if backend else spec.backend or None,
                 "device": str(getattr(backend, "device", "cpu")), "precision": getattr(backend, "precision", "fp32"),
-                "family": encoder.config.family, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum,
-                "text": text_model is not None}
-        if state["model_error"]:
-            body["error"] = state["model_error"]
+                "family": spec.info.get("family"), "dim": spec.info.get("dim"), "model_checksum": spec.info.get("model_checksum"),
+                "text": served.text_model is not None if served else "text" in spec.info.get("towers", ()),
+                "model": models.default, "models": {n: n in models.loaded for n in models.specs}}
+        if model_error:
+            body["error"] = model_error
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_security(app, security)
+    app.add_middleware(RequestContextMiddleware)  # outermost: request id and span around everything
     return app
+
+
+class ImageUrl(str):
+    """An image given by http(s) URL in a JSON body (fetched with the SSRF guard)."""
+
+
+class BadInput(str):
+    """An item of a batch request that is unusable as given (reported in its result)."""
 
 
 async def _parse_multipart(request, body: bytes):
@@ -431,21 +535,33 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None, *,
-          sock: socket.socket | None = None, access_log: bool = True, model_name: str | None = None,
-          text_model: Any = None) -> None:
-    """Run the service until SIGINT/SIGTERM (then drain). ``sock``: an already listening socket;
-    ``text_model`` (an ``ImageTextModel``) adds the text endpoints."""
+def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port: int = 8000,
+          config: ServiceConfig | None = None, *, sock: socket.socket | None = None, access_log: bool = True,
+          model_name: str | None = None, text_model: Any = None, security: SecurityConfig | None = None,
+          log_format: str = "text") -> None:
+    """Run the service until SIGINT/SIGTERM (then drain). ``encoder``: one model, or a
+    ``ModelRegistry`` of profiles; ``sock``: an already listening socket; ``text_model`` (an
+    ``ImageTextModel``) adds the text endpoints; ``security``: API key, CORS, rate limit;
+    ``log_format``: text or json (every line carries the request id). OTEL_* variables turn on
+    tracing (see ``arrowvision.tracing``)."""
     import uvicorn
 
     config = config or ServiceConfig()
     sock = sock or listen(host, port)
     host, port = sock.getsockname()[:2]
-    backend = encoder.backend
-    print(f"arrowvision serving {model_name or encoder.weights.path} ({encoder.config.family}, dim {encoder.embedding_dim}) "
-          f"with {backend.name} {getattr(backend, 'precision', 'fp32')} on {getattr(backend, 'device', 'cpu')} "
-          f"at http://{host}:{port}", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(encoder, config, text_model), access_log=access_log,
+    if isinstance(encoder, ModelRegistry):
+        names = ", ".join(f"{n}{' (default)' if n == encoder.default else ''}" for n in encoder.specs)
+        print(f"arrowvision serving models {names} at http://{host}:{port}", file=sys.stderr, flush=True)
+    else:
+        backend = encoder.backend
+        print(f"arrowvision serving {model_name or encoder.weights.path} ({encoder.config.family}, dim {encoder.embedding_dim}) "
+              f"with {backend.name} {getattr(backend, 'precision', 'fp32')} on {getattr(backend, 'device', 'cpu')} "
+              f"at http://{host}:{port}", file=sys.stderr, flush=True)
+    if security and security.api_key:
+        print("API key required (Authorization: Bearer ...) on every endpoint but /health", file=sys.stderr, flush=True)
+    tracing.configure_from_environment()
+    app = create_app(encoder, config, text_model, security=security)
+    server = uvicorn.Server(uvicorn.Config(app, access_log=access_log, log_config=tracing.logging_config(log_format),
                                            timeout_graceful_shutdown=int(config.request_timeout_s)))
     server.run(sockets=[sock])
     if not server.started:

@@ -71,8 +71,8 @@ async def load(base: str, payloads: list[bytes], requests: int, concurrency: int
 
 def mean_batch(base: str) -> float:
     text = httpx.get(f"{base}/metrics").text
-    count = float(re.search(r"^arrowvision_batch_size_count (\S+)", text, re.M).group(1))
-    total = float(re.search(r"^arrowvision_batch_size_sum (\S+)", text, re.M).group(1))
+    count = sum(float(v) for v in re.findall(r"^arrowvision_batch_size_count(?:\{[^}]*\})? (\S+)", text, re.M))
+    total = sum(float(v) for v in re.findall(r"^arrowvision_batch_size_sum(?:\{[^}]*\})? (\S+)", text, re.M))
     return total / count if count else 0.0
 
 

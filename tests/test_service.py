@@ -93,7 +93,7 @@ def test_health_metrics_and_openapi(client):
     assert health["model_loaded"] is True and health["backend"] == "torch" and health["status"] == "ok"
     client.post("/v1/embed", files={"file": ("a.jpg", SAMPLES[1].read_bytes(), "image/jpeg")})
     metrics = client.get("/metrics").text
-    assert 'arrowvision_requests_total{endpoint="/v1/embed",status="200"}' in metrics
+    assert 'arrowvision_requests_total{endpoint="/v1/embed",model="siglip-demo-random",status="200"}' in metrics
     for name in ("arrowvision_request_latency_seconds_bucket", "arrowvision_batch_size_bucket", "arrowvision_queue_depth"):
         assert name in metrics
     paths = client.get("/openapi.json").json()["paths"]
@@ -323,8 +323,8 @@ def test_load_32_concurrent_clients(server):
         if status == 200:
             assert np.abs(np.asarray(body["embedding"]) - expected[index]).max() < 1e-4
     metrics = httpx.get(f"{base}/metrics").text
-    count = float(re.search(r"^arrowvision_batch_size_count (\S+)", metrics, re.M).group(1))
-    total = float(re.search(r"^arrowvision_batch_size_sum (\S+)", metrics, re.M).group(1))
+    count = float(re.search(r"^arrowvision_batch_size_count\{[^}]*\} (\S+)", metrics, re.M).group(1))
+    total = float(re.search(r"^arrowvision_batch_size_sum\{[^}]*\} (\S+)", metrics, re.M).group(1))
     # every answered request went through exactly one model call (batching itself is checked
     # deterministically in test_requests_queued_while_the_model_runs_form_the_next_batches)
     assert total == statuses.count(200) and 1 <= count <= total, (total, count)
@@ -455,4 +455,4 @@ def wait_until_healthy(base: str, proc: subprocess.Popen, log: list[str], timeou
 
 
 def queue_depth(metrics: httpx.Response) -> float:
-    return float(re.search(r"^arrowvision_queue_depth (\S+)", metrics.text, re.M).group(1))
+    return float(re.search(r"^arrowvision_queue_depth\{[^}]*\} (\S+)", metrics.text, re.M).group(1))

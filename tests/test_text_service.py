@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from pathlib import Path
 
 import httpx
@@ -91,15 +92,15 @@ def test_concurrent_text_requests_share_model_calls(model):
     responses, metrics = asyncio.run(run())
     got = np.array([r.json()["embeddings"][0] for r in responses])
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    calls = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("arrowvision_text_batch_size_count")))
-    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("arrowvision_texts_total ")))
+    calls = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("arrowvision_text_batch_size_count{")))
+    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("arrowvision_texts_total{")))
     assert total == len(texts) and calls < len(texts)
 
 
 def test_text_endpoints_in_metrics_openapi_and_health(client):
     client.post("/v1/embed/text", json={"texts": ["a"]})
     metrics = client.get("/metrics").text
-    assert 'arrowvision_requests_total{endpoint="/v1/embed/text",status="200"}' in metrics
+    assert re.search(r'arrowvision_requests_total\{endpoint="/v1/embed/text",model="[^"]+",status="200"\}', metrics)
     assert "arrowvision_texts_total" in metrics
     paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/embed/text" in paths and "/v1/score" in paths

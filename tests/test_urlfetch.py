@@ -1,0 +1,224 @@
+"""Image URLs against a real local HTTP server: fetching, the SSRF guard (also on redirects),
+byte cap, timeouts of a trickling server, and URLs in `score` tables and `embed` lists."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from arrowvision import urlfetch
+from arrowvision.urlfetch import AsyncUrlFetcher, UrlBlocked, UrlError, UrlFetcher, UrlPolicy, UrlTooLarge
+
+from .servers import PHOTOS, SAMPLES, PhotoServer
+
+OPEN = UrlPolicy(allow_private=True, max_bytes=2_000_000)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    with PhotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def public_host(monkeypatch):
+    """A second server on 127.0.0.2 that the guard treats as a public address (the rest of
+    127.0.0.0/8 stays refused): lets a redirect from a 'public' host to 127.0.0.1 be tested."""
+    real = urlfetch.refused_reason
+    monkeypatch.setattr(urlfetch, "refused_reason", lambda address: None if address == "127.0.0.2" else real(address))
+    with PhotoServer("127.0.0.2") as server:
+        yield server
+
+
+def fetch(url: str, policy: UrlPolicy = OPEN) -> bytes:
+    with UrlFetcher(policy) as fetcher:
+        return fetcher.fetch(url)
+
+
+def afetch(url: str, policy: UrlPolicy = OPEN) -> bytes:
+    async def run():
+        fetcher = AsyncUrlFetcher(policy)
+        try:
+            return await fetcher.fetch(url)
+        finally:
+            await fetcher.close()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("get", [fetch, afetch], ids=["sync", "async"])
+def test_fetches_photos_and_follows_redirects(photos, get):
+    assert get(photos.photo(1)) == PHOTOS[SAMPLES[1].name]
+    assert get(photos.url("/hops/3")) == PHOTOS[SAMPLES[0].name]
+    with pytest.raises(UrlError, match="more than 5 redirects"):
+        get(photos.url("/hops/6"))
+
+
+@pytest.mark.parametrize("get", [fetch, afetch], ids=["sync", "async"])
+@pytest.mark.parametrize(("path", "error", "message"), [
+    ("/page.html", UrlError, r"not an image \(the server said text/html"),
+    ("/missing", UrlError, "the server answered 404"),
+    ("/declared-big", UrlTooLarge, "larger than the 2000000 bytes allowed"),
+    ("/streamed-big?bytes=3000000", UrlTooLarge, "larger than the 2000000 bytes allowed"),
+])
+def test_bad_responses_are_named(photos, get, path, error, message):
+    with pytest.raises(error, match=message) as info:
+        get(photos.url(path))
+    assert str(info.value).startswith(photos.url(path))
+    assert info.value.status == (413 if error is UrlTooLarge else 422)
+
+
+@pytest.mark.parametrize("get", [fetch, afetch], ids=["sync", "async"])
+@pytest.mark.parametrize(("url", "reason"), [
+    ("http://127.0.0.1:{port}/photos/x.jpg", "loopback"),
+    ("http://localhost:{port}/photos/x.jpg", "loopback"),
+    ("http://[::ffff:127.0.0.1]:{port}/", "loopback"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("http://10.1.2.3/x.jpg", "private"),
+    ("http://0.0.0.0:{port}/", "unspecified"),
+    ("http://[::1]:{port}/", "loopback"),
+])
+def test_guard_refuses_internal_addresses(photos, get, url, reason):
+    url = url.format(port=photos.port)
+    before = len(photos.server.hits)
+    with pytest.raises(UrlBlocked, match=f"a {reason} address") as info:
+        get(url, UrlPolicy())
+    assert info.value.status == 403 and "--allow-private-urls" in str(info.value)
+    assert len(photos.server.hits) == before  # refused before connecting
+
+
+@pytest.mark.parametrize("get", [fetch, afetch], ids=["sync", "async"])
+def test_redirect_to_loopback_is_refused_at_the_hop(photos, public_host, get):
+    assert get(public_host.photo(2), UrlPolicy()) == PHOTOS[SAMPLES[2].name]  # the 'public' host is fetched
+    before = len(photos.server.hits)
+    with pytest.raises(UrlBlocked, match="127.0.0.1 is a loopback address"):
+        get(public_host.url(f"/redirect?to={photos.photo(0)}"), UrlPolicy())
+    assert len(photos.server.hits) == before  # the redirect target was never contacted
+    assert get(public_host.url(f"/redirect?to={photos.photo(0)}")) == PHOTOS[SAMPLES[0].name]  # allowed: followed
+
+
+def test_dns_answer_is_checked_and_connected_to(photos, monkeypatch):
+    """The guard connects to the address it checked: a name resolving to loopback is refused
+    even when the URL names no IP, and one resolving to an allowed address is fetched from it."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        return real("127.0.0.1" if host == "photos.example" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    url = f"http://photos.example:{photos.port}/photos/{SAMPLES[0].name}"
+    with pytest.raises(UrlBlocked, match="photos.example resolves to 127.0.0.1, a loopback address"):
+        fetch(url, UrlPolicy())
+    assert fetch(url) == PHOTOS[SAMPLES[0].name]
+
+
+def test_bad_urls():
+    for url, message in (("ftp://example.com/x.jpg", "only http and https"), ("http:///x.jpg", "no host"),
+                         ("http://nonexistent.invalid/x.jpg", "cannot resolve")):
+        with pytest.raises(UrlError, match=message):
+            fetch(url, UrlPolicy())
+
+
+def test_a_trickling_server_times_out_without_stalling_other_fetches(photos):
+    """1 byte/s: the trickle costs its own fetch a timeout; the other fetches finish meanwhile."""
+    policy = UrlPolicy(allow_private=True, total_timeout_s=3, read_timeout_s=5)
+    finished: list[str] = []
+
+    async def run():
+        fetcher = AsyncUrlFetcher(policy)
+
+        async def one(label: str, url: str):
+            try:
+                return await fetcher.fetch(url)
+            finally:
+                finished.append(label)
+
+        try:
+            return await asyncio.gather(one("trickle", photos.url("/trickle")),
+                                        *(one(f"photo{i}", photos.photo(i % len(SAMPLES))) for i in range(8)),
+                                        return_exceptions=True)
+        finally:
+            await fetcher.close()
+
+    results = asyncio.run(run())
+    assert isinstance(results[0], UrlError) and "timed out" in str(results[0]), results[0]
+    assert all(isinstance(r, bytes) for r in results[1:])
+    assert finished[-1] == "trickle"  # every photo was answered while the trickle was still going
+    with pytest.raises(UrlError, match="timed out"):
+        fetch(photos.url("/trickle"), UrlPolicy(allow_private=True, total_timeout_s=2, read_timeout_s=5))
+
+
+def test_sniffing_uses_the_bytes():
+    assert urlfetch.sniff_image_type(PHOTOS[SAMPLES[0].name]) == "jpeg"
+    assert urlfetch.sniff_image_type(b"RIFF\0\0\0\0WEBPVP8 ") == "webp"
+    assert urlfetch.sniff_image_type(b"<html>") is None
+
+
+# ----------------------------------------------------------------------------- score and embed
+
+
+@pytest.fixture(scope="module")
+def image_text_model(tmp_path_factory):
+    import arrowvision
+    from arrowvision.convert import convert
+
+    from .textkit import save_full_checkpoint
+
+    folder = save_full_checkpoint(tmp_path_factory.mktemp("siglip"), "siglip", seed=5)
+    convert(str(folder), folder / "all.parquet", tower="all", progress=False)
+    return arrowvision.ImageTextModel.from_parquet(folder / "all.parquet")
+
+
+def test_score_table_with_urls(photos, image_text_model, tmp_path):
+    import pyarrow as pa
+
+    from arrowvision.score_pairs import score_pairs
+
+    local = tmp_path / SAMPLES[0].name
+    local.write_bytes(PHOTOS[SAMPLES[0].name])
+    images = [photos.photo(0), str(local), photos.url("/page.html"), "http://nonexistent.invalid/x.jpg", photos.url("/hops/2")]
+    pq.write_table(pa.table({"image": images, "text": ["a cat"] * len(images)}), tmp_path / "pairs.parquet")
+    stats = score_pairs(image_text_model, tmp_path / "pairs.parquet", tmp_path / "out.parquet", progress=False,
+                        url_policy=UrlPolicy(allow_private=True))
+    out = pq.read_table(tmp_path / "out.parquet").to_pydict()
+    assert (stats.scored, stats.failed) == (3, 2)
+    assert out["error"][0] is None and out["clip_score"][0] == pytest.approx(out["clip_score"][1], abs=1e-4)
+    assert out["clip_score"][4] == pytest.approx(out["clip_score"][0], abs=1e-4)  # /hops/2 ends at the same photo
+    assert "not an image" in out["error"][2]
+    assert "cannot resolve nonexistent.invalid" in out["error"][3]
+    guarded = score_pairs(image_text_model, tmp_path / "pairs.parquet", tmp_path / "guarded.csv", progress=False)
+    assert (guarded.scored, guarded.failed) == (1, 4)  # the guard on: only the local file is scored
+    from pyarrow import csv
+
+    errors = csv.read_csv(tmp_path / "guarded.csv").column("error").to_pylist()
+    assert [e is not None and "loopback address" in e for e in errors] == [True, False, True, False, True]
+
+
+def test_embed_list_with_urls(photos, tmp_path):
+    from arrowvision import VisionEncoder
+    from arrowvision.pipeline import ERRORS_DIR, collect_inputs, embed_paths, read_embeddings
+
+    encoder = VisionEncoder.from_parquet(SAMPLES[0].parents[2] / "weights" / "siglip-demo-random.parquet")
+    listing = tmp_path / "inputs.csv"
+    urls = [photos.photo(0), photos.photo(1), photos.url("/missing"), photos.url("/streamed-big?bytes=3000000")]
+    listing.write_text("url\n" + "\n".join(urls) + "\n")
+    paths = collect_inputs(str(listing))
+    assert paths == urls  # URLs are kept as they are
+    stats = embed_paths(encoder, paths, tmp_path / "out", progress=False,
+                        url_policy=UrlPolicy(allow_private=True, max_bytes=2_000_000))
+    assert (stats.embedded, stats.failed) == (2, 2)
+    table = read_embeddings(tmp_path / "out").to_pydict()
+    assert table["path"] == urls[:2] and table["relpath"] == urls[:2]
+    expected = encoder.encode([PHOTOS[SAMPLES[0].name], PHOTOS[SAMPLES[1].name]])
+    np.testing.assert_allclose(np.array(table["embedding"]), expected, atol=1e-5)
+    errors = pq.read_table(next((tmp_path / "out" / ERRORS_DIR).glob("*.parquet"))).to_pydict()
+    assert errors["path"] == urls[2:]
+    assert "404" in errors["error"][0] and "larger than" in errors["error"][1]
+    guarded = embed_paths(encoder, paths, tmp_path / "out", progress=False)  # guard on: retried and refused
+    assert guarded.skipped == 2 and guarded.failed == 2
+    assert all("loopback" in reason for _, reason in guarded.errors)
