@@ -227,6 +227,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
         await models.close(config.request_timeout_s)
         await state["fetcher"].close()
         state["started"] = False
+        tracing.flush()
         decode_pool.shutdown(wait=False)
 
     app = FastAPI(title="arrowvision", version="0.1.0", lifespan=lifespan,

@@ -30,6 +30,7 @@ log = logging.getLogger("arrowvision.service")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("arrowvision_request_id", default="-")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _tracer: Any = None  # None: tracing off
+_provider: Any = None
 
 
 # ----------------------------------------------------------------------------- tracer set-up
@@ -81,8 +82,16 @@ def configure_from_environment() -> bool:
 def use_provider(provider: Any) -> None:
     """Trace with ``provider`` (an SDK ``TracerProvider``; ``None`` turns tracing off). Tests pass
     one with an in-memory exporter."""
-    global _tracer
+    global _tracer, _provider
+    _provider = provider
     _tracer = provider.get_tracer("arrowvision") if provider is not None else None
+
+
+def flush() -> None:
+    """Export the spans still buffered (the service calls this when it shuts down: a SIGTERM exit
+    skips the SDK's own exit hook)."""
+    if _provider is not None and hasattr(_provider, "force_flush"):
+        _provider.force_flush()
 
 
 def enabled() -> bool:
