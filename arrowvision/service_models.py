@@ -194,7 +194,7 @@ class ModelRegistry:
         spec = self.specs[name]
         try:
             encoder, text_model = self.preloaded.get(name) or await asyncio.to_thread(spec.load)
-        except Exception as exc:  # noqa: BLE001 - a model that cannot load is this request's 503, not a crash
+        except Exception as exc:  # a model that cannot load is this request's 503, not a crash
             log.exception("model %s: loading %s failed", name, spec.weights)
             self.failures[name] = f"{type(exc).__name__}: {exc}"
             raise ModelUnavailable(f"model {name} failed to load: {exc}") from None

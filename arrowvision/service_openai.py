@@ -113,7 +113,7 @@ def add_openai_routes(app: FastAPI, models: Any, config: Any, *, embed_image: Ca
                 result = await embed_image(served, name, source, True, False)
             except ImageError as exc:
                 raise OpenAIError(getattr(exc, "status", None) or 400, str(exc), "input") from None
-            except Exception as exc:  # the image service's own problems (queue full, timeout)
+            except Exception as exc:  # noqa: BLE001 - the image service's own problems (queue full, timeout)
                 status, message = getattr(exc, "status", 500), getattr(exc, "message", str(exc))
                 raise OpenAIError(status, message) from None
             return np.asarray(result["embedding"], np.float32)
@@ -138,7 +138,7 @@ def add_openai_routes(app: FastAPI, models: Any, config: Any, *, embed_image: Ca
             results = await asyncio.gather(*tasks)
         except OpenAIError:
             raise
-        except Exception as exc:  # text problems (limits, queue full) keep their status
+        except Exception as exc:  # noqa: BLE001 - text problems (limits, queue full) keep their status
             raise OpenAIError(getattr(exc, "status", 500), getattr(exc, "message", str(exc)), "input") from None
         vectors = dict(results[0])
         if not texts:

@@ -162,6 +162,15 @@ def _timeout(policy: UrlPolicy) -> Any:
 # ----------------------------------------------------------------------------- network backends
 
 
+def _literal(host: str, port: int) -> list | None:
+    """``getaddrinfo``'s answer for an IP-literal host, without a resolver round trip."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return [(None, None, None, "", (str(address), port))]
+
+
 def _guarded_backends() -> tuple[type, type]:
     """httpcore network backends whose ``connect_tcp`` resolves, checks and connects to the checked address."""
     import anyio
@@ -175,7 +184,7 @@ def _guarded_backends() -> tuple[type, type]:
         async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
             try:
                 with anyio.fail_after(timeout):
-                    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                    infos = _literal(host, port) or await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except TimeoutError:
                 raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
             except OSError as exc:

@@ -80,3 +80,15 @@ def module_cache(tmp_path_factory) -> Path:
         os.environ.pop("ARROWVISION_CACHE")
     else:
         os.environ["ARROWVISION_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def siglip_all_parquet(tmp_path_factory) -> Path:
+    """A tiny SigLIP with both towers (converted with --tower all), shared by the service tests."""
+    from arrowvision.convert import convert
+
+    from .textkit import save_full_checkpoint
+
+    folder = save_full_checkpoint(tmp_path_factory.mktemp("siglip_all"), "siglip", seed=23)
+    convert(str(folder), folder / "siglip-all.parquet", tower="all", progress=False)
+    return folder / "siglip-all.parquet"

@@ -13,12 +13,10 @@ from fastapi.testclient import TestClient
 
 import arrowvision
 from arrowvision import VisionEncoder, tracing
-from arrowvision.convert import convert
 from arrowvision.service import ServiceConfig, create_app
 from arrowvision.service_security import SecurityConfig
 
 from .servers import PHOTOS, SAMPLES, LiveService, PhotoServer
-from .textkit import save_full_checkpoint
 
 DEMO = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"
 KEY = "sk-test-0123456789"
@@ -26,10 +24,8 @@ CONFIG = ServiceConfig(allow_private_urls=True, max_wait_ms=2)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = save_full_checkpoint(tmp_path_factory.mktemp("siglip"), "siglip", seed=23)
-    convert(str(folder), folder / "all.parquet", tower="all", progress=False)
-    return arrowvision.ImageTextModel.from_parquet(folder / "all.parquet")
+def model(siglip_all_parquet):
+    return arrowvision.ImageTextModel.from_parquet(siglip_all_parquet)
 
 
 @pytest.fixture(scope="module")

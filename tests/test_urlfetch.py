@@ -163,15 +163,10 @@ def test_sniffing_uses_the_bytes():
 
 
 @pytest.fixture(scope="module")
-def image_text_model(tmp_path_factory):
+def image_text_model(siglip_all_parquet):
     import arrowvision
-    from arrowvision.convert import convert
 
-    from .textkit import save_full_checkpoint
-
-    folder = save_full_checkpoint(tmp_path_factory.mktemp("siglip"), "siglip", seed=5)
-    convert(str(folder), folder / "all.parquet", tower="all", progress=False)
-    return arrowvision.ImageTextModel.from_parquet(folder / "all.parquet")
+    return arrowvision.ImageTextModel.from_parquet(siglip_all_parquet)
 
 
 def test_score_table_with_urls(photos, image_text_model, tmp_path):
