@@ -52,12 +52,16 @@ def decode_base64(text: str) -> bytes:
 _OPTIONS = {
     "normalize": {"type": "boolean", "default": True, "description": "L2-normalize the embedding"},
     "sketch": {"type": "boolean", "default": False, "description": "sketch-normalize the image first"},
+    "model": {"type": "string", "description": "model profile (GET /v1/models); default: the service's default"},
 }
-_BASE64 = {"type": "string", "description": "base64 image bytes, or a data:image/...;base64, URI"}
+_BASE64 = {"type": "string", "description": "base64 image bytes, a data:image/...;base64, URI, or an http(s) URL"}
+_URL = {"type": "string", "format": "uri", "description": "http(s) URL of the image (fetched with the SSRF guard)"}
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 RESPONSES = {status: {"description": text, "content": {"application/json": {"schema": _ERROR}}} for status, text in (
-    (413, "body, image count or pixels over the limit"), (415, "unsupported content type"),
-    (422, "malformed request or undecodable image"), (503, "queue full or shutting down"), (504, "timed out"))}
+    (401, "API key missing or wrong"), (403, "image URL refused by the SSRF guard"), (404, "unknown model"),
+    (413, "body, image count, pixels or fetched image over the limit"), (415, "unsupported content type"),
+    (422, "malformed request, undecodable image or unfetchable URL"), (429, "rate limit exceeded"),
+    (503, "queue full, model unavailable or shutting down"), (504, "timed out"))}
 
 
 def request_body(many: bool) -> dict[str, Any]:
@@ -65,12 +69,14 @@ def request_body(many: bool) -> dict[str, Any]:
     if many:
         form = {"type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                                                  **_OPTIONS}, "required": ["files"]}
-        body = {"type": "object", "properties": {"images": {"type": "array", "items": _BASE64}, **_OPTIONS},
-                "required": ["images"]}
+        body = {"type": "object", "properties": {"images": {"type": "array", "items": _BASE64},
+                                                 "image_urls": {"type": "array", "items": _URL}, **_OPTIONS},
+                "anyOf": [{"required": ["images"]}, {"required": ["image_urls"]}]}
     else:
         form = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, **_OPTIONS},
                 "required": ["file"]}
-        body = {"type": "object", "properties": {"image": _BASE64, **_OPTIONS}, "required": ["image"]}
+        body = {"type": "object", "properties": {"image": _BASE64, "image_url": _URL, **_OPTIONS},
+                "oneOf": [{"required": ["image"]}, {"required": ["image_url"]}]}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
                                                           "application/json": {"schema": body}}}}
 
@@ -383,8 +389,9 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
         start = time.perf_counter()
         data = await fetch(source) if isinstance(source, ImageUrl) else source
         fetched = time.perf_counter()
-        with tracing.span("decode", **{"arrowvision.input": name}):
-            pixels = await loop.run_in_executor(decode_pool, decode, served, name, data, sketch)
+        label = str(source) if isinstance(source, ImageUrl) else name  # errors name the URL
+        with tracing.span("decode", **{"arrowvision.input": label}):
+            pixels = await loop.run_in_executor(decode_pool, decode, served, label, data, sketch)
         decoded = time.perf_counter()
         try:
             vector, inference = await asyncio.wait_for(served.batcher.submit(pixels), config.request_timeout_s)

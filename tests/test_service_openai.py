@@ -63,6 +63,7 @@ def test_openai_client_embeds_texts_urls_and_data_uris(live, model, photos, enco
 
 def test_openai_client_errors(live, photos):
     client = openai.OpenAI(base_url=f"{live}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["siglip-tiny"]  # GET /v1/models is OpenAI-shaped too
     with pytest.raises(openai.NotFoundError, match="unknown model 'text-embedding-3-small'"):
         client.embeddings.create(model="text-embedding-3-small", input="a cat")
     with pytest.raises(openai.AuthenticationError):

@@ -217,3 +217,21 @@ def test_embed_list_with_urls(photos, tmp_path):
     guarded = embed_paths(encoder, paths, tmp_path / "out", progress=False)  # guard on: retried and refused
     assert guarded.skipped == 2 and guarded.failed == 2
     assert all("loopback" in reason for _, reason in guarded.errors)
+
+
+def test_cli_score_and_embed_take_urls_with_allow_private(photos, siglip_all_parquet, tmp_path, capsys):
+    from arrowvision.cli import EXIT_OK, EXIT_PARTIAL, main
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"image,text\n{photos.photo(0)},a cat\n{photos.url('/missing')},a dog\n")
+    common = ["--weights", str(siglip_all_parquet), "--backend", "torch", "--no-progress"]
+    assert main(["score", str(pairs), "-o", str(tmp_path / "scored.csv"), *common]) == EXIT_PARTIAL  # guard on: both fail
+    assert "2 failed" in capsys.readouterr().out
+    assert main(["score", str(pairs), "-o", str(tmp_path / "scored.csv"), "--allow-private-urls", *common]) == EXIT_PARTIAL
+    assert "1 scored, 1 failed" in capsys.readouterr().out
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{photos.photo(0)}\n{photos.photo(1)}\n")
+    embed = ["embed", str(listing), "-o", str(tmp_path / "out"), *common]
+    assert main(embed) == EXIT_PARTIAL and "loopback address" in capsys.readouterr().err
+    assert main([*embed, "--allow-private-urls"]) == EXIT_OK
+    assert "2 embedded" in capsys.readouterr().out
