@@ -421,7 +421,6 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
 
     def answered(request: Request, served: ServedModel, body: dict[str, Any], start: float) -> dict[str, Any]:
         """Every answer names its model and its processing time."""
-        request.state.model = served.name
         return {**body, "model": served.name, "processing_time_ms": 1000 * (time.perf_counter() - start)}
 
     @app.post("/v1/embed", summary="Embed one image (multipart 'file', JSON {'image': base64} or {'image_url': URL})",
@@ -429,7 +428,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     async def embed(request: Request):
         start = time.perf_counter()
         files, normalize, sketch, model = await parse(request, many=False)
-        async with models.use(model) as served:
+        async with models.use(model, request) as served:
             try:
                 return answered(request, served, await embed_one(served, *files[0], normalize, sketch), start)
             except ImageError as exc:
@@ -452,7 +451,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
             except HTTPProblem as problem:
                 return {"error": problem.message, "status": problem.status}
 
-        async with models.use(model) as served:
+        async with models.use(model, request) as served:
             results = await asyncio.gather(*(one(served, name, data) for name, data in files))
             return answered(request, served, {"results": results, "model_checksum": served.encoder.checksum,
                                               "dim": served.encoder.embedding_dim}, start)

@@ -165,9 +165,12 @@ class ModelRegistry:
             pass  # recorded in failures; /health reports it
 
     @asynccontextmanager
-    async def use(self, name: Any = None) -> AsyncIterator[ServedModel]:
-        """Hold model ``name`` (default: the default model) for one request."""
+    async def use(self, name: Any = None, request: Any = None) -> AsyncIterator[ServedModel]:
+        """Hold model ``name`` (default: the default model) for one request; with ``request``, its
+        metrics are labelled with the model (``request.state.model``)."""
         served = await self._acquire(self.resolve(name))
+        if request is not None:
+            request.state.model = served.name
         try:
             yield served
         finally:

@@ -157,8 +157,7 @@ def add_openai_routes(app: FastAPI, models: Any, config: Any, *, embed_image: Ca
         if encoding not in ("float", "base64"):
             raise OpenAIError(400, f"encoding_format {encoding!r}: use float or base64", "encoding_format")
         try:
-            async with models.use(value.get("model")) as served:
-                request.state.model = served.name
+            async with models.use(value.get("model"), request) as served:
                 vectors, tokens = await embed_all(served, inputs, value.get("dimensions"))
         except UnknownModel as exc:
             raise OpenAIError(404, str(exc), "model", "model_not_found") from None

@@ -108,7 +108,7 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
         start = time.perf_counter()
         value = await payload(request)
         texts = texts_of(value)
-        async with models.use(value.get("model")) as served:
+        async with models.use(value.get("model"), request) as served:
             vectors = await embed_texts(served, texts)
             if value.get("normalize", True) not in (False, "false", 0):
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -139,7 +139,7 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
         texts = check_texts([value["text_prompt"]]) if single else texts_of(value)
         source = image_of(value)
         model = value.get("model", value.get("model_config_name"))
-        async with models.use(model) as served:
+        async with models.use(model, request) as served:
             if served.text_model is None:
                 raise TextProblem(422, f"model {served.name} has no text tower (convert it with --tower all)")
             try:

@@ -89,6 +89,7 @@ def test_image_url_matches_base64_in_embed_and_batch(demo, photos):
         metrics = client.get("/metrics").text
         assert re.search(r'arrowvision_url_fetches_total\{outcome="ok"\} [1-9]', metrics)
         assert re.search(r'arrowvision_url_fetches_total\{outcome="UrlTooLarge"\} [1-9]', metrics)
+        assert 'arrowvision_requests_total{endpoint="/v1/embed",model="siglip-demo-random",status="413"}' in metrics
 
 
 def test_guard_is_on_by_default_in_the_service(demo, photos, monkeypatch):
