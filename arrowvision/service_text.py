@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from . import scoring
+from . import scoring, tracing
 from .errors import ArrowVisionError, ImageError
 
 
@@ -92,6 +92,7 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
     async def embed_texts(served: Any, texts: list[str]) -> np.ndarray:
         if served.text_batcher is None:
             raise TextProblem(422, f"model {served.name} has no text tower (convert it with --tower all)")
+        queued = time.perf_counter()
         try:
             results = await asyncio.wait_for(asyncio.gather(*(served.text_batcher.submit(np.str_(t)) for t in texts)),
                                              config.request_timeout_s)
@@ -101,6 +102,11 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
             raise TextProblem(504, f"timed out after {config.request_timeout_s} s") from None
         except ArrowVisionError as exc:
             raise TextProblem(422, str(exc)) from None
+        done = time.perf_counter()
+        model_started = max(queued, done - max(seconds for _, seconds in results))
+        tracing.record_span("text queue wait", queued, model_started, **{"arrowvision.model": served.name})
+        tracing.record_span("text model call", model_started, done, **{"arrowvision.model": served.name,
+                                                                       "arrowvision.texts": len(texts)})
         return np.stack([vector for vector, _ in results]).astype(np.float32)
 
     @app.post("/v1/embed/text", summary="Embed a batch of texts (JSON {'texts': [...], 'normalize': true, 'model': name})")

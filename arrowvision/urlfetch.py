@@ -210,7 +210,7 @@ def _guarded_backends() -> tuple[type, type]:
 
         def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
             try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = _literal(host, port) or socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 raise UrlError(f"cannot resolve {host} ({exc.strerror or exc})") from None
             last: Exception | None = None

@@ -112,6 +112,7 @@ def test_spans_for_fetch_decode_queue_and_model_call(model, photos):
                                    headers={"traceparent": f"00-{trace_id}-{parent_id}-01", "X-Request-ID": "req-42"})
             assert response.status_code == 200 and response.headers["x-request-id"] == "req-42"
             assert len(client.get("/health").headers["x-request-id"]) == 32  # a fresh id when none is sent
+            assert client.post("/v1/embed/text", json={"texts": ["a cat", "a dog"]}).status_code == 200
     finally:
         tracing.use_provider(None)
     spans = {span.name: span for span in exporter.get_finished_spans()}
@@ -124,6 +125,10 @@ def test_spans_for_fetch_decode_queue_and_model_call(model, photos):
         assert spans[name].context.trace_id == request.context.trace_id
     assert spans["fetch"].attributes["url.full"] == photos.photo(0)
     assert spans["fetch"].end_time <= spans["decode"].start_time <= spans["queue wait"].end_time <= spans["model call"].end_time
+    text = spans["POST /v1/embed/text"]
+    for name in ("text queue wait", "text model call"):
+        assert spans[name].parent.span_id == text.context.span_id, name
+    assert spans["text model call"].attributes["arrowvision.texts"] == 2
     assert not tracing.enabled()
 
 
