@@ -108,13 +108,35 @@ def test_dns_answer_is_checked_and_connected_to(photos, monkeypatch):
     real = socket.getaddrinfo
 
     def fake(host, *args, **kwargs):
-        return real("127.0.0.1" if host == "photos.example" else host, *args, **kwargs)
+        name = host.decode() if isinstance(host, bytes) else host  # anyio passes IDNA-encoded bytes
+        return real("127.0.0.1" if name == "photos.example" else host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
     url = f"http://photos.example:{photos.port}/photos/{SAMPLES[0].name}"
     with pytest.raises(UrlBlocked, match="photos.example resolves to 127.0.0.1, a loopback address"):
         fetch(url, UrlPolicy())
     assert fetch(url) == PHOTOS[SAMPLES[0].name]
+
+
+@pytest.mark.parametrize("get", [fetch, afetch], ids=["sync", "async"])
+def test_dns_rebinding_cannot_swap_the_checked_address(photos, public_host, monkeypatch, get):
+    """A resolver whose first answer is a 'public' address and every later one loopback (DNS
+    rebinding): the fetch goes to the address that was checked, never to a second lookup's."""
+    import socket
+
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.2"])
+
+    def rebinding(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host  # anyio passes IDNA-encoded bytes
+        return real(next(answers, "127.0.0.1") if name == "rebind.example" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    assert public_host.port != photos.port
+    url = f"http://rebind.example:{public_host.port}/photos/{SAMPLES[3].name}"
+    before = len(photos.server.hits), len(public_host.server.hits)
+    assert get(url, UrlPolicy()) == PHOTOS[SAMPLES[3].name]
+    assert len(public_host.server.hits) == before[1] + 1 and len(photos.server.hits) == before[0]
 
 
 def test_bad_urls():
