@@ -101,6 +101,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def request_rate(text: str) -> float:
+    """``20/s``, ``600/min`` -> requests per second."""
+    from .service_security import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ArrowVisionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cosine_threshold(text: str) -> float:
     value = _float(text)
     if not 0 < value <= 1:
@@ -774,7 +784,8 @@ def _add_serve_profiles_and_access(p: argparse.ArgumentParser) -> None:
                    help="allow listening on a non-loopback address without an API key")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
                    help="allow browser calls from ORIGIN (repeat; * for any); CORS is off otherwise")
-    p.add_argument("--rate-limit", metavar="N/s", help="requests per second per client address (429 over it)")
+    p.add_argument("--rate-limit", metavar="N/s", type=request_rate,
+                   help="requests per second (N/s) or minute (N/min) per client address (429 over it)")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="log lines (each with the request id) as text or JSON documents")
 

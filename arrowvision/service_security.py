@@ -153,7 +153,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 def security_from_options(host: str, api_key: str | None, *, allow_unauthenticated: bool = False,
-                          cors_origins: list[str] | None = None, rate_limit: str | None = None) -> SecurityConfig:
+                          cors_origins: list[str] | None = None, rate_limit: float | str | None = None) -> SecurityConfig:
     """``serve``'s access options; refuses a non-loopback address without a key (unless allowed)."""
     if api_key is not None and not api_key.strip():
         raise ArrowVisionError("the API key is empty")
@@ -161,4 +161,4 @@ def security_from_options(host: str, api_key: str | None, *, allow_unauthenticat
         raise ArrowVisionError(f"refusing to listen on {host} without an API key: anyone who can reach it could use "
                                "the service; set ARROWVISION_API_KEY (or --api-key), or pass --allow-unauthenticated")
     return SecurityConfig(api_key=api_key.strip() if api_key else None, cors_origins=list(cors_origins or []),
-                          rate_limit=parse_rate(rate_limit) if rate_limit else None)
+                          rate_limit=parse_rate(rate_limit) if isinstance(rate_limit, str) else rate_limit)

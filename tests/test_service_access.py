@@ -111,6 +111,9 @@ def test_non_loopback_without_a_key_is_refused_before_loading(capsys, monkeypatc
     assert usage.value.code == 2 and "either --weights or --model" in capsys.readouterr().err
     assert main(["serve", "--model", "a=/nonexistent.parquet", "--port", "0"]) == 1
     assert "--model a=/nonexistent.parquet: no such weights file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["serve", "--rate-limit", "lots", "--port", "0"])
+    assert usage.value.code == 2 and "expected N/s" in capsys.readouterr().err
 
 
 def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
