@@ -4,6 +4,12 @@ Requests are decoded in worker threads, then queued for the ``MicroBatcher``, wh
 whatever arrives within ``max_wait_ms`` (up to ``max_batch`` images) into one inference call run
 off the event loop. The queue is bounded: when it is full the service answers 503 with
 Retry-After instead of letting latency grow without limit.
+
+Around that core, each in its own module: image URLs fetched with an SSRF guard (``urlfetch``),
+named models loaded lazily into an LRU, each with its own batchers (``service_models``), the text
+endpoints (``service_text``), OpenAI-compatible ``/v1/embeddings`` (``service_openai``), API key,
+CORS and rate limit (``service_security``), request ids, logs and OpenTelemetry spans
+(``tracing``).
 """
 
 from __future__ import annotations
