@@ -564,18 +564,20 @@ def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port:
     host, port = sock.getsockname()[:2]
     if isinstance(encoder, ModelRegistry):
         names = ", ".join(f"{n}{' (default)' if n == encoder.default else ''}" for n in encoder.specs)
-        print(f"arrowvision serving models {names} at http://{host}:{port}", file=sys.stderr, flush=True)
+        lines = [f"arrowvision serving models {names} at http://{host}:{port}"]
     else:
         backend = encoder.backend
-        print(f"arrowvision serving {model_name or encoder.weights.path} ({encoder.config.family}, dim {encoder.embedding_dim}) "
-              f"with {backend.name} {getattr(backend, 'precision', 'fp32')} on {getattr(backend, 'device', 'cpu')} "
-              f"at http://{host}:{port}", file=sys.stderr, flush=True)
+        lines = [f"arrowvision serving {model_name or encoder.weights.path} ({encoder.config.family}, dim {encoder.embedding_dim}) "
+                 f"with {backend.name} {getattr(backend, 'precision', 'fp32')} on {getattr(backend, 'device', 'cpu')} "
+                 f"at http://{host}:{port}"]
     if security and security.api_key:
-        print("API key required (Authorization: Bearer ...) on every endpoint but /health", file=sys.stderr, flush=True)
-    tracing.configure_from_environment()
+        lines.append("API key required (Authorization: Bearer ...) on every endpoint but /health")
     app = create_app(encoder, config, text_model, security=security)
     server = uvicorn.Server(uvicorn.Config(app, access_log=access_log, log_config=tracing.logging_config(log_format),
                                            timeout_graceful_shutdown=int(config.request_timeout_s)))
+    for line in lines:  # JSON logs stay all JSON; text keeps the plain start-up line
+        log.warning(line) if log_format == "json" else print(line, file=sys.stderr, flush=True)
+    tracing.configure_from_environment()
     server.run(sockets=[sock])
     if not server.started:
         raise ArrowVisionError("the service failed to start (see the log above)")

@@ -150,12 +150,12 @@ def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
-    lines = [line for line in err.splitlines() if line.startswith("{")]
-    records = [json.loads(line) for line in lines]
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]  # every stderr line is JSON
     assert records and all({"time", "level", "logger", "request_id", "message"} <= set(r) for r in records)
     access = [r for r in records if r["logger"] == "uvicorn.access" and "/v1/embed" in r["message"]]
     assert access and access[0]["request_id"] == "trace-me-7"
     assert any("model fast loaded" in r["message"] and r["request_id"] == "trace-me-7" for r in records)
     assert any("model again unloaded" in r["message"] for r in records)  # --max-loaded-models 1
+    assert any(r["message"].startswith("arrowvision serving models fast, again (default)") for r in records)
     assert KEY not in err and KEY not in out
     assert '"name": "model call"' in out and "arrowvision-test" in out  # OTEL_TRACES_EXPORTER=console
