@@ -571,24 +571,45 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _backend_options(p, mode="throughput")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per atomically written part file")
-    p.add_argument("--workers", type=positive_int, default=2, help="decoding threads")
+    p.add_argument("--workers", type=positive_int, default=2, help="decoding threads (local engine; ray actors decode with their own CPUs)")
     p.add_argument("--sketch", action="store_true", help="apply sketch normalization before embedding")
     p.add_argument("--skip-failed", action="store_true",
                    help="do not retry inputs that failed in an earlier run (they still count as failed)")
+    _ray_embed_options(p)
+
+
+def _ray_embed_options(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: threads in this process; ray: a Ray Data actor pool (same dataset, resumable by either)")
+    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--actors", type=positive_int, help="model actors (default: the cluster's CPUs / --cpus-per-actor)")
+    ray.add_argument("--cpus-per-actor", type=positive_float, default=1.0,
+                     help="CPUs Ray gives each actor; its inference threads match them")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, embed_paths, input_root
 
     paths = collect_inputs(args.inputs)
-    encoder = load_encoder(args)
-    stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                        workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
-                        root=input_root(args.inputs), skip_failed=args.skip_failed)
+    if args.engine == "ray":
+        from .distributed.data import embed_from_cli
+
+        stats = embed_from_cli(args, paths, input_root(args.inputs))
+    else:
+        for option in ("address", "actors"):
+            if getattr(args, option) is not None:
+                args.command_parser.error(f"--{option} applies to --engine ray only")
+        encoder = load_encoder(args)
+        stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                            workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
+                            root=input_root(args.inputs), skip_failed=args.skip_failed)
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")
     print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
           f"{rate} -> {args.output}")
+    for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
+        print(line)
     for _path, reason in stats.errors[:10]:
         print(f"  failed: {reason}", file=sys.stderr)
     if len(stats.errors) > 10:

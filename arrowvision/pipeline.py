@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from .errors import ArrowVisionError, ImageError
 from .pathlists import LIST_SUFFIXES, read_path_list
+from .uris import is_remote, is_uri, list_uri, local_path, read_uri
 from .writer import ERRORS_DIR, META_PREFIX  # noqa: F401 (re-exported: the dataset layout)
 from .writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 
@@ -41,8 +42,12 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
-    """An image's one identity: its resolved absolute path (relative paths resolve against ``base``)."""
-    path = Path(os.path.expanduser(os.fspath(path)))
+    """An image's one identity: its resolved absolute path (relative paths resolve against ``base``);
+    a remote URI (``s3://...``) is its own identity, a ``file://`` URI is its local path."""
+    text = os.fspath(path)
+    if is_remote(text):
+        return text
+    path = Path(os.path.expanduser(local_path(text) if is_uri(text) else text))
     if base is not None and not path.is_absolute():
         path = Path(base) / path
     try:
@@ -51,10 +56,14 @@ def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> 
         return os.path.abspath(path)
 
 
-def input_root(source: str) -> Path:
+def input_root(source: str) -> Path | str:
     """The folder that ``relpath`` values are relative to: the input folder, the folder a glob
-    starts from, or the folder of a list file / single image."""
-    path = Path(source)
+    starts from, or the folder of a list file / single image (for a URI: the prefix)."""
+    if is_remote(source):
+        one_object = Path(source).suffix.lower() in IMAGE_EXTENSIONS
+        return source.rsplit("/", 1)[0] if one_object else source.rstrip("/")
+    path = Path(local_path(source) if is_uri(source) else source)
+    source = str(path)
     if path.is_dir():
         return path.resolve()
     if any(ch in source for ch in "*?["):
@@ -69,7 +78,12 @@ def input_root(source: str) -> Path:
 
 def collect_inputs(source: str) -> list[str]:
     """A folder (recursive), a glob, or a .txt/.csv/.parquet list of paths -> unique resolved
-    absolute paths, in order. Relative entries of a list resolve against the list's folder."""
+    absolute paths, in order. Relative entries of a list resolve against the list's folder. A
+    remote URI (``s3://bucket/prefix``) lists the images under that prefix."""
+    if is_remote(source):
+        return list_uri(source, IMAGE_EXTENSIONS) or _no_images(source)
+    if is_uri(source):
+        source = local_path(source)
     path = Path(source)
     base: Path | None = None
     if path.is_dir():
@@ -89,6 +103,20 @@ def collect_inputs(source: str) -> list[str]:
             raise ArrowVisionError(f"{source}: the list names no images")
         raise ArrowVisionError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return list(dict.fromkeys(identity(f, base) for f in files))  # unique, order kept
+
+
+def _no_images(source: str) -> list[str]:
+    raise ArrowVisionError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+
+def relpath_function(root: str | os.PathLike | None) -> Callable[[str], str]:
+    """The ``relpath`` column: a path relative to ``root`` (default: the current folder); an
+    object relative to a URI prefix ``root``; a remote URI outside it as it is."""
+    if root is not None and is_remote(os.fspath(root)):
+        prefix = os.fspath(root).rstrip("/") + "/"
+        return lambda path: path[len(prefix):] if path.startswith(prefix) else path
+    base = Path(root).resolve() if root is not None else Path.cwd()
+    return lambda path: path if is_remote(path) else os.path.relpath(path, base)
 
 
 @dataclass
@@ -129,6 +157,8 @@ def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Calla
         if "\0" in path:
             return _Item(path, None, error=f"{path!r}: path contains a NUL byte")
         try:
+            if is_remote(path):  # s3://, gs://...: read through pyarrow's filesystems
+                return decode_data(path, read_uri(path, MAX_IMAGE_FILE_BYTES), preprocess, transform)
             status = os.stat(path)
             if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
                 return _Item(path, None, error=f"{path}: not a regular file")
@@ -220,11 +250,7 @@ def embed_paths(
     if batch_size < 1 or chunk_size < 1:
         raise ArrowVisionError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     writer = EmbeddingWriter(output, encoder.embedding_dim, dataset_metadata(encoder, sketch=sketch, normalize=normalize))
-    root = Path(root).resolve() if root is not None else Path.cwd()
-
-    def relpath(path: str) -> str:
-        return os.path.relpath(path, root)
-
+    relpath = relpath_function(root)
     stats = EmbedStats()
     paths = list(dict.fromkeys(identity(p) for p in paths))
     work = plan(writer, paths, skip_failed)
