@@ -771,6 +771,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=positive_float, default=20.0, help="largest request body, MiB")
     p.add_argument("--timeout", type=positive_float, default=30.0, help="per-request timeout, seconds")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    _ray_serve_options(p)
+
+
+def _ray_serve_options(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: uvicorn in this process; ray: Ray Serve, the model in --replicas replicas")
+    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--replicas", type=positive_int, default=1, help="model replicas (the initial count when autoscaling)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest model replicas (0 allowed)")
+    ray.add_argument("--max-replicas", type=positive_int, help="autoscaling: most model replicas")
+    ray.add_argument("--cpus-per-replica", type=positive_float, default=1.0,
+                     help="CPUs Ray gives each model replica; its inference threads match them")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -778,6 +791,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout)
+    if args.engine == "ray":
+        from .distributed.serve import serve_from_cli
+
+        return serve_from_cli(args, config)
+    for option in ("address", "min_replicas", "max_replicas"):
+        if getattr(args, option) is not None:
+            args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
     sock = listen(args.host, args.port)  # a busy port fails now, before the model loads
     weights = _weights_path(args, demo_default=True)
     text_model = load_text_model_if_any(args, weights)  # weights converted with --tower all also serve text

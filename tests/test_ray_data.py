@@ -153,11 +153,13 @@ def test_a_killed_actor_costs_a_retry_not_data(tmp_path, encoder, ray_cluster):
     assert killed[0] in pids and len(pids) >= 3, stats.workers  # the killed actor was replaced by a new process
 
 
-def test_cli_starts_a_local_cluster_and_reads_uris(tmp_path, corpus, module_cache):
+def test_cli_joins_a_cluster_and_reads_uris(tmp_path, corpus, module_cache, ray_cluster):
+    """``--address``: the run's cluster (starting a local one is test_ray_serve's CLI test)."""
     folder, good, bad = corpus
     out = tmp_path / "out"
+    address = ray_cluster.get_runtime_context().gcs_address
     run = cli("embed", f"file://{folder}", "-o", str(out), "--weights", str(DEMO), "--engine", "ray", "--actors", "1",
-              "--batch-size", "8", "--no-progress", env={"RAY_ADDRESS": ""})
+              "--batch-size", "8", "--no-progress", "--address", address)
     assert run.returncode == 3, run.stderr  # finished, some inputs failed
     assert f"{len(good)} embedded" in run.stdout and f"{len(bad)} failed" in run.stdout, run.stdout
     assert "ray: 1 actors" in run.stdout and "per node: " in run.stdout

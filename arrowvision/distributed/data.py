@@ -187,9 +187,10 @@ def embed_paths_ray(
     workers: Counter = Counter()
     bar = tqdm(total=len(work.todo), unit="img", desc="embedding (ray)", disable=not progress, dynamic_ncols=True)
     processed = 0
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
     try:
         with stop_on_signals(stop):
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            for batch in batches:
                 if on_batch is not None:
                     on_batch(batch)
                 good, bad = chunks.add(_rows(batch))
@@ -212,6 +213,8 @@ def embed_paths_ray(
             chunks.flush()
     finally:
         bar.close()
+        if hasattr(batches, "close"):
+            batches.close()  # a stopped run: shut the executor and its actors down now
     stats.nodes, stats.workers = dict(nodes), dict(workers)
     stats.node_names = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
     stats.seconds = time.perf_counter() - start_time
