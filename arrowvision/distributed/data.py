@@ -43,14 +43,16 @@ class RayEmbedStats(EmbedStats):
     nodes: dict[str, int] = field(default_factory=dict)  # node -> inputs processed there
     workers: dict[str, int] = field(default_factory=dict)  # "node/pid" -> inputs (a restarted actor is a new pid)
     actor_start_seconds: float = 0.0  # slowest model load in an actor
+    working_seconds: float = 0.0  # first batch started .. last batch ended, in the actors (no start-up)
     node_names: dict[str, str] = field(default_factory=dict)  # node id -> its address
 
     def summary_lines(self) -> list[str]:
         """What the CLI prints after its usual line: the pool and where the work ran."""
         per_node = ", ".join(f"{self.node_names.get(node, '?')} ({node[:8]}) {count}"
                              for node, count in sorted(self.nodes.items(), key=lambda item: -item[1]))
+        working = f"; {self.embedded / self.working_seconds:.1f} img/s once started" if self.working_seconds else ""
         lines = [f"ray: {self.actors} actors ({len(self.workers)} actor processes), model load "
-                 f"{self.actor_start_seconds:.1f} s at most"]
+                 f"{self.actor_start_seconds:.1f} s at most{working}"]
         return lines + ([f"per node: {per_node}"] if per_node else [])
 
 
@@ -85,6 +87,7 @@ class EmbedActor:
         from ..encoder import l2_normalize
         from ..pipeline import _decode
 
+        began = time.time()
         preprocess = self.encoder.preprocessor.pixels
         items = list(self.decoder.map(lambda p: _decode(str(p), preprocess, self.transform), batch["path"]))
         vectors = np.zeros((len(items), self.encoder.embedding_dim), np.float32)
@@ -108,6 +111,8 @@ class EmbedActor:
             "pid": np.full(n, self.pid, np.int64),
             "inference_seconds": np.full(n, inference / max(n, 1)),
             "load_seconds": np.full(n, self.load_seconds),
+            "began": np.full(n, began),  # wall clock: the run's working span, start-up left out
+            "ended": np.full(n, time.time()),
         }
 
 
@@ -183,6 +188,7 @@ def embed_paths_ray(
         num_cpus=cpus_per_actor,
     )
     stop = stop or threading.Event()
+    span = [float("inf"), 0.0]
     nodes: Counter = Counter()
     workers: Counter = Counter()
     bar = tqdm(total=len(work.todo), unit="img", desc="embedding (ray)", disable=not progress, dynamic_ncols=True)
@@ -205,6 +211,7 @@ def embed_paths_ray(
                         workers[f"{node}/{pid}"] += 1
                         stats.inference_seconds += float(seconds)
                         stats.actor_start_seconds = max(stats.actor_start_seconds, float(load))
+                span = [min(span[0], float(batch["began"].min())), max(span[1], float(batch["ended"].max()))]
                 processed += len(fresh)
                 bar.update(len(fresh))
                 if stop.is_set():
@@ -216,6 +223,7 @@ def embed_paths_ray(
         if hasattr(batches, "close"):
             batches.close()  # a stopped run: shut the executor and its actors down now
     stats.nodes, stats.workers = dict(nodes), dict(workers)
+    stats.working_seconds = max(0.0, span[1] - span[0])
     stats.node_names = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
     stats.seconds = time.perf_counter() - start_time
     return stats
