@@ -1,6 +1,7 @@
 """``arrowvision serve --engine ray``: the service's API on Ray Serve (real local cluster), the
-same answers as the plain service for the whole request matrix, 16 concurrent clients, /health
-and /metrics, a killed model replica (503 at worst, then replaced), and the CLI."""
+same answers as the plain service for the whole request matrix (image and text endpoints: the
+served weights hold both towers), 16 concurrent clients, /health and /metrics, a killed model
+replica (503 at worst, then replaced), and the CLI."""
 
 from __future__ import annotations
 
@@ -22,16 +23,19 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from arrowvision import VisionEncoder
+from arrowvision import ImageTextModel, VisionEncoder
+from arrowvision.convert import convert
 from arrowvision.service import ServiceConfig, create_app
 
 from .raykit import ray_cluster  # noqa: F401 (fixture)
+from .textkit import save_full_checkpoint
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "weights" / "siglip-demo-random.parquet"
 SAMPLES = sorted((ROOT / "arrowvision" / "samples").glob("*.jpg"))
-CONFIG = ServiceConfig(max_body_bytes=2_000_000, max_pixels=4_000_000, max_batch_items=8, max_batch=16, max_wait_ms=10)
+CONFIG = ServiceConfig(max_body_bytes=2_000_000, max_pixels=4_000_000, max_batch_items=8, max_batch=16, max_wait_ms=10,
+                       max_texts=8, max_text_chars=200)
 
 
 def free_port() -> int:
@@ -56,19 +60,32 @@ def wait_for_health(base: str, deadline_s: float, running: int | None = None) ->
 
 
 @pytest.fixture(scope="module")
-def encoder(module_cache) -> VisionEncoder:
-    return VisionEncoder.from_parquet(DEMO, backend="openvino")
+def weights(tmp_path_factory) -> Path:
+    """A tiny SigLIP with both towers (image endpoints on the replicas, text ones in the ingress)."""
+    folder = save_full_checkpoint(tmp_path_factory.mktemp("siglip_all"), "siglip", seed=11)
+    convert(str(folder), folder / "all.parquet", tower="all", progress=False)
+    return folder / "all.parquet"
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, encoder):
+def reference(weights, module_cache) -> ImageTextModel:
+    return ImageTextModel.from_parquet(weights, backend="openvino")
+
+
+@pytest.fixture(scope="module")
+def encoder(reference) -> VisionEncoder:
+    return reference.vision
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, weights, reference):
     """The app on Ray Serve with 2 model replicas (one per CPU of the test cluster)."""
     from ray import serve
 
     from arrowvision.distributed.serve import Replicas, build_app, start
 
     port = free_port()
-    start(build_app(str(DEMO), config=CONFIG, replicas=Replicas(count=2)), port=port)
+    start(build_app(str(weights), config=CONFIG, replicas=Replicas(count=2)), port=port)
     base = f"http://127.0.0.1:{port}"
     wait_for_health(base, 180, running=2)
     yield base
@@ -76,9 +93,9 @@ def served(ray_cluster, encoder):
 
 
 @pytest.fixture(scope="module")
-def plain(encoder):
-    """The plain service, same encoder and limits: the reference for every answer."""
-    with TestClient(create_app(encoder, CONFIG)) as client:
+def plain(reference):
+    """The plain service, same model and limits: the reference for every answer."""
+    with TestClient(create_app(reference.vision, CONFIG, reference)) as client:
         yield client
 
 
@@ -108,6 +125,11 @@ def request_matrix() -> list[tuple[str, str, dict]]:
         ("post", "/v1/embed", dict(files={"file": ("e.jpg", b"", "image/jpeg")})),
         ("get", "/v1/embed", {}),
         ("get", "/nowhere", {}),
+        ("post", "/v1/embed/text", dict(json={"texts": ["a photo of a cat", "a dog"]})),
+        ("post", "/v1/embed/text", dict(json={"texts": ["x"] * 9})),
+        ("post", "/v1/embed/text", dict(json={"texts": []})),
+        ("post", "/v1/score", dict(json={"image": b64, "texts": ["a cat", "a cup of coffee"]})),
+        ("post", "/v1/score", dict(json={"image": base64.b64encode(b"nope").decode(), "texts": ["a cat"]})),
     ]
 
 
@@ -125,6 +147,11 @@ def same_answer(ours: httpx.Response, reference) -> None:
                 assert np.abs(np.asarray(mine["embedding"]) - np.asarray(theirs["embedding"])).max() < 1e-5
             else:
                 assert mine == theirs
+    elif "embeddings" in expected or "logits" in expected:
+        assert set(body) == set(expected)
+        for key in ("embeddings", "logits", "probabilities", "clip_score"):
+            if key in expected:
+                assert np.abs(np.asarray(body[key]) - np.asarray(expected[key])).max() < 1e-4, key
     else:
         assert body == expected
 
@@ -139,7 +166,7 @@ def test_serve_answers_every_request_like_the_plain_service(served, plain):
 
 def test_health_reflects_the_replicas_and_metrics_keep_our_names(served, encoder):
     health = httpx.get(f"{served}/health").json()
-    assert health["status"] == "ok" and health["model_loaded"] is True and health["engine"] == "ray"
+    assert health["status"] == "ok" and health["model_loaded"] is True and health["engine"] == "ray" and health["text"]
     assert health["replicas"] == {"running": 2, "target": 2}
     assert (health["backend"], health["precision"], health["dim"]) == ("openvino", "fp32", encoder.embedding_dim)
     metrics = httpx.get(f"{served}/metrics").text

@@ -209,17 +209,27 @@ class ServeModel:
             self.poller.cancel()
 
 
+TEXT_TOWER = "text_model.embeddings.token_embedding.weight"
+
+
 class _Ingress:
-    """Serves ``service.create_app`` (built in the replica, with the model handle)."""
+    """Serves ``service.create_app`` (built in the replica, with the model handle). Weights with
+    a text tower also get the text endpoints, whose (small) text model runs here in the ingress;
+    images always go to the model replicas."""
 
     def __init__(self, model: Any, weights: str, config: ServiceConfig, replicas: Replicas, backend: str,
-                 device: str):
+                 device: str, options: dict[str, Any]):
         from ..config import VisionConfig
         from ..encoder import VisionEncoder
         from ..format import WeightLoader
 
         loader = WeightLoader(weights)
         self.encoder = VisionEncoder(loader, ReplicaBackend(backend, None, device), VisionConfig.from_weights(loader))
+        self.text_model = None
+        if TEXT_TOWER in loader:
+            from ..image_text import ImageTextModel
+
+            self.text_model = ImageTextModel.from_parquet(weights, backend=backend, device=device, **options)
         self.model, self.config, self.replicas = model, config, replicas
 
     def __serve_build_asgi_app__(self):
@@ -228,7 +238,7 @@ class _Ingress:
         def serve_model(on_batch: Callable[[int, float], None]) -> ServeModel:
             return ServeModel(self.model, on_batch, self.encoder.backend, self.replicas, self.config)
 
-        return create_app(self.encoder, self.config, model=serve_model)
+        return create_app(self.encoder, self.config, self.text_model, model=serve_model)
 
 
 ArrowvisionIngress = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress()(_Ingress))
@@ -245,7 +255,7 @@ def build_app(weights: str, *, backend: str = "openvino", device: str = "CPU", b
     # the ingress parses and decodes; it reserves no CPU so that the model replicas get them all
     ingress = ArrowvisionIngress.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
                                          max_ongoing_requests=4 * config.max_queue)
-    return ingress.bind(model, weights, config, replicas, backend, device)
+    return ingress.bind(model, weights, config, replicas, backend, device, backend_options or {})
 
 
 def start(app: Any, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
@@ -282,14 +292,10 @@ def run_service(weights: str, *, host: str, port: int, address: str | None, back
 def serve_from_cli(args: Any, config: ServiceConfig) -> int:
     """``arrowvision serve --engine ray``: the CLI's backend options, checked as for the local service."""
     from ..cli import _weights_path, backend_options, check_backend_options, resolve_backend
-    from ..format import WeightLoader
     from ..service import listen
 
     listen(args.host, args.port).close()  # a busy port fails now, before anything deploys
     weights = _weights_path(args, demo_default=True)
-    if "text_model.embeddings.token_embedding.weight" in WeightLoader(weights):
-        raise ArrowVisionError(f"{weights} has a text tower; --engine ray serves the image endpoints only so far: "
-                               "serve it with the local engine, or convert the vision tower alone")
     backend = resolve_backend(args.backend)
     check_backend_options(args, backend)
     device = "cpu" if backend == "torch" and str(args.device).upper() == "CPU" else str(args.device)
