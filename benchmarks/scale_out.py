@@ -68,6 +68,10 @@ def bench_engines(weights: str, files: list[str], work: Path, batch_size: int, c
     assert local.embedded == len(files), local
     lines.append(f"local engine            {local.images_per_second:7.2f} img/s  ({len(files)} images, "
                  f"{local.seconds:.1f} s, model busy {100 * local.model_busy:.0f}%)")
+    parts = sum(p.stat().st_size for p in (work / "local").glob("part-*.parquet"))
+    jpegs = sum(Path(f).stat().st_size for f in files)
+    lines.append(f"    per image: {local.images_per_second / os.cpu_count():.2f} img/s per CPU; "
+                 f"{parts / local.embedded:.0f} bytes of output on disk; input JPEG {jpegs / len(files) / 1024:.0f} KiB mean")
     del encoder
     for actors in sorted({cpus, 1}, reverse=True):
         per_actor = cpus / actors
