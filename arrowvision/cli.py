@@ -584,22 +584,22 @@ def _ray_embed_options(p: argparse.ArgumentParser) -> None:
                      help="local: threads in this process; ray: a Ray Data actor pool (same dataset, resumable by either)")
     ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     ray.add_argument("--actors", type=positive_int, help="model actors (default: the cluster's CPUs / --cpus-per-actor)")
-    ray.add_argument("--cpus-per-actor", type=positive_float, default=1.0,
-                     help="CPUs Ray gives each actor; its inference threads match them")
+    ray.add_argument("--cpus-per-actor", type=positive_float,
+                     help="CPUs Ray gives each actor (default 1); its inference threads match them")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, embed_paths, input_root
 
+    for option in ("address", "actors", "cpus_per_actor"):
+        if args.engine == "local" and getattr(args, option) is not None:
+            args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
     paths = collect_inputs(args.inputs)
     if args.engine == "ray":
         from .distributed.data import embed_from_cli
 
         stats = embed_from_cli(args, paths, input_root(args.inputs))
     else:
-        for option in ("address", "actors"):
-            if getattr(args, option) is not None:
-                args.command_parser.error(f"--{option} applies to --engine ray only")
         encoder = load_encoder(args)
         stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
                             workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
@@ -779,11 +779,11 @@ def _ray_serve_options(p: argparse.ArgumentParser) -> None:
     ray.add_argument("--engine", choices=["local", "ray"], default="local",
                      help="local: uvicorn in this process; ray: Ray Serve, the model in --replicas replicas")
     ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
-    ray.add_argument("--replicas", type=positive_int, default=1, help="model replicas (the initial count when autoscaling)")
+    ray.add_argument("--replicas", type=positive_int, help="model replicas (default 1; the initial count when autoscaling)")
     ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest model replicas (0 allowed)")
     ray.add_argument("--max-replicas", type=positive_int, help="autoscaling: most model replicas")
-    ray.add_argument("--cpus-per-replica", type=positive_float, default=1.0,
-                     help="CPUs Ray gives each model replica; its inference threads match them")
+    ray.add_argument("--cpus-per-replica", type=positive_float,
+                     help="CPUs Ray gives each model replica (default 1); its inference threads match them")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -795,7 +795,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .distributed.serve import serve_from_cli
 
         return serve_from_cli(args, config)
-    for option in ("address", "min_replicas", "max_replicas"):
+    for option in ("address", "replicas", "min_replicas", "max_replicas", "cpus_per_replica"):
         if getattr(args, option) is not None:
             args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
     sock = listen(args.host, args.port)  # a busy port fails now, before the model loads

@@ -153,6 +153,14 @@ def test_a_killed_actor_costs_a_retry_not_data(tmp_path, encoder, ray_cluster):
     assert killed[0] in pids and len(pids) >= 3, stats.workers  # the killed actor was replaced by a new process
 
 
+def test_actors_that_cannot_load_the_model_fail_with_one_clear_error(tmp_path, corpus, ray_cluster):
+    from arrowvision.errors import ArrowVisionError
+
+    folder, _, _ = corpus
+    with pytest.raises(ArrowVisionError, match=r"the Ray job failed \(.*unexpected keyword argument 'bogus'.*rerun to resume"):
+        ray_embed(collect_inputs(str(folder)), tmp_path / "out", backend_options={"bogus": 1})
+
+
 def test_cli_joins_a_cluster_and_reads_uris(tmp_path, corpus, module_cache, ray_cluster):
     """``--address``: the run's cluster (starting a local one is test_ray_serve's CLI test)."""
     folder, good, bad = corpus

@@ -218,6 +218,11 @@ def embed_paths_ray(
                     break
             stats.interrupted = stop.is_set() and processed < len(work.todo)
             chunks.flush()
+    except ray.exceptions.RayError as exc:  # e.g. the actors cannot load the model on some node
+        chunks.flush()  # keep every finished row
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ArrowVisionError(f"the Ray job failed ({type(exc).__name__}: {reason}); "
+                               "finished chunks are kept, rerun to resume") from None
     finally:
         bar.close()
         if hasattr(batches, "close"):
@@ -260,6 +265,6 @@ def embed_from_cli(args: Any, paths: list[str], root: str | os.PathLike) -> RayE
         device = "cpu"
     return embed_paths_ray(_weights_path(args, demo_default=True), paths, args.output, backend=backend, device=device,
                            backend_options=backend_options(args, backend), batch_size=args.batch_size,
-                           chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                           chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor or 1.0,
                            sketch=args.sketch, root=root, skip_failed=args.skip_failed,
                            progress=progress_enabled(args), address=args.address)

@@ -261,8 +261,13 @@ def build_app(weights: str, *, backend: str = "openvino", device: str = "CPU", b
 def start(app: Any, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
     """Deploy ``app`` at http://host:port/ (Serve's proxy), waiting until it is ready."""
     connect(address)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except Exception as exc:  # noqa: BLE001 - Serve reports a failed replica start as RuntimeError & co
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        raise ArrowVisionError(f"Ray Serve could not deploy the service ({type(exc).__name__}: "
+                               f"{lines[-1] if lines else 'no detail'}); see the Ray log above") from None
 
 
 def run_service(weights: str, *, host: str, port: int, address: str | None, backend: str, device: str,
@@ -299,8 +304,8 @@ def serve_from_cli(args: Any, config: ServiceConfig) -> int:
     backend = resolve_backend(args.backend)
     check_backend_options(args, backend)
     device = "cpu" if backend == "torch" and str(args.device).upper() == "CPU" else str(args.device)
-    replicas = Replicas(count=args.replicas, minimum=args.min_replicas, maximum=args.max_replicas,
-                        cpus=args.cpus_per_replica)
+    replicas = Replicas(count=args.replicas or 1, minimum=args.min_replicas, maximum=args.max_replicas,
+                        cpus=args.cpus_per_replica or 1.0)
     replicas.options(config.max_batch, config.max_queue)  # bad bounds fail before anything starts
     run_service(weights, host=args.host, port=args.port, address=args.address, backend=backend, device=device,
                 backend_options=backend_options(args, backend), config=config, replicas=replicas)
