@@ -108,6 +108,7 @@ def test_same_dataset_as_the_local_engine(tmp_path, corpus, encoder, ray_cluster
     errors = pq.read_table(tmp_path / "ray" / "_errors").to_pydict()
     assert sorted(errors["path"]) == bad and all(errors["error"])
     assert stats.actors == 2 and sum(stats.nodes.values()) == len(paths) and stats.actor_start_seconds > 0
+    assert stats.threads == [1]  # OpenVINO's INFERENCE_NUM_THREADS = the 1 CPU Ray gave each actor
 
 
 def test_resume_across_engines_in_both_directions(tmp_path, corpus, encoder, ray_cluster):

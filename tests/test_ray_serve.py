@@ -214,7 +214,9 @@ def test_a_killed_replica_costs_a_503_at_worst_and_is_replaced(served):
     handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)
     pids = set()
     for _ in range(40):
-        pids.add(handle.describe.remote().result(timeout_s=30)["pid"])
+        info = handle.describe.remote().result(timeout_s=30)
+        assert info["threads"] == 1  # OpenVINO's INFERENCE_NUM_THREADS = the 1 CPU of the replica
+        pids.add(info["pid"])
         if len(pids) == 2:
             break
     assert len(pids) == 2, pids

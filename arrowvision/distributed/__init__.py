@@ -36,3 +36,24 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise ArrowVisionError(f"cannot connect to {where}: {exc}") from None
     return ray
+
+
+def threads_option(backend: str, cpus: int) -> dict[str, Any]:
+    """Backend options that give the model exactly ``cpus`` inference threads (OpenVINO's
+    ``INFERENCE_NUM_THREADS``, ONNX Runtime's intra-op threads; torch is set process-wide)."""
+    if backend in ("openvino", "onnxruntime"):
+        return {"num_threads": cpus}
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(cpus)
+    return {}
+
+
+def inference_threads(backend: Any) -> int | None:
+    """The thread count the compiled OpenVINO model really uses (None for other backends)."""
+    compiled = getattr(backend, "compiled", None)
+    try:
+        return int(compiled.get_property("INFERENCE_NUM_THREADS")) if compiled is not None else None
+    except Exception:  # noqa: BLE001 - a plugin without the property: unknown
+        return None

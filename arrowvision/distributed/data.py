@@ -31,10 +31,9 @@ import numpy as np
 from ..errors import ArrowVisionError
 from ..pipeline import EmbedStats, _Item, identity, relpath_function, stop_on_signals
 from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
-from . import connect
+from . import connect, inference_threads, threads_option
 
 MAX_BLOCKS = 20_000  # blocks per run: bounds the driver's bookkeeping for very large corpora
-THREAD_OPTION = {"openvino": "num_threads", "onnxruntime": "num_threads"}
 
 
 @dataclass
@@ -43,6 +42,7 @@ class RayEmbedStats(EmbedStats):
     nodes: dict[str, int] = field(default_factory=dict)  # node -> inputs processed there
     workers: dict[str, int] = field(default_factory=dict)  # "node/pid" -> inputs (a restarted actor is a new pid)
     actor_start_seconds: float = 0.0  # slowest model load in an actor
+    threads: list[int] = field(default_factory=list)  # inference threads seen in the actors (sorted, unique)
     working_seconds: float = 0.0  # first batch started .. last batch ended, in the actors (no start-up)
     node_names: dict[str, str] = field(default_factory=dict)  # node id -> its address
 
@@ -51,7 +51,8 @@ class RayEmbedStats(EmbedStats):
         per_node = ", ".join(f"{self.node_names.get(node, '?')} ({node[:8]}) {count}"
                              for node, count in sorted(self.nodes.items(), key=lambda item: -item[1]))
         working = f"; {self.embedded / self.working_seconds:.1f} img/s once started" if self.working_seconds else ""
-        lines = [f"ray: {self.actors} actors ({len(self.workers)} actor processes), model load "
+        threads = "/".join(map(str, self.threads)) or "?"
+        lines = [f"ray: {self.actors} actors ({len(self.workers)} actor processes, {threads} inference threads each), model load "
                  f"{self.actor_start_seconds:.1f} s at most{working}"]
         return lines + ([f"per node: {per_node}"] if per_node else [])
 
@@ -68,14 +69,9 @@ class EmbedActor:
         started = time.perf_counter()
         context = ray.get_runtime_context()
         self.threads = max(1, int(context.get_assigned_resources().get("CPU", 1)))
-        options = dict(options)
-        if backend in THREAD_OPTION:
-            options[THREAD_OPTION[backend]] = self.threads  # INFERENCE_NUM_THREADS = the CPUs Ray gave us
-        elif backend == "torch":
-            import torch
-
-            torch.set_num_threads(self.threads)
+        options = {**options, **threads_option(backend, self.threads)}  # threads = the CPUs Ray gave us
         self.encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
+        self.inference_threads = inference_threads(self.encoder.backend) or self.threads
         self.transform = normalize_sketch_image if sketch else None
         self.normalize = normalize
         self.node = context.get_node_id()
@@ -111,6 +107,7 @@ class EmbedActor:
             "pid": np.full(n, self.pid, np.int64),
             "inference_seconds": np.full(n, inference / max(n, 1)),
             "load_seconds": np.full(n, self.load_seconds),
+            "threads": np.full(n, self.inference_threads, np.int32),
             "began": np.full(n, began),  # wall clock: the run's working span, start-up left out
             "ended": np.full(n, time.time()),
         }
@@ -211,6 +208,7 @@ def embed_paths_ray(
                         workers[f"{node}/{pid}"] += 1
                         stats.inference_seconds += float(seconds)
                         stats.actor_start_seconds = max(stats.actor_start_seconds, float(load))
+                stats.threads = sorted(set(stats.threads) | {int(t) for t in batch["threads"]})
                 span = [min(span[0], float(batch["began"].min())), max(span[1], float(batch["ended"].max()))]
                 processed += len(fresh)
                 bar.update(len(fresh))

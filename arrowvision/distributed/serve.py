@@ -31,7 +31,7 @@ from ray import serve
 
 from ..errors import ArrowVisionError
 from ..service import ModelUnavailable, QueueFull, ServiceConfig
-from . import connect
+from . import connect, inference_threads, threads_option
 
 APP_NAME = "arrowvision"
 MODEL_DEPLOYMENT = "ArrowvisionModel"
@@ -95,13 +95,7 @@ class ArrowvisionModel:
         from ..encoder import VisionEncoder
 
         threads = _assigned_threads()
-        options = dict(options)
-        if backend in ("openvino", "onnxruntime"):
-            options["num_threads"] = threads  # INFERENCE_NUM_THREADS = the CPUs Ray gave this replica
-        elif backend == "torch":
-            import torch
-
-            torch.set_num_threads(threads)
+        options = {**options, **threads_option(backend, threads)}  # threads = the CPUs Ray gave this replica
         self.encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
         size = self.encoder.config.image_size
         warm = self.encoder.backend(np.zeros((1, self.encoder.config.num_channels, size, size), np.float32))
@@ -112,7 +106,7 @@ class ArrowvisionModel:
         self.runner = ThreadPoolExecutor(1, thread_name_prefix="arrowvision-infer")  # keeps the event loop free
         self.batches = 0
         self.replica = f"{os.getpid()}-{id(self):x}"
-        self.threads = threads
+        self.threads = inference_threads(self.encoder.backend) or threads
 
     def describe(self) -> dict[str, Any]:
         backend = self.encoder.backend
