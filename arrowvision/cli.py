@@ -581,28 +581,51 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _backend_options(p, mode="throughput")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per atomically written part file")
-    p.add_argument("--workers", type=positive_int, default=2, help="decoding threads")
+    p.add_argument("--workers", type=positive_int, default=2, help="decoding threads (local engine; ray actors decode with their own CPUs)")
     p.add_argument("--sketch", action="store_true", help="apply sketch normalization before embedding")
     p.add_argument("--skip-failed", action="store_true",
                    help="do not retry inputs that failed in an earlier run (they still count as failed)")
     p.add_argument("--allow-private-urls", action="store_true",
-                   help="let http(s) inputs reach loopback, private and link-local hosts (intranet use)")
+                   help="let http(s) inputs reach loopback, private and link-local hosts (intranet use; local engine)")
+    _ray_embed_options(p)
+
+
+def _ray_embed_options(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: threads in this process; ray: a Ray Data actor pool (same dataset, resumable by either)")
+    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--actors", type=positive_int, help="model actors (default: the cluster's CPUs / --cpus-per-actor)")
+    ray.add_argument("--cpus-per-actor", type=positive_float,
+                     help="CPUs Ray gives each actor (default 1); its inference threads match them")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, embed_paths, input_root
     from .urlfetch import UrlPolicy
 
+    for option in ("address", "actors", "cpus_per_actor"):
+        if args.engine == "local" and getattr(args, option) is not None:
+            args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
     paths = collect_inputs(args.inputs)
-    encoder = load_encoder(args)
-    stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                        workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
-                        root=input_root(args.inputs), skip_failed=args.skip_failed,
-                        url_policy=UrlPolicy(allow_private=args.allow_private_urls))
+    if args.engine == "ray":
+        from .distributed.data import embed_from_cli
+
+        if args.allow_private_urls:
+            args.command_parser.error("--allow-private-urls applies to --engine local only (Ray workers keep the SSRF guard on)")
+        stats = embed_from_cli(args, paths, input_root(args.inputs))
+    else:
+        encoder = load_encoder(args)
+        stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                            workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
+                            root=input_root(args.inputs), skip_failed=args.skip_failed,
+                            url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")
     print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
           f"{rate} -> {args.output}")
+    for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
+        print(line)
     for _path, reason in stats.errors[:10]:
         print(f"  failed: {reason}", file=sys.stderr)
     if len(stats.errors) > 10:
@@ -765,6 +788,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=positive_float, default=30.0, help="per-request timeout, seconds")
     p.add_argument("--quiet", action="store_true", help="no access log")
     _add_serve_profiles_and_access(p)
+    _ray_serve_options(p)
 
 
 def _add_serve_profiles_and_access(p: argparse.ArgumentParser) -> None:
@@ -790,6 +814,18 @@ def _add_serve_profiles_and_access(p: argparse.ArgumentParser) -> None:
                    help="log lines (each with the request id) as text or JSON documents")
 
 
+def _ray_serve_options(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: uvicorn in this process; ray: Ray Serve, the model in --replicas replicas")
+    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--replicas", type=positive_int, help="model replicas (default 1; the initial count when autoscaling)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest model replicas (0 allowed)")
+    ray.add_argument("--max-replicas", type=positive_int, help="autoscaling: most model replicas")
+    ray.add_argument("--cpus-per-replica", type=positive_float,
+                     help="CPUs Ray gives each model replica (default 1); its inference threads match them")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import ServiceConfig, listen, serve
     from .service_models import registry_from_profiles
@@ -805,6 +841,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout,
                            allow_private_urls=args.allow_private_urls, url_timeout_s=args.url_timeout)
+    if args.engine == "ray":
+        from .distributed.serve import serve_from_cli
+
+        local_only = {"--model": args.profiles, "--api-key / ARROWVISION_API_KEY": security.api_key,
+                      "--cors-origin": security.cors_origins, "--rate-limit": security.rate_limit,
+                      "--log-format json": args.log_format == "json"}
+        for option, value in local_only.items():
+            if value:
+                args.command_parser.error(f"{option} applies to --engine local only (Ray Serve runs its own proxy)")
+        return serve_from_cli(args, config)
+    for option in ("address", "replicas", "min_replicas", "max_replicas", "cpus_per_replica"):
+        if getattr(args, option) is not None:
+            args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
     sock = listen(args.host, args.port)  # a busy port fails now, before the model loads
 
     def load(weights: str):

@@ -5,11 +5,15 @@ whatever arrives within ``max_wait_ms`` (up to ``max_batch`` images) into one in
 off the event loop. The queue is bounded: when it is full the service answers 503 with
 Retry-After instead of letting latency grow without limit.
 
+Where the model runs is pluggable (``ImageModel``): in this process (``LocalModel``, the
+default), or in Ray Serve replicas (``arrowvision.distributed.serve``) behind the same routes,
+validation and metrics.
+
 Around that core, each in its own module: image URLs fetched with an SSRF guard (``urlfetch``),
-named models loaded lazily into an LRU, each with its own batchers (``service_models``), the text
-endpoints (``service_text``), OpenAI-compatible ``/v1/embeddings`` (``service_openai``), API key,
-CORS and rate limit (``service_security``), request ids, logs and OpenTelemetry spans
-(``tracing``).
+named models loaded lazily into an LRU, each with its own image model and text batcher
+(``service_models``), the text endpoints (``service_text``), OpenAI-compatible
+``/v1/embeddings`` (``service_openai``), API key, CORS and rate limit (``service_security``),
+request ids, logs and OpenTelemetry spans (``tracing``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
@@ -191,11 +196,63 @@ class MicroBatcher:
         self.executor.shutdown(wait=True)
 
 
+class ImageModel(Protocol):
+    """Where the image model runs for the service: started (warmed up) by the app's lifespan,
+    fed one preprocessed image per ``submit``, drained at shutdown."""
+
+    async def start(self) -> None: ...  # raises if the model cannot embed (reported by /health)
+
+    async def submit(self, pixels: np.ndarray) -> tuple[np.ndarray, float]: ...  # QueueFull, ModelUnavailable
+
+    def queue_depth(self) -> int: ...
+
+    def health(self) -> dict[str, Any]: ...  # extra /health fields; "ready": False makes it 503
+
+    async def drain(self, timeout: float) -> None: ...
+
+
+class LocalModel:
+    """The model in this process, fed by a ``MicroBatcher`` (the default ``ImageModel``)."""
+
+    def __init__(self, encoder: VisionEncoder, config: ServiceConfig, on_batch: Callable[[int, float], None]):
+        self.encoder = encoder
+        self.batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, on_batch)
+
+    def _warm_up(self) -> None:
+        """One inference on a blank image: /health says the model is loaded only once it has
+        actually produced an embedding of the right size (and OpenVINO has compiled it)."""
+        size = self.encoder.config.image_size
+        output = np.asarray(self.encoder.backend(np.zeros((1, self.encoder.config.num_channels, size, size), np.float32)))
+        if output.shape != (1, self.encoder.embedding_dim):
+            raise ValueError(f"warm-up produced shape {output.shape}, expected (1, {self.encoder.embedding_dim})")
+
+    async def start(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self._warm_up)
+        finally:
+            self.batcher.start()  # a failed warm-up still leaves a service that answers /health
+
+    async def submit(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        return await self.batcher.submit(pixels)
+
+    def queue_depth(self) -> int:
+        return self.batcher.queue.qsize()
+
+    def health(self) -> dict[str, Any]:
+        return {}
+
+    async def drain(self, timeout: float) -> None:
+        await self.batcher.drain(timeout)
+
+
 def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | None = None, text_model: Any = None, *,
+               model: Callable[[Callable[[int, float], None]], ImageModel] | None = None,
                security: SecurityConfig | None = None, name: str | None = None):
     """The FastAPI application serving ``encoder`` (with ``text_model``, an ``ImageTextModel``, also
     the text endpoints of ``service_text``), or every model of a ``ModelRegistry`` (profiles).
-    ``security``: API key, CORS, rate limit (``service_security``)."""
+    ``model(on_batch)`` builds the ``ImageModel`` that runs inference of a single model (default:
+    ``LocalModel``, this process; profiles always run locally). ``security``: API key, CORS, rate
+    limit (``service_security``)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     config = config or ServiceConfig()
@@ -215,24 +272,28 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     state: dict[str, Any] = {"accepting": True, "started": False, "models": models, "fetcher": None}
     recorders: dict[str, Any] = {}
 
-    def make_batcher(model: str, kind: str, run) -> MicroBatcher:
-        """One micro-batcher per model and tower (models never share a batch)."""
-        if kind == "text":
-            record = functools.partial(recorders["text"], model)
-        else:
-            def record(size: int, seconds: float) -> None:
-                batch_sizes.labels(model).observe(size)
-                inference_seconds.labels(model).observe(seconds)
-                images_total.labels(model).inc(size)
-        batcher = MicroBatcher(run, config.max_batch, config.max_wait_ms, config.max_queue, record)
-        if kind == "image":
-            queue_depth.labels(model).set_function(lambda: batcher.queue.qsize())
-        return batcher
+    if model is not None and isinstance(encoder, ModelRegistry):
+        raise ArrowVisionError("model profiles run in this process: a custom image model serves a single model")
+
+    def make_image_model(name: str, model_encoder: VisionEncoder) -> ImageModel:
+        """One image model per served model (models never share a batch), with its own metrics."""
+        def record(size: int, seconds: float) -> None:
+            batch_sizes.labels(name).observe(size)
+            inference_seconds.labels(name).observe(seconds)
+            images_total.labels(name).inc(size)
+
+        image_model = model(record) if model is not None else LocalModel(model_encoder, config, record)
+        queue_depth.labels(name).set_function(image_model.queue_depth)
+        return image_model
+
+    def make_text_batcher(name: str, run) -> MicroBatcher:
+        return MicroBatcher(run, config.max_batch, config.max_wait_ms, config.max_queue,
+                            functools.partial(recorders["text"], name))
 
     @asynccontextmanager
     async def lifespan(app):
         state["fetcher"] = AsyncUrlFetcher(config.url_policy())
-        await models.start(make_batcher)
+        await models.start(make_image_model, make_text_batcher)
         state["started"] = True
         yield
         state["accepting"] = False
@@ -400,9 +461,11 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
             pixels = await loop.run_in_executor(decode_pool, decode, served, label, data, sketch)
         decoded = time.perf_counter()
         try:
-            vector, inference = await asyncio.wait_for(served.batcher.submit(pixels), config.request_timeout_s)
+            vector, inference = await asyncio.wait_for(served.image.submit(pixels), config.request_timeout_s)
         except QueueFull:
             raise HTTPProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
+        except ModelUnavailable as exc:
+            raise HTTPProblem(503, f"model unavailable: {exc}", {"Retry-After": "1"}) from None
         except TimeoutError:
             raise HTTPProblem(504, f"timed out after {config.request_timeout_s} s") from None
         done = time.perf_counter()
@@ -482,19 +545,21 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
         served = models.loaded.get(models.default)
         model_error = (served.error if served else None) or models.failures.get(models.default)
         model_loaded = bool(state["started"] and served is not None and served.error is None)
+        extra = served.image.health() if served is not None else {}
+        ready = extra.pop("ready", True)  # e.g. no model replica running
         if not state["accepting"]:
             status = "shutting down"
-        elif model_loaded:
+        elif model_loaded and ready:
             status = "ok"
         else:
-            status = "unavailable" if model_error else "starting"
+            status = "unavailable" if model_error or model_loaded else "starting"
         spec = models.specs[models.default]
         backend = served.encoder.backend if served else None
         body = {"status": status, "model_loaded": model_loaded, "backend": backend.name if backend else spec.backend or None,
                 "device": str(getattr(backend, "device", "cpu")), "precision": getattr(backend, "precision", "fp32"),
                 "family": spec.info.get("family"), "dim": spec.info.get("dim"), "model_checksum": spec.info.get("model_checksum"),
                 "text": served.text_model is not None if served else "text" in spec.info.get("towers", ()),
-                "model": models.default, "models": {n: n in models.loaded for n in models.specs}}
+                "model": models.default, "models": {n: n in models.loaded for n in models.specs}, **extra}
         if model_error:
             body["error"] = model_error
         return JSONResponse(body, status_code=200 if status == "ok" else 503)

@@ -33,7 +33,7 @@ class UnknownModel(ArrowVisionError):
 
 
 class ModelUnavailable(ArrowVisionError):
-    """A model failed to load or to warm up (503)."""
+    """A model cannot answer now: it failed to load, or its replica died (503, retry later)."""
 
 
 @dataclass
@@ -64,13 +64,15 @@ def describe_loaded(encoder: Any, text_model: Any) -> dict[str, Any]:
 
 
 class ServedModel:
-    """A loaded model with its own batchers; ``users`` counts the requests holding it."""
+    """A loaded model with its own image model (``service.ImageModel``: by default a
+    ``MicroBatcher`` in this process) and text batcher; ``users`` counts the requests holding it."""
 
-    def __init__(self, spec: ModelSpec, encoder: Any, text_model: Any, make_batcher: Callable[..., Any]):
+    def __init__(self, spec: ModelSpec, encoder: Any, text_model: Any, make_image_model: Callable[..., Any],
+                 make_text_batcher: Callable[..., Any]):
         self.spec, self.name = spec, spec.name
         self.encoder, self.text_model = encoder, text_model
-        self.batcher = make_batcher(self.name, "image", encoder.backend)
-        self.text_batcher = make_batcher(self.name, "text", self._encode_texts) if text_model is not None else None
+        self.image = make_image_model(self.name, encoder)
+        self.text_batcher = make_text_batcher(self.name, self._encode_texts) if text_model is not None else None
         self.users = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -80,33 +82,19 @@ class ServedModel:
         # tokenized inside the model call, so CLIP pads only to the batch's longest text
         return self.text_model.text.encode([str(t) for t in texts], batch_size=max(1, len(texts)), normalize=False)
 
-    @property
-    def backend_name(self) -> str:
-        return self.encoder.backend.name
-
-    def warm_up(self) -> None:
-        """One inference on a blank image: the model counts as loaded only once it has produced an
-        embedding of the right size (and OpenVINO has compiled it)."""
-        encoder = self.encoder
-        size = encoder.config.image_size
-        output = np.asarray(encoder.backend(np.zeros((1, encoder.config.num_channels, size, size), np.float32)))
-        if output.shape != (1, encoder.embedding_dim):
-            raise ValueError(f"warm-up produced shape {output.shape}, expected (1, {encoder.embedding_dim})")
-
     async def start(self) -> None:
-        """Warm up (errors recorded in ``error``), then start the batchers."""
+        """Start (and warm up) the image model, errors recorded in ``error``; start the text batcher."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.warm_up)
+            await self.image.start()
         except Exception as exc:  # keep serving /health, which reports the failure
             log.exception("model %s: warm-up failed", self.name)
             self.error = f"{type(exc).__name__}: {exc}"
-        self.batcher.start()
         if self.text_batcher is not None:
             self.text_batcher.start()
 
     async def close(self, timeout: float) -> None:
-        """Answer everything queued, then stop the batchers."""
-        await self.batcher.drain(timeout)
+        """Answer everything queued, then stop."""
+        await self.image.drain(timeout)
         if self.text_batcher is not None:
             await self.text_batcher.drain(timeout)
 
@@ -131,7 +119,7 @@ class ModelRegistry:
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()
         self.preloaded: dict[str, tuple[Any, Any]] = {}  # given loaded (single model); kept across restarts
         self.failures: dict[str, str] = {}  # last load failure per model
-        self.make_batcher: Callable[..., Any] | None = None
+        self.factories: tuple[Callable[..., Any], Callable[..., Any]] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()
 
@@ -156,9 +144,10 @@ class ModelRegistry:
             raise UnknownModel(f"unknown model {name!r}; this service serves {', '.join(self.specs)}")
         return name
 
-    async def start(self, make_batcher: Callable[..., Any]) -> None:
-        """Bind the batcher factory and load the default model (its failure is kept for /health)."""
-        self.make_batcher = make_batcher
+    async def start(self, make_image_model: Callable[..., Any], make_text_batcher: Callable[..., Any]) -> None:
+        """Bind the factories of each model's image model and text batcher, and load the default
+        model (its failure is kept for /health)."""
+        self.factories = (make_image_model, make_text_batcher)
         try:
             await self._acquire(self.default, hold=False)
         except ModelUnavailable:
@@ -192,7 +181,7 @@ class ModelRegistry:
         return served
 
     async def _load(self, name: str) -> ServedModel:
-        if self.make_batcher is None:
+        if self.factories is None:
             raise ModelUnavailable("the service has not started")
         spec = self.specs[name]
         try:
@@ -203,7 +192,7 @@ class ModelRegistry:
             raise ModelUnavailable(f"model {name} failed to load: {exc}") from None
         spec.backend = encoder.backend.name
         spec.info = {**spec.info, **describe_loaded(encoder, text_model)}
-        served = ServedModel(spec, encoder, text_model, self.make_batcher)
+        served = ServedModel(spec, encoder, text_model, *self.factories)
         await served.start()
         self.failures.pop(name, None)
         self.loaded[name] = served
