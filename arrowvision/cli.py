@@ -842,14 +842,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout,
                            allow_private_urls=args.allow_private_urls, url_timeout_s=args.url_timeout)
     if args.engine == "ray":
-        from .distributed.serve import serve_from_cli
-
         local_only = {"--model": args.profiles, "--api-key / ARROWVISION_API_KEY": security.api_key,
                       "--cors-origin": security.cors_origins, "--rate-limit": security.rate_limit,
                       "--log-format json": args.log_format == "json"}
         for option, value in local_only.items():
             if value:
                 args.command_parser.error(f"{option} applies to --engine local only (Ray Serve runs its own proxy)")
+        from .distributed.serve import serve_from_cli
+
         return serve_from_cli(args, config)
     for option in ("address", "replicas", "min_replicas", "max_replicas", "cpus_per_replica"):
         if getattr(args, option) is not None:

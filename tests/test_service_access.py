@@ -77,7 +77,7 @@ def test_cors_is_off_unless_origins_are_named(encoder):
 
 def test_rate_limit_answers_429_with_retry_after(encoder):
     with TestClient(create_app(encoder, security=SecurityConfig(rate_limit=2.0))) as client:
-        statuses = [client.post("/v1/embed", json=IMAGE) for _ in range(4)]
+        statuses = [client.get("/v1/models") for _ in range(4)]  # cheap requests: no refill between them
         assert [r.status_code for r in statuses[:2]] == [200, 200]  # a burst of N=2
         limited = [r for r in statuses if r.status_code == 429]
         assert limited and all(int(r.headers["retry-after"]) >= 1 for r in limited)
@@ -114,6 +114,9 @@ def test_non_loopback_without_a_key_is_refused_before_loading(capsys, monkeypatc
     with pytest.raises(SystemExit) as usage:
         main(["serve", "--rate-limit", "lots", "--port", "0"])
     assert usage.value.code == 2 and "expected N/s" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # Ray Serve runs its own proxy: no silent loss of the key
+        main(["serve", "--engine", "ray", "--api-key", KEY, "--port", "0"])
+    assert usage.value.code == 2 and "--api-key / ARROWVISION_API_KEY applies to --engine local only" in capsys.readouterr().err
 
 
 def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
