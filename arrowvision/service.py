@@ -195,7 +195,7 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, record_batch)
+        batcher = MicroBatcher(encoder.run_prepared, config.max_batch, config.max_wait_ms, config.max_queue, record_batch)
         try:
             await asyncio.get_running_loop().run_in_executor(batcher.executor, warm_up)
             state["model_loaded"] = True
@@ -317,7 +317,7 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         image = load_image(data, max_pixels=config.max_pixels, name=name)
         if sketch:
             image = normalize_sketch_image(image)
-        return encoder.preprocessor.pixels(image)
+        return encoder.prepare(image)  # uint8 for backends that normalize on their device
 
     async def embed_one(name: str, data: bytes, normalize: bool, sketch: bool) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
