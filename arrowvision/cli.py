@@ -390,8 +390,8 @@ def check_backend_options(args: argparse.Namespace, backend: str) -> None:
         if not given(value) or backend in backends:
             continue
         flag = "--" + option.replace("_", "-")
-        shown = " ".join(value) if isinstance(value, list) else value
-        args.command_parser.error(f"{flag} {shown} applies to the {'/'.join(backends)} backends only, not {backend}{chosen}")
+        shown = " ".join(value) if isinstance(value, list) else "" if value is True else value
+        args.command_parser.error(f"{flag}{f' {shown}' if shown else ''} applies to the {'/'.join(backends)} backends only, not {backend}{chosen}")
     device = str(getattr(args, "device", "cpu")).lower()
     if backend == "torch" and device != "cpu" and not device.startswith("cuda"):
         args.command_parser.error(f"--device {args.device}: the torch backend runs on cpu (or cuda)")

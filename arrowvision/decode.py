@@ -71,7 +71,7 @@ def read_image_bytes(path: str) -> bytes:
 
 def open_reduced(data: bytes, label: str, size: int, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
     """Decode with a JPEG draft: the smallest DCT scale still >= ``size`` on both sides. Returns
-    the upright RGB image and the file's own (width, height)."""
+    the upright RGB image and the full-size upright (width, height), as ``exact`` records it."""
     if not data:
         raise ImageError(f"{label}: empty input")
     try:
@@ -80,12 +80,17 @@ def open_reduced(data: bytes, label: str, size: int, max_pixels: int = MAX_PIXEL
         raise ImageError(f"{label}: not an image (unrecognized format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
-    original = image.size
-    if original[0] * original[1] > max_pixels:
-        raise ImageTooLarge(f"{label}: {original[0]}x{original[1]} pixels exceeds the limit of {max_pixels:,}")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{label}: {width}x{height} pixels exceeds the limit of {max_pixels:,}")
     if image.format == "JPEG":
+        try:
+            if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways: upright size swaps
+                width, height = height, width
+        except Exception:  # noqa: BLE001 - unreadable EXIF: load_image ignores it the same way
+            pass
         image.draft("RGB", (size, size))
-    return load_image(image, max_pixels=max_pixels, name=label), original
+    return load_image(image, max_pixels=max_pixels, name=label), (width, height)
 
 
 def plain_jpeg(data: bytes) -> tuple[int, int] | None:
@@ -156,3 +161,14 @@ def decode_rows_shared(name: str, shape: tuple[int, ...], jobs: list[tuple[int, 
         block = _attached[name] = shared_memory.SharedMemory(name=name)
     target = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
     return decode_rows(target, jobs, preprocessor, mode, transform)
+
+
+def decode_rows_copied(shape: tuple[int, ...], jobs: list[tuple[int, str]], preprocessor: Preprocessor, mode: str,
+                       transform: Any = None) -> tuple[list[Decoded], np.ndarray]:
+    """``decode_rows`` in a worker process without shared memory: the rows come back pickled
+    (used when /dev/shm is too small for the slots, as in containers with the default 64 MiB)."""
+    first = jobs[0][0] if jobs else 0
+    local = np.empty((len(jobs), *shape[1:]), dtype=np.uint8)
+    items = decode_rows(local, [(row - first, path) for row, path in jobs], preprocessor, mode, transform)
+    return items, local
+

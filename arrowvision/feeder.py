@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .decode import Decoded, check_mode, decode_rows, decode_rows_shared
+from .decode import Decoded, check_mode, decode_rows, decode_rows_copied, decode_rows_shared
 from .errors import ArrowVisionError
 from .preprocess import Preprocessor
 
@@ -77,11 +77,15 @@ class Feeder:
         shape = (slots * self.batch_size, *self.row_shape)
         block = None
         executor: Executor
-        if self.pool_kind == "process":
+        copied = self.pool_kind == "process" and not shared_memory_fits(int(np.prod(shape)))
+        if self.pool_kind == "process" and not copied:
             from multiprocessing import shared_memory
 
             block = shared_memory.SharedMemory(create=True, size=max(1, int(np.prod(shape))))
             target = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
+            executor = ProcessPoolExecutor(self.workers, mp_context=process_context())
+        elif copied:
+            target = np.empty(shape, dtype=np.uint8)
             executor = ProcessPoolExecutor(self.workers, mp_context=process_context())
         else:
             target = np.empty(shape, dtype=np.uint8)
@@ -100,6 +104,9 @@ class Feeder:
                 if block is not None:
                     futures.append(executor.submit(decode_rows_shared, block.name, shape, part, self.preprocessor,
                                                    self.mode, self.transform))
+                elif copied:
+                    futures.append(executor.submit(decode_rows_copied, shape, part, self.preprocessor, self.mode,
+                                                   self.transform))
                 else:
                     futures.append(executor.submit(decode_rows, target, part, self.preprocessor, self.mode, self.transform))
             pending.append((slot, chunk, futures))
@@ -110,7 +117,13 @@ class Feeder:
             next_index = slots
             while pending:
                 slot, chunk, futures = pending.popleft()
-                items = [item for future in futures for item in future.result()]  # a dead worker raises here
+                items = []
+                for future, first in zip(futures, range(slot * self.batch_size, len(target), self.task_rows)):
+                    result = future.result()  # a dead worker raises here
+                    if copied:
+                        result, rows_back = result
+                        target[first : first + len(rows_back)] = rows_back
+                    items += result
                 rows = [slot * self.batch_size + i for i, item in enumerate(items) if not item.error and item.jpeg is None]
                 decoded = [item for item in items if not item.error and item.jpeg is None]
                 jpegs = [item for item in items if item.jpeg is not None]
@@ -135,6 +148,16 @@ class Feeder:
                 except BufferError:  # the caller still holds a view: the mapping goes with it
                     pass
                 block.unlink()
+
+
+def shared_memory_fits(nbytes: int) -> bool:
+    """Room for ``nbytes`` of shared memory (with slack)? Containers often mount a 64 MiB /dev/shm,
+    and writing past it kills the worker with SIGBUS."""
+    try:
+        status = os.statvfs("/dev/shm")
+    except OSError:  # no /dev/shm (macOS, Windows): shared memory lives elsewhere
+        return True
+    return status.f_bavail * status.f_frsize >= 2 * nbytes
 
 
 def choose_pool(pool: str, device: Any) -> str:

@@ -189,6 +189,52 @@ def accuracy_section(torch, tf, hf_folder, parquet, device, args) -> None:
     del hf
 
 
+def bundled_photo_folders(work: Path) -> dict[str, list[str]]:
+    """The bundled sample photos as shipped, and re-encoded as 640x480 and 1280x960 JPEGs."""
+    from PIL import Image
+
+    samples = sorted((HERE.parent / "arrowvision" / "samples").glob("*.jpg"))
+    sets = {"bundled as shipped": [str(p) for p in samples]}
+    for width, height in ((640, 480), (1280, 960)):
+        folder = work / f"bundled-{width}x{height}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in samples:
+            Image.open(p).convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(folder / p.name, quality=90)
+        sets[f"bundled at {width}x{height}"] = sorted(str(p) for p in folder.glob("*.jpg"))
+    return sets
+
+
+def decode_accuracy_section(torch, parquet, device, args) -> None:
+    """Each decode mode's min cosine vs exact (same model, same device) on the bundled photos."""
+    from arrowvision import VisionEncoder
+    from arrowvision.pipeline import embed_paths, read_embeddings
+
+    encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision="fp32")
+    modes = ["exact", "fast"] + (["gpu"] if device.type == "cuda" else [])
+    rows = []
+    RESULTS["sections"]["decode_accuracy"] = rows
+    work = Path(args.work)
+    for name, paths in bundled_photo_folders(work).items():
+        vectors = {}
+        for mode in modes:
+            out = work / f"decode-{mode}"
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                embed_paths(encoder, paths, out, batch_size=8, workers=2, progress=False, decode=mode, decode_pool="thread")
+                table = read_embeddings(out)
+                order = np.argsort(table.column("path").to_pylist())
+                vectors[mode] = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))[order]
+            except Exception as exc:  # noqa: BLE001
+                say(f"  {name} {mode}: {type(exc).__name__}: {exc}")
+            shutil.rmtree(out, ignore_errors=True)
+        for mode in modes[1:]:
+            if mode in vectors and "exact" in vectors:
+                cos = (vectors[mode] * vectors["exact"]).sum(1)
+                rows.append({"photos": name, "images": len(paths), "mode": mode, "min_cosine_vs_exact": float(cos.min()),
+                             "mean_cosine_vs_exact": float(cos.mean())})
+                say(f"  {name:<22} {mode:<5} vs exact: min cosine {cos.min():.6f}, mean {cos.mean():.6f} ({len(paths)} images)")
+
+
 def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
     from arrowvision import VisionEncoder
 
@@ -314,6 +360,30 @@ def end_to_end_section(torch, tf, hf_folder, parquet, device, images, args) -> N
     del encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if args.compile and not (args.budget and elapsed() > args.budget):
+        mode = "gpu" if device.type == "cuda" else "fast"
+        label = f"embed --decode {mode} --compile"
+        try:
+            tick = time.perf_counter()
+            compiled = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), compile=True)
+            embed_paths(compiled, warm, work / "warm", batch_size=batch, workers=workers, progress=False, decode=mode)
+            first = time.perf_counter() - tick
+            shutil.rmtree(work / "warm", ignore_errors=True)
+            stats = embed_paths(compiled, images, work / "e2e-compiled", batch_size=batch, workers=workers, progress=False,
+                                decode=mode)
+            inside = stats.embedded / stats.inference_seconds if stats.inference_seconds else 0.0
+            row = {"pipeline": label, "img_per_s": round(stats.images_per_second, 1), "embedded": stats.embedded,
+                   "failed": stats.failed, "model_busy_pct": round(100 * stats.model_busy, 1),
+                   "model_rate_inside_run": round(inside, 1), "seconds": round(stats.seconds, 2),
+                   "load_compile_warmup_s": round(first, 1)}
+            del compiled
+        except Exception as exc:  # noqa: BLE001
+            row = {"pipeline": label, "error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        rows.append(row)
+        say(f"  {label:<34} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "pipeline"))
+        shutil.rmtree(work / "e2e-compiled", ignore_errors=True)
+        save(args.out)
     if section("end to end: transformers + DataLoader peer", args):
         try:
             row = dataloader_peer(torch, tf, hf_folder, device, images, workers, batch, args)
@@ -419,6 +489,7 @@ def main() -> int:
             f"({sum(os.path.getsize(p) for p in images) / len(images) / 1024:.0f} KiB each)")
 
         for name, run in [("accuracy", lambda: accuracy_section(torch, tf, hf_folder, parquet, device, args)),
+                          ("decode accuracy", lambda: decode_accuracy_section(torch, parquet, device, args)),
                           ("model only", lambda: model_only_section(torch, tf, hf_folder, parquet, device, args)),
                           ("end to end", lambda: end_to_end_section(torch, tf, hf_folder, parquet, device, images, args))]:
             if not section(name, args):

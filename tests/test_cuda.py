@@ -97,7 +97,7 @@ def test_gpu_resize_matches_pillow(reference, folder):
 
     preprocessor = reference.preprocessor
     photos = [p for p in paths_of(folder) if "photo" in p]
-    images = [torch.from_numpy(np.asarray(load_image(p))).permute(2, 0, 1).cuda() for p in photos]
+    images = [torch.from_numpy(np.array(load_image(p))).permute(2, 0, 1).cuda() for p in photos]
     ours = resize_on_device(images, preprocessor).permute(0, 2, 3, 1).cpu().numpy().astype(int)
     pillow = np.stack([preprocessor.resized(load_image(p)) for p in photos]).astype(int)
     assert np.abs(ours - pillow).mean() < 1.0 and np.abs(ours - pillow).max() <= 16
