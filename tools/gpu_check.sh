@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNB
 export ARROWVISION_CACHE="${ARROWVISION_CACHE:-/tmp/arrowvision-gpu-cache}"
 date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3; nproc
 if python3 -c "import pytest" 2>/dev/null; then
-  timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+  timeout 90 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -80 | tee "$OUT/pytest.txt"
 else
   echo "pytest not installed here: CUDA tests skipped" | tee "$OUT/pytest.txt"
 fi
