@@ -94,8 +94,11 @@ def open_reduced(data: bytes, label: str, size: int, max_pixels: int = MAX_PIXEL
 
 
 def plain_jpeg(data: bytes) -> tuple[int, int] | None:
-    """(width, height) if the GPU decoder can take these bytes as they are: a baseline/progressive
-    RGB or grayscale JPEG with no EXIF rotation; None sends the file down the CPU path."""
+    """(width, height) if the GPU decoder can take these bytes as they are: a complete (EOI marker
+    at the end) baseline/progressive RGB or grayscale JPEG with no EXIF rotation; None sends the
+    file down the CPU path, where Pillow refuses a truncated file and names the problem."""
+    if b"\xff\xd9" not in data[-64:]:  # no end-of-image marker: truncated; nvJPEG would embed a partial image
+        return None
     try:
         image = Image.open(io.BytesIO(data))
         if image.format != "JPEG" or image.mode not in ("RGB", "L"):

@@ -99,6 +99,7 @@ class EmbedStats:
     failed: int = 0  # failed now, or failed before and skipped (--skip-failed)
     seconds: float = 0.0
     inference_seconds: float = 0.0
+    input_wait_seconds: float = 0.0  # the model thread waiting for decoded batches (decoding is the bottleneck)
     interrupted: bool = False  # stopped by Ctrl-C/SIGTERM (rows embedded so far were written)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -108,7 +109,7 @@ class EmbedStats:
 
     @property
     def model_busy(self) -> float:
-        """Share of wall time the model was running: end-to-end vs model-only throughput."""
+        """Share of wall time the model was running (on a GPU: its own GPU time, from CUDA events)."""
         return self.inference_seconds / self.seconds if self.seconds else 0.0
 
 
@@ -368,7 +369,12 @@ def embed_paths(
     try:
         with stop_on_signals(stop):
             producer.start()
-            while not stop.is_set() and (entry := batches.get()) is not None:
+            while not stop.is_set():
+                tick = time.perf_counter()
+                entry = batches.get()
+                stats.input_wait_seconds += time.perf_counter() - tick
+                if entry is None:
+                    break
                 if isinstance(entry, _WorkerDied):
                     if in_flight is not None:
                         finish(*in_flight)

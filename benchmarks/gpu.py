@@ -240,7 +240,7 @@ def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
 
     size = args.image_size
     batches = [1, 8] if args.tiny else [1, 64, 256]
-    seconds = 0.3 if args.quick or args.tiny else 1.0
+    seconds = 0.3 if args.quick or args.tiny else 0.6
     rows = []
     RESULTS["sections"]["model_only"] = rows
 
@@ -248,9 +248,12 @@ def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
         rows.append({"model": name, "batch": batch, "img_per_s": round(value, 1), **(extra or {})})
         say(f"  {name:<34} b{batch:<4} {value:10.1f} img/s" + (f"  {extra}" if extra else ""))
 
-    configs = [("ours fp32", "fp32"), ("ours bf16", "bf16"), ("ours fp16", "fp16")]
-    for name, precision in configs:
-        encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision=precision)
+    configs = [("ours fp32", "fp32", None), ("ours bf16", "bf16", None), ("ours fp16", "fp16", None)]
+    if device.type == "cuda":
+        configs.append(("ours bf16 eager (no CUDA graphs)", "bf16", False))
+    for name, precision, graphs in configs:
+        encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision=precision,
+                                             cuda_graphs=graphs)
         backend = encoder.backend
         for batch in batches:
             x = torch.randn(batch, 3, size, size, device=device, dtype=backend.dtype)
@@ -311,52 +314,113 @@ def compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds) -
         RESULTS["sections"]["compile_error_transformers"] = f"{type(exc).__name__}: {exc}"
 
 
+def embed_row(encoder, paths, out: Path, label: str, batch: int, workers: int, mode: str, pool: str = "auto") -> tuple[dict, np.ndarray]:
+    """One ``embed_paths`` run (after a warm-up run on two batches: cuDNN, pinned memory, forks)."""
+    from arrowvision.pipeline import embed_paths, read_embeddings
+
+    warm = out.parent / "warm"
+    for folder in (out, warm):
+        shutil.rmtree(folder, ignore_errors=True)
+    embed_paths(encoder, paths[: 2 * batch], warm, batch_size=batch, workers=workers, progress=False, decode=mode,
+                decode_pool=pool)
+    stats = embed_paths(encoder, paths, out, batch_size=batch, workers=workers, progress=False, decode=mode, decode_pool=pool)
+    inside = stats.embedded / stats.inference_seconds if stats.inference_seconds else 0.0
+    row = {"pipeline": label, "images": len(paths), "img_per_s": round(stats.images_per_second, 1), "embedded": stats.embedded,
+           "failed": stats.failed, "model_busy_pct": round(100 * stats.model_busy, 1),
+           "input_wait_pct": round(100 * stats.input_wait_seconds / stats.seconds, 1) if stats.seconds else 0.0,
+           "model_rate_inside_run": round(inside, 1), "seconds": round(stats.seconds, 2)}
+    table = read_embeddings(out)
+    order = np.argsort(table.column("path").to_pylist())
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))[order]
+    for folder in (out, warm):
+        shutil.rmtree(folder, ignore_errors=True)
+    return row, vectors
+
+
+def decode_only(encoder, paths, mode: str, batch: int, workers: int, torch, device) -> float:
+    """img/s of the feeder alone (worker processes; gpu: plus nvJPEG + resize on the device), start-up included."""
+    from arrowvision.feeder import Feeder
+
+    gpu = None
+    if mode == "gpu":
+        from arrowvision.gpu_decode import GpuDecoder
+
+        gpu = GpuDecoder(encoder.preprocessor, encoder.backend)
+    feeder = Feeder(encoder.preprocessor, batch_size=batch, workers=workers, mode=mode, pool="process")
+    done, tick = 0, time.perf_counter()
+    for fed in feeder.batches(paths):
+        if gpu is not None:
+            ok, _staged = gpu.assemble(fed.decoded, fed.pixels, fed.jpegs)
+            done += len(ok)
+        else:
+            done += len(fed.decoded)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - tick)
+
+
+def steady_corpus(images: list[str], copies: int, work: Path) -> list[str]:
+    """``copies`` x the JPEG folder as hard links: distinct paths (own rows), no extra bytes to write."""
+    paths = list(images)
+    for copy in range(1, copies):
+        folder = work / f"jpegs-link{copy}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for image in images:
+            target = folder / Path(image).name
+            if not target.exists():
+                os.link(image, target)
+            paths.append(str(target))
+    return paths
+
+
 def end_to_end_section(torch, tf, hf_folder, parquet, device, images, args) -> None:
     from arrowvision import VisionEncoder
-    from arrowvision.pipeline import embed_paths, read_embeddings
 
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     batch = 16 if args.tiny else args.batch_size
     rows = []
     RESULTS["sections"]["end_to_end"] = rows
     encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device))
-    say(f"  {len(images)} JPEGs 640x480, batch {batch}, {workers} workers, torch {encoder.backend.precision} on {device}")
     work = Path(args.work)
-    embeddings = {}
+    large = steady_corpus(images, args.steady_copies, work) if args.steady_copies > 1 else []
+    say(f"  {len(images)} JPEGs 640x480 (steady state: {len(large) or 'off'}), batch {batch}, {workers} workers, "
+        f"torch {encoder.backend.precision} on {device}, CUDA graphs {'on' if encoder.backend.graphs is not None else 'off'}")
     modes = ["exact", "fast", "gpu"] if device.type == "cuda" or args.tiny else ["exact", "fast"]
-    warm = images[: min(len(images), 2 * batch)]
-    for mode in modes:
+
+    def show(row: dict) -> None:
+        rows.append(row)
+        say(f"  {row['pipeline']:<34} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "pipeline"))
+        save(args.out)
+
+    for mode in modes:  # decode ceilings: what the workers (and nvJPEG) deliver without the model
+        if device.type != "cuda" and mode == "gpu":
+            continue
+        try:
+            show({"pipeline": f"decode only --decode {mode}", "images": len(images),
+                  "img_per_s": round(decode_only(encoder, images, mode, batch, workers, torch, device), 1)})
+        except Exception as exc:  # noqa: BLE001
+            show({"pipeline": f"decode only --decode {mode}", "error": f"{type(exc).__name__}: {exc}"})
+    embeddings = {}
+    variants = [(mode, "process" if mode == "exact" else "auto") for mode in modes]
+    if not args.quick:
+        variants.append(("exact", "thread"))  # the old way: decoding threads in the model's process
+    for mode, pool in variants:
         if args.budget and elapsed() > args.budget:
             say(f"  embed --decode {mode}: skipped (budget)")
             continue
-        for pool in (["process", "thread"] if mode == "exact" and not args.quick else ["auto"]):
-            label = f"embed --decode {mode}" + ("" if pool == "auto" else f" ({pool}es)" if pool == "process" else " (threads)")
+        label = f"embed --decode {mode}" + {"auto": "", "process": " (processes)", "thread": " (threads)"}[pool]
+        for paths in [images] + ([large] if large and pool != "thread" else []):
             try:
-                out = work / f"e2e-{mode}-{pool}"
-                shutil.rmtree(out, ignore_errors=True)
-                embed_paths(encoder, warm, work / "warm", batch_size=batch, workers=workers, progress=False, decode=mode,
-                            decode_pool=pool)  # cudnn autotune, pinned-memory pool, first forks
-                shutil.rmtree(work / "warm", ignore_errors=True)
-                stats = embed_paths(encoder, images, out, batch_size=batch, workers=workers, progress=False, decode=mode,
-                                    decode_pool=pool)
-                inside = stats.embedded / stats.inference_seconds if stats.inference_seconds else 0.0
-                row = {"pipeline": label, "img_per_s": round(stats.images_per_second, 1), "embedded": stats.embedded,
-                       "failed": stats.failed, "model_busy_pct": round(100 * stats.model_busy, 1),
-                       "model_rate_inside_run": round(inside, 1), "seconds": round(stats.seconds, 2)}
-                table = read_embeddings(out)
-                order = np.argsort(table.column("path").to_pylist())
-                vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))[order]
-                embeddings.setdefault(mode, vectors)
-                if mode != "exact" and "exact" in embeddings and len(vectors) == len(embeddings["exact"]):
-                    row["min_cosine_vs_exact"] = float((vectors * embeddings["exact"]).sum(1).min())
-                    row["mean_cosine_vs_exact"] = float((vectors * embeddings["exact"]).sum(1).mean())
+                row, vectors = embed_row(encoder, paths, work / "e2e", label, batch, workers, mode, pool)
+                if paths is images:
+                    embeddings.setdefault(mode, vectors)
+                    if mode != "exact" and "exact" in embeddings:
+                        cos = (vectors * embeddings["exact"]).sum(1)
+                        row.update(min_cosine_vs_exact=float(cos.min()), mean_cosine_vs_exact=float(cos.mean()))
             except Exception as exc:  # noqa: BLE001 - report and go on
-                row = {"pipeline": label, "error": f"{type(exc).__name__}: {exc}"}
+                row = {"pipeline": label, "images": len(paths), "error": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()
-            rows.append(row)
-            say(f"  {label:<34} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "pipeline"))
-            save(args.out)
-            shutil.rmtree(work / f"e2e-{mode}-{pool}", ignore_errors=True)
+            show(row)
     del encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -366,32 +430,24 @@ def end_to_end_section(torch, tf, hf_folder, parquet, device, images, args) -> N
         try:
             tick = time.perf_counter()
             compiled = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), compile=True)
-            embed_paths(compiled, warm, work / "warm", batch_size=batch, workers=workers, progress=False, decode=mode)
-            first = time.perf_counter() - tick
-            shutil.rmtree(work / "warm", ignore_errors=True)
-            stats = embed_paths(compiled, images, work / "e2e-compiled", batch_size=batch, workers=workers, progress=False,
-                                decode=mode)
-            inside = stats.embedded / stats.inference_seconds if stats.inference_seconds else 0.0
-            row = {"pipeline": label, "img_per_s": round(stats.images_per_second, 1), "embedded": stats.embedded,
-                   "failed": stats.failed, "model_busy_pct": round(100 * stats.model_busy, 1),
-                   "model_rate_inside_run": round(inside, 1), "seconds": round(stats.seconds, 2),
-                   "load_compile_warmup_s": round(first, 1)}
+            for paths in [images] + ([large] if large else []):
+                row, _ = embed_row(compiled, paths, work / "e2e", label, batch, workers, mode)
+                row["load_compile_warmup_s"] = round(time.perf_counter() - tick, 1)
+                show(row)
+                tick = time.perf_counter()
             del compiled
         except Exception as exc:  # noqa: BLE001
-            row = {"pipeline": label, "error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
-        rows.append(row)
-        say(f"  {label:<34} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "pipeline"))
-        shutil.rmtree(work / "e2e-compiled", ignore_errors=True)
-        save(args.out)
-    if section("end to end: transformers + DataLoader peer", args):
+            show({"pipeline": label, "error": f"{type(exc).__name__}: {exc}"})
+    for paths in [images] + ([large] if large else []):
+        if not section(f"end to end: transformers + DataLoader peer, {len(paths)} JPEGs", args):
+            break
         try:
-            row = dataloader_peer(torch, tf, hf_folder, device, images, workers, batch, args)
+            row = dataloader_peer(torch, tf, hf_folder, device, paths, workers, batch, args)
         except Exception as exc:  # noqa: BLE001
             row = {"pipeline": "transformers bf16 + DataLoader", "error": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc()
-        rows.append(row)
-        say("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        show(row)
 
 
 class _Files:
@@ -426,7 +482,8 @@ def dataloader_peer(torch, tf, hf_folder, device, images, workers, batch, args) 
             busy += time.perf_counter() - start
     seconds = time.perf_counter() - tick
     return {"pipeline": f"transformers {'bf16' if dtype == torch.bfloat16 else 'fp32'} + DataLoader({workers} workers) "
-                        "+ SiglipImageProcessor", "img_per_s": round(outputs / seconds, 1), "embedded": outputs,
+                        "+ SiglipImageProcessor", "images": len(images), "img_per_s": round(outputs / seconds, 1),
+            "embedded": outputs,
             "model_busy_pct": round(100 * busy / seconds, 1), "seconds": round(seconds, 2)}
 
 
@@ -443,6 +500,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (ours and transformers, ~20-60 s each)")
     parser.add_argument("--images", type=int, default=4000, help="JPEGs in the end-to-end folder")
     parser.add_argument("--batch-size", type=int, default=256, help="end-to-end batch size")
+    parser.add_argument("--steady-copies", type=int, default=4,
+                        help="also run end to end on this many hard-linked copies of the folder (steady state; 1: off)")
     parser.add_argument("--workers", type=int, default=0, help="decoding workers (default: CPU count)")
     parser.add_argument("--work", help="scratch folder (default: a temp folder, removed after)")
     args = parser.parse_args()
@@ -465,6 +524,7 @@ def main() -> int:
     args.image_size = config["image_size"]
     if args.tiny:
         args.images = min(args.images, 48)
+        args.steady_copies = min(args.steady_copies, 2)
     created = args.work is None
     scratch = Path(args.work or tempfile.mkdtemp(prefix="arrowvision-gpu-"))
     args.work = str(scratch)

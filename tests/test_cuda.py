@@ -109,3 +109,15 @@ def test_compiled_model_matches_eager(tiny_siglip_parquet, folder, module_cache)
     compiled = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", precision="fp32", compile=True)
     first = compiled.encode(photos, batch_size=4)  # 7 photos: a full batch and a padded one
     assert (first * eager.encode(photos, batch_size=4)).sum(1).min() >= 0.9999
+
+
+def test_cuda_graphs_match_eager_at_every_batch_size(tiny_siglip_parquet, folder, module_cache):
+    photos = [p for p in paths_of(folder) if "photo" in p]
+    graphed = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", precision="fp32")
+    eager = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", precision="fp32", cuda_graphs=False)
+    assert graphed.backend.graphs is not None and eager.backend.graphs is None
+    expected = eager.encode(photos)
+    for batch_size in (1, 3, len(photos)):  # 3 and 7 are padded to 4 and 8
+        assert (graphed.encode(photos, batch_size=batch_size) * expected).sum(1).min() >= 0.99999
+    assert graphed.backend.graphs, "a graph was captured (no silent fall-back to eager)"
+    assert {shape[0] for shape in graphed.backend.graphs} == {1, 4, 8}

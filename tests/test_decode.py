@@ -81,7 +81,7 @@ def test_fast_is_close_to_exact_on_the_bundled_photos(tmp_path):
 
 def test_plain_jpeg_sends_odd_files_to_the_cpu(folder):
     assert plain_jpeg((folder / SAMPLES[0].name).read_bytes()) == (640, 480)
-    for name in ("lossless.png", "rotated.jpg", "notes.jpg"):
+    for name in ("lossless.png", "rotated.jpg", "notes.jpg", "truncated.jpg"):
         assert plain_jpeg((folder / name).read_bytes()) is None
     cmyk = io.BytesIO()
     Image.open(SAMPLES[0]).convert("CMYK").save(cmyk, "JPEG")

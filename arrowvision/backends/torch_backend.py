@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..errors import BackendError
 from ..format import WeightLoader
 
 HALF_PRECISIONS = ("bf16", "fp16")
+MAX_FIXED_BATCH = 1024  # larger batches run eagerly (no compile / graph of that size)
 TORCH_PRECISIONS = ("fp32", *HALF_PRECISIONS)
 log = logging.getLogger("arrowvision")
 _validated: dict[str, dict[str, Any]] = {}  # key -> accuracy report, for this process
@@ -94,7 +96,8 @@ class TorchBackend:
     accepts_uint8 = True  # the pipeline may hand it decoded uint8 (N, S, S, 3) batches
 
     def __init__(self, weights: WeightLoader, device: str = "cpu", precision: str | None = None, *,
-                 compile: bool = False, min_cosine: float | None = None, cache_dir: str | os.PathLike | None = None):
+                 compile: bool = False, cuda_graphs: bool | None = None, min_cosine: float | None = None,
+                 cache_dir: str | os.PathLike | None = None):
         self.torch = torch = import_torch()  # before ..model, which imports torch
         from ..model import VisionTransformer
 
@@ -122,7 +125,12 @@ class TorchBackend:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.compiled = compile
         self.forward = self._compiled_forward() if compile else self._forward
-        self.batch_shape: int | None = None  # compiled: every call padded to the first call's batch size
+        # CUDA graphs (eager on CUDA unless told not to): one launch per batch instead of hundreds,
+        # so batch 1 is not bound by Python launch overhead and a busy GIL cannot stretch a batch
+        use_graphs = self.cuda and not compile if cuda_graphs is None else bool(cuda_graphs and self.cuda and not compile)
+        self.graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] | None = {} if use_graphs else None
+        self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.graph_lock = threading.Lock()
 
     # -- float32 pixels (the Backend protocol) -----------------------------------------------
 
@@ -188,7 +196,7 @@ class TorchBackend:
 
     def normalize(self, pixels: Any) -> Any:
         """uint8 (N, 3, S, S) on the device -> the model's dtype, through the exact (3, 256) table."""
-        return self.lut[pixels.to(self.torch.int32) + self.channel_offsets]
+        return self.lut[pixels.contiguous().to(self.torch.int32) + self.channel_offsets]  # NCHW, as the float path
 
     # -- the model ----------------------------------------------------------------------------
 
@@ -203,18 +211,49 @@ class TorchBackend:
             raise BackendError(f"torch.compile is not usable here ({type(exc).__name__}: {exc}); run without compile") from None
 
     def _run(self, pixels: Any) -> Any:
-        """The pooled output; compiled, every batch is padded to one shape (no recompiles)."""
-        if not self.compiled:
-            return self._forward(pixels)
+        """The pooled output. Compiled and CUDA-graphed models run fixed shapes: a batch is padded
+        with zeros to the next power of two (one compilation / capture per size, not per batch)."""
         rows = pixels.shape[0]
-        if self.batch_shape is None:
-            self.batch_shape = rows
-        if rows < self.batch_shape:
-            pad = pixels.new_zeros((self.batch_shape - rows, *pixels.shape[1:]))
-            pixels = self.torch.cat([pixels, pad])
-        elif rows > self.batch_shape:
-            return self.torch.cat([self._run(pixels[i : i + self.batch_shape]) for i in range(0, rows, self.batch_shape)])
-        return self.forward(pixels)[:rows]
+        if not (self.compiled or self.graphs is not None) or rows > MAX_FIXED_BATCH:
+            return self._forward(pixels)
+        size = 1 << max(0, rows - 1).bit_length()
+        if size != rows:
+            pixels = self.torch.cat([pixels, pixels.new_zeros((size - rows, *pixels.shape[1:]))])
+        if self.compiled:
+            return self.forward(pixels)[:rows]
+        return self._graphed(pixels)[:rows]
+
+    def _graphed(self, pixels: Any) -> Any:
+        with self.graph_lock:
+            key = tuple(pixels.shape)
+            entry = self.graphs.get(key) if self.graphs is not None else None
+            if entry is None:
+                try:
+                    entry = self._capture(key)
+                except Exception as exc:  # noqa: BLE001 - graphs are an optimization: run eagerly instead
+                    log.warning("CUDA graph capture failed (%s: %s); running the model eagerly", type(exc).__name__, exc)
+                    self.graphs = None
+                    return self._forward(pixels)
+                self.graphs[key] = entry
+            graph, static_input, static_output = entry
+            static_input.copy_(pixels)
+            graph.replay()
+            return static_output.clone()  # the next replay overwrites static_output
+
+    def _capture(self, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
+        torch = self.torch
+        static_input = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS / cuDNN workspaces, autotuning)
+            for _ in range(2):
+                self._forward(static_input)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):  # other threads keep copying
+            static_output = self._forward(static_input)
+        return graph, static_input, static_output
 
 
 # ---------------------------------------------------------------------------- validation
