@@ -578,10 +578,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    "(relative entries resolve against the list's folder)")
     p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, _errors/)")
     _backend_options(p, mode="throughput")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
+    p.add_argument("--batch-size", type=positive_int, help="images per model call (default 32; 256 on CUDA)")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per atomically written part file")
-    p.add_argument("--workers", type=positive_int, default=2,
-                   help="decoding workers (processes when the model runs on CUDA, else threads)")
+    p.add_argument("--workers", type=positive_int,
+                   help="decoding workers: threads (default 2), or on CUDA processes (default: one per CPU)")
     p.add_argument("--decode", choices=["exact", "fast", "gpu"], default="exact",
                    help="exact: HF processor parity; fast: reduced-size JPEG decode; gpu: nvJPEG on the GPU "
                         "(torch backend on CUDA)")
@@ -595,8 +595,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     paths = collect_inputs(args.inputs)
     encoder = load_encoder(args)
-    stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                        workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
+    on_gpu = str(getattr(encoder.backend, "device", "cpu")).startswith("cuda")
+    batch_size = args.batch_size or (256 if on_gpu else 32)
+    if args.workers:
+        workers = args.workers
+    else:
+        from .feeder import default_workers
+
+        workers = default_workers() if on_gpu else 2
+    stats = embed_paths(encoder, paths, args.output, batch_size=batch_size, chunk_size=args.chunk_size,
+                        workers=workers, sketch=args.sketch, progress=progress_enabled(args),
                         root=input_root(args.inputs), skip_failed=args.skip_failed, decode=args.decode)
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .decode import Decoded, check_mode, decode_rows, decode_rows_copied, decode_rows_shared
+from .decode import Decoded, check_mode, decode_rows, decode_rows_copied, decode_rows_shared, row_mode
 from .errors import ArrowVisionError
 from .preprocess import Preprocessor
 
@@ -54,7 +54,7 @@ class Feeder:
     """``batches(paths)`` -> FedBatch per ``batch_size`` paths, decoded by ``workers`` threads or processes."""
 
     def __init__(self, preprocessor: Preprocessor, *, batch_size: int, workers: int = 2, mode: str = "exact",
-                 transform: Callable | None = None, pool: str = "thread", depth: int = 3):
+                 transform: Callable | None = None, pool: str = "thread", depth: int = 3, cpu_share: float = 0.0):
         if pool not in ("thread", "process"):
             raise ArrowVisionError(f"decode pool {pool!r}: choose thread or process")
         self.preprocessor = preprocessor
@@ -62,6 +62,7 @@ class Feeder:
         self.workers = max(1, workers)
         self.mode = check_mode(mode)
         self.transform = transform
+        self.cpu_share = cpu_share  # gpu mode: the share of rows the workers decode (fast) instead of the GPU
         self.pool_kind = pool
         self.depth = max(2, depth)
         size = preprocessor.image_size
@@ -97,18 +98,18 @@ class Feeder:
             slot = index % slots
             chunk = paths[starts[index] : starts[index] + self.batch_size]
             first = slot * self.batch_size
-            jobs = [(first + row, path) for row, path in enumerate(chunk)]
+            jobs = [(first + row, path, row_mode(self.mode, starts[index] + row, self.cpu_share))
+                    for row, path in enumerate(chunk)]
             futures = []
             for i in range(0, len(jobs), self.task_rows):
                 part = jobs[i : i + self.task_rows]
                 if block is not None:
                     futures.append(executor.submit(decode_rows_shared, block.name, shape, part, self.preprocessor,
-                                                   self.mode, self.transform))
-                elif copied:
-                    futures.append(executor.submit(decode_rows_copied, shape, part, self.preprocessor, self.mode,
                                                    self.transform))
+                elif copied:
+                    futures.append(executor.submit(decode_rows_copied, shape, part, self.preprocessor, self.transform))
                 else:
-                    futures.append(executor.submit(decode_rows, target, part, self.preprocessor, self.mode, self.transform))
+                    futures.append(executor.submit(decode_rows, target, part, self.preprocessor, self.transform))
             pending.append((slot, chunk, futures))
 
         try:

@@ -4,8 +4,9 @@ Decoding runs in a pool (``feeder``: threads for CPU backends, processes when th
 GPU, whose launching thread must not wait for the GIL) while the backend runs inference on the
 previous batch; backends that take uint8 (torch) get uint8 batches and normalize on their device,
 and on a GPU the copy and launch of the next batch overlap the current one. ``decode`` picks
-exact (HF parity), fast (reduced JPEG decode) or gpu (nvJPEG) decoding, see ``decode``. Results are written in chunks, each an atomic
-``part-NNNNN.parquet`` (temp file + rename): after a crash the same command skips every image
+exact (HF parity), fast (reduced JPEG decode) or gpu (nvJPEG) decoding, see ``decode``.
+
+Results are written in chunks, each an atomic ``part-NNNNN.parquet`` (temp file + rename): after a crash the same command skips every image
 already in a chunk and never writes one twice; Ctrl-C/SIGTERM first writes the rows already
 embedded as one more chunk. An image's identity is its resolved absolute path, so every spelling
 of the same input folder resumes the same dataset. Bad images go to ``_errors/errors-NNNNN.parquet``
@@ -31,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .decode import MAX_IMAGE_FILE_BYTES, Decoded, check_mode  # noqa: F401  (MAX_IMAGE_FILE_BYTES: re-exported)
+from .decode import MAX_IMAGE_FILE_BYTES, Decoded, check_mode, gpu_cpu_share  # noqa: F401  (MAX_IMAGE_FILE_BYTES: re-exported)
 from .errors import ArrowVisionError
 from .fsutil import atomic_output
 from .pathlists import LIST_SUFFIXES, read_path_list
@@ -306,8 +307,9 @@ def embed_paths(
         stats.errors = [(p, writer.failed[p]) for p in paths if p not in writer.done and p in writer.failed]
         stats.failed = len(stats.errors)
     transform = normalize_sketch_image if sketch else None
+    pool = choose_pool(decode_pool, getattr(backend, "device", "cpu"))
     feeder = Feeder(encoder.preprocessor, batch_size=batch_size, workers=workers, mode=decode, transform=transform,
-                    pool=choose_pool(decode_pool, getattr(backend, "device", "cpu")))
+                    pool=pool, cpu_share=gpu_cpu_share(workers) if decode == "gpu" and pool == "process" else 0.0)
     batches: queue.Queue = queue.Queue(maxsize=2)  # batches ready for the model (staged on its device)
     stop = stop or threading.Event()
     finished = threading.Event()

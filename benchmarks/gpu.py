@@ -338,7 +338,9 @@ def embed_row(encoder, paths, out: Path, label: str, batch: int, workers: int, m
 
 
 def decode_only(encoder, paths, mode: str, batch: int, workers: int, torch, device) -> float:
-    """img/s of the feeder alone (worker processes; gpu: plus nvJPEG + resize on the device), start-up included."""
+    """img/s of the feeder alone (worker processes; gpu: plus nvJPEG + resize on the device, with
+    the share of JPEGs ``embed`` leaves to the workers), start-up included."""
+    from arrowvision.decode import gpu_cpu_share
     from arrowvision.feeder import Feeder
 
     gpu = None
@@ -346,7 +348,8 @@ def decode_only(encoder, paths, mode: str, batch: int, workers: int, torch, devi
         from arrowvision.gpu_decode import GpuDecoder
 
         gpu = GpuDecoder(encoder.preprocessor, encoder.backend)
-    feeder = Feeder(encoder.preprocessor, batch_size=batch, workers=workers, mode=mode, pool="process")
+    feeder = Feeder(encoder.preprocessor, batch_size=batch, workers=workers, mode=mode, pool="process",
+                    cpu_share=gpu_cpu_share(workers) if mode == "gpu" else 0.0)
     done, tick = 0, time.perf_counter()
     for fed in feeder.batches(paths):
         if gpu is not None:
@@ -386,6 +389,7 @@ def end_to_end_section(torch, tf, hf_folder, parquet, device, images, args) -> N
     say(f"  {len(images)} JPEGs 640x480 (steady state: {len(large) or 'off'}), batch {batch}, {workers} workers, "
         f"torch {encoder.backend.precision} on {device}, CUDA graphs {'on' if encoder.backend.graphs is not None else 'off'}")
     modes = ["exact", "fast", "gpu"] if device.type == "cuda" or args.tiny else ["exact", "fast"]
+    modes = [mode for mode in modes if mode in args.e2e_modes]
 
     def show(row: dict) -> None:
         rows.append(row)
@@ -402,7 +406,7 @@ def end_to_end_section(torch, tf, hf_folder, parquet, device, images, args) -> N
             show({"pipeline": f"decode only --decode {mode}", "error": f"{type(exc).__name__}: {exc}"})
     embeddings = {}
     variants = [(mode, "process" if mode == "exact" else "auto") for mode in modes]
-    if not args.quick:
+    if not args.quick and "exact" in modes:
         variants.append(("exact", "thread"))  # the old way: decoding threads in the model's process
     for mode, pool in variants:
         if args.budget and elapsed() > args.budget:
@@ -439,7 +443,7 @@ def end_to_end_section(torch, tf, hf_folder, parquet, device, images, args) -> N
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             show({"pipeline": label, "error": f"{type(exc).__name__}: {exc}"})
-    for paths in [images] + ([large] if large else []):
+    for paths in ([images] + ([large] if large else [])) if "peer" in args.sections else []:
         if not section(f"end to end: transformers + DataLoader peer, {len(paths)} JPEGs", args):
             break
         try:
@@ -503,8 +507,13 @@ def main() -> int:
     parser.add_argument("--steady-copies", type=int, default=4,
                         help="also run end to end on this many hard-linked copies of the folder (steady state; 1: off)")
     parser.add_argument("--workers", type=int, default=0, help="decoding workers (default: CPU count)")
+    parser.add_argument("--sections", default="accuracy,decode-accuracy,model,e2e,peer",
+                        help="comma-separated: accuracy, decode-accuracy, model, e2e, peer (the DataLoader pipeline)")
+    parser.add_argument("--e2e-modes", default="exact,fast,gpu", help="decode modes run end to end")
     parser.add_argument("--work", help="scratch folder (default: a temp folder, removed after)")
     args = parser.parse_args()
+    args.sections = set(args.sections.split(","))
+    args.e2e_modes = set(args.e2e_modes.split(","))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -548,11 +557,12 @@ def main() -> int:
         say(f"  {len(images)} JPEGs 640x480: {time.perf_counter() - tick:.1f} s "
             f"({sum(os.path.getsize(p) for p in images) / len(images) / 1024:.0f} KiB each)")
 
-        for name, run in [("accuracy", lambda: accuracy_section(torch, tf, hf_folder, parquet, device, args)),
-                          ("decode accuracy", lambda: decode_accuracy_section(torch, parquet, device, args)),
-                          ("model only", lambda: model_only_section(torch, tf, hf_folder, parquet, device, args)),
-                          ("end to end", lambda: end_to_end_section(torch, tf, hf_folder, parquet, device, images, args))]:
-            if not section(name, args):
+        plan = [("accuracy", "accuracy", lambda: accuracy_section(torch, tf, hf_folder, parquet, device, args)),
+                ("decode accuracy", "decode-accuracy", lambda: decode_accuracy_section(torch, parquet, device, args)),
+                ("model only", "model", lambda: model_only_section(torch, tf, hf_folder, parquet, device, args)),
+                ("end to end", "e2e", lambda: end_to_end_section(torch, tf, hf_folder, parquet, device, images, args))]
+        for name, key, run in plan:
+            if key not in args.sections or not section(name, args):
                 continue
             try:
                 run()

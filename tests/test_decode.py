@@ -151,3 +151,15 @@ def test_gpu_resize_matches_pillow_on_the_cpu(encoder, folder):
         pillow = np.stack([preprocessor.resized(load_image(p)) for p in paths]).astype(int)
         assert ours.shape == pillow.shape
         assert np.abs(ours - pillow).mean() < 1.0 and np.abs(ours - pillow).max() <= 16
+
+
+def test_gpu_mode_leaves_a_share_of_jpegs_to_the_workers():
+    from arrowvision.decode import gpu_cpu_share, row_mode
+
+    share = gpu_cpu_share(16)
+    assert 0.3 < share < 0.5 and gpu_cpu_share(2) < 0.1  # 16 workers decode ~40%; 2 workers hardly any
+    modes = [row_mode("gpu", i, share) for i in range(1000)]
+    assert abs(modes.count("fast") - 1000 * share) <= 1  # spread evenly, whatever the batch boundaries
+    assert "fast" not in modes[:1] or share >= 1  # and deterministic
+    assert [row_mode("exact", i, share) for i in range(3)] == ["exact"] * 3
+    assert [row_mode("gpu", i, 0.0) for i in range(3)] == ["gpu"] * 3

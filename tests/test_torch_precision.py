@@ -105,3 +105,21 @@ def test_cli_precision_and_compile_options(capsys, tiny_siglip_parquet, tmp_path
         cli.main(["embed", "x", "-o", "y", "--backend", "onnxruntime", "--compile"])
     assert exit_info.value.code == cli.EXIT_USAGE
     assert "--compile applies to the torch backends only, not onnxruntime" in capsys.readouterr().err
+
+
+def test_fixed_shape_batches_reuse_the_full_batch_size(fp32, monkeypatch):
+    """Compiled / CUDA-graphed models pad a short last batch to a size they already run (a new
+    size would compile again in the middle of a run), else to the next power of two."""
+    seen = []
+    backend = fp32.backend
+    monkeypatch.setattr(backend, "compiled", True)
+    monkeypatch.setattr(backend, "fixed_sizes", set())
+    monkeypatch.setattr(backend, "forward", lambda pixels: seen.append(pixels.shape[0]) or backend._forward(pixels))
+    batch = torch.zeros((256, 3, 32, 32))
+    for rows in (256, 128, 3, 300):
+        assert backend._run(batch[:rows] if rows <= 256 else torch.zeros((rows, 3, 32, 32))).shape[0] == rows
+    assert seen == [256, 256, 256, 512]
+    monkeypatch.setattr(backend, "fixed_sizes", set())
+    seen.clear()
+    backend._run(batch[:3])
+    assert seen == [4]

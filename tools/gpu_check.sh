@@ -11,8 +11,12 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 export ARROWVISION_CACHE="${ARROWVISION_CACHE:-/tmp/arrowvision-gpu-cache}"
 date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3; nproc
-if python3 -c "import pytest" 2>/dev/null; then
-  timeout 80 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -80 | tee "$OUT/pytest.txt"
+# PYTEST_K: a -k filter for the CUDA tests (e.g. "embed or graphs"); SKIP_PYTEST=1: benchmark only.
+# Arguments go to benchmarks/gpu.py (e.g. --sections e2e --e2e-modes fast,gpu).
+if [ -n "${SKIP_PYTEST:-}" ]; then
+  echo "CUDA tests skipped (SKIP_PYTEST)" | tee "$OUT/pytest.txt"
+elif python3 -c "import pytest" 2>/dev/null; then
+  timeout 80 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tail -80 | tee "$OUT/pytest.txt"
 else
   echo "pytest not installed here: CUDA tests skipped" | tee "$OUT/pytest.txt"
 fi

@@ -131,6 +131,7 @@ class TorchBackend:
         self.graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] | None = {} if use_graphs else None
         self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.graph_lock = threading.Lock()
+        self.fixed_sizes: set[tuple[int, tuple[int, ...]]] = set()  # (batch, image shape) compiled or captured
 
     # -- float32 pixels (the Backend protocol) -----------------------------------------------
 
@@ -212,11 +213,16 @@ class TorchBackend:
 
     def _run(self, pixels: Any) -> Any:
         """The pooled output. Compiled and CUDA-graphed models run fixed shapes: a batch is padded
-        with zeros to the next power of two (one compilation / capture per size, not per batch)."""
+        with zeros to the smallest size already compiled / captured that holds it (the last, short
+        batch of a run reuses the full batches' one), else to the next power of two: a handful
+        of compilations per model, never one per batch."""
         rows = pixels.shape[0]
         if not (self.compiled or self.graphs is not None) or rows > MAX_FIXED_BATCH:
             return self._forward(pixels)
-        size = 1 << max(0, rows - 1).bit_length()
+        image_shape = tuple(pixels.shape[1:])
+        known = [size for size, shape in self.fixed_sizes if shape == image_shape and size >= rows]
+        size = min(known) if known else 1 << max(0, rows - 1).bit_length()
+        self.fixed_sizes.add((size, image_shape))
         if size != rows:
             pixels = self.torch.cat([pixels, pixels.new_zeros((size - rows, *pixels.shape[1:]))])
         if self.compiled:
