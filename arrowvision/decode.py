@@ -87,7 +87,7 @@ def open_reduced(data: bytes, label: str, size: int, max_pixels: int = MAX_PIXEL
         try:
             if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways: upright size swaps
                 width, height = height, width
-        except Exception:  # noqa: BLE001 - unreadable EXIF: load_image ignores it the same way
+        except Exception:  # noqa: BLE001, S110 - unreadable EXIF: load_image ignores it the same way
             pass
         image.draft("RGB", (size, size))
     return load_image(image, max_pixels=max_pixels, name=label), (width, height)

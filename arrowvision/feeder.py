@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -25,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from .decode import Decoded, check_mode, decode_rows, decode_rows_copied, decode_rows_shared, row_mode
+from .decode import (
+    Decoded,
+    check_mode,
+    decode_rows,
+    decode_rows_copied,
+    decode_rows_shared,
+    row_mode,
+)
 from .errors import ArrowVisionError
 from .preprocess import Preprocessor
 
@@ -117,7 +123,7 @@ class Feeder:
                 submit(index)
             next_index = slots
             while pending:
-                slot, chunk, futures = pending.popleft()
+                slot, _chunk, futures = pending.popleft()
                 items = []
                 for future, first in zip(futures, range(slot * self.batch_size, len(target), self.task_rows)):
                     result = future.result()  # a dead worker raises here

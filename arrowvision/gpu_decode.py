@@ -74,7 +74,7 @@ class GpuDecoder:
             data = [self.torch.frombuffer(item.jpeg, dtype=self.torch.uint8) for item in items]
         try:
             return items, self.io.decode_jpeg(data, mode=self.io.ImageReadMode.RGB, device=self.device)
-        except Exception:  # noqa: BLE001 - one bad file fails the batch call: find it
+        except Exception:  # noqa: BLE001, S110 - one bad file fails the batch call: find it
             pass
         good, images = [], []
         for item, tensor in zip(items, data):

@@ -258,14 +258,14 @@ def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
         for batch in batches:
             x = torch.randn(batch, 3, size, size, device=device, dtype=backend.dtype)
             with torch.inference_mode():
-                record(name, batch, rate(torch, device, lambda: backend._run(x), batch, seconds))
+                record(name, batch, rate(torch, device, lambda run=backend._run, x=x: run(x), batch, seconds))
         del encoder, backend
     for name, dtype in [("transformers fp32 sdpa", torch.float32), ("transformers bf16 sdpa", torch.bfloat16)]:
         model = hf_model(torch, tf, hf_folder, device, dtype)
         for batch in batches:
             x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
             with torch.inference_mode():
-                record(name, batch, rate(torch, device, lambda: model(pixel_values=x).pooler_output, batch, seconds))
+                record(name, batch, rate(torch, device, lambda m=model, x=x: m(pixel_values=x).pooler_output, batch, seconds))
         del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -288,7 +288,7 @@ def compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds) -
             if device.type == "cuda":
                 torch.cuda.synchronize()
             first = time.perf_counter() - tick
-            record("ours bf16 compiled", batch, rate(torch, device, lambda: encoder.backend._run(x), batch, seconds),
+            record("ours bf16 compiled", batch, rate(torch, device, lambda run=encoder.backend._run: run(x), batch, seconds),
                    {"first_call_s": round(first, 1)})
         del encoder
     except Exception as exc:  # noqa: BLE001 - report and go on
@@ -307,7 +307,8 @@ def compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds) -
                 torch.cuda.synchronize()
             first = time.perf_counter() - tick
             record("transformers bf16 sdpa compiled", batch,
-                   rate(torch, device, lambda: model(pixel_values=x).pooler_output, batch, seconds), {"first_call_s": round(first, 1)})
+                   rate(torch, device, lambda m=model: m(pixel_values=x).pooler_output, batch, seconds),
+                   {"first_call_s": round(first, 1)})
         del model
     except Exception as exc:  # noqa: BLE001
         say(f"  transformers compiled failed: {type(exc).__name__}: {exc}")

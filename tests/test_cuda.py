@@ -13,8 +13,8 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
 
-from arrowvision import VisionEncoder  # noqa: E402
-from arrowvision.pipeline import embed_paths, read_embeddings  # noqa: E402
+from arrowvision import VisionEncoder
+from arrowvision.pipeline import embed_paths, read_embeddings
 
 needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision not installed")
 

@@ -17,7 +17,8 @@ from arrowvision import ArrowVisionError, VisionEncoder, cli, decode
 from arrowvision.pathlists import MAX_LINE_BYTES, read_path_list
 from arrowvision.pipeline import collect_inputs, embed_paths, read_embeddings
 
-from .test_pipeline import DEMO, cli as run_cli
+from .test_pipeline import DEMO
+from .test_pipeline import cli as run_cli
 
 HANG = 120  # seconds after which a run counts as hung (a healthy one takes a few)
 

@@ -8,6 +8,9 @@ Besides float32 pixels it takes uint8 (N, S, S, 3) batches, as the decoders prod
 fewer bytes cross to the device (through pinned memory, on a side stream, so the copy of the next
 batch overlaps the current model call) and normalization runs there, in the model's dtype, as a
 lookup in the preprocessor's exact table (fp32 stays bit-identical to the HF image processor).
+
+On CUDA the model runs as CUDA graphs (one launch per batch) or, with ``compile=True``, through
+``torch.compile``; both run fixed batch shapes (see ``_run``). Figures in docs/GPU.md.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,8 +178,6 @@ class TorchBackend:
         torch = self.torch
         with torch.inference_mode():
             if not self.cuda:
-                import time
-
                 tick = time.perf_counter()
                 output = self._run(self.normalize(staged.pixels)).float()
                 return Pending(output, staged.rows, None, time.perf_counter() - tick)
