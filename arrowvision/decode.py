@@ -55,10 +55,15 @@ def check_mode(mode: str) -> str:
 
 
 def read_image_bytes(path: str) -> bytes:
-    """The file's bytes; odd paths (NUL byte, FIFO, device, folder, huge) are an ImageError."""
+    """The file's (or remote object's, ``s3://...``) bytes; odd paths (NUL byte, FIFO, device,
+    folder, huge) are an ImageError."""
+    from .uris import is_remote, read_uri
+
     if "\0" in path:
         raise ImageError(f"{path!r}: path contains a NUL byte")
     try:
+        if is_remote(path):  # read through pyarrow's filesystems
+            return read_uri(path, MAX_IMAGE_FILE_BYTES)
         status = os.stat(path)
         if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
             raise ImageError(f"{path}: not a regular file")
