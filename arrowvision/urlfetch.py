@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -297,6 +298,19 @@ class AsyncUrlFetcher:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+_shared: dict[UrlPolicy, Any] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_fetcher(policy: UrlPolicy | None = None) -> UrlFetcher:
+    """One pooled blocking fetcher per policy in this process (embed's decoding workers share it)."""
+    policy = policy or UrlPolicy()
+    with _shared_lock:
+        if policy not in _shared:
+            _shared[policy] = UrlFetcher(policy)
+        return _shared[policy]
 
 
 class UrlFetcher:
