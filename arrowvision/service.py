@@ -162,9 +162,10 @@ class MicroBatcher:
         self.executor.shutdown(wait=True)
 
 
-def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text_model: Any = None):
+def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text_model: Any = None, index: Any = None):
     """The FastAPI application serving ``encoder``; with ``text_model`` (an ``ImageTextModel``)
-    also the text endpoints of ``service_text``."""
+    also the text endpoints of ``service_text``; with ``index`` (a ``VectorIndex``) the search
+    endpoints and page of ``service_search``."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     config = config or ServiceConfig()
@@ -375,6 +376,12 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         add_text_routes(app, text_model, config, registry=registry, state=state, embed_image=embed_one,
                         image_problem=image_problem, batcher_factory=MicroBatcher, queue_full=QueueFull)
 
+    if index is not None:
+        from .service_search import add_search_routes
+
+        add_search_routes(app, index, config, model_checksum=encoder.checksum, state=state, embed_image=embed_one,
+                          image_problem=image_problem, text_model=text_model, queue_full=QueueFull)
+
     @app.get("/health", summary="Model loaded, backend and device (503 unless ready to embed)")
     async def health():
         backend = encoder.backend
@@ -433,9 +440,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, config: ServiceConfig | None = None, *,
           sock: socket.socket | None = None, access_log: bool = True, model_name: str | None = None,
-          text_model: Any = None) -> None:
+          text_model: Any = None, index: Any = None) -> None:
     """Run the service until SIGINT/SIGTERM (then drain). ``sock``: an already listening socket;
-    ``text_model`` (an ``ImageTextModel``) adds the text endpoints."""
+    ``text_model`` (an ``ImageTextModel``) adds the text endpoints, ``index`` the search ones."""
     import uvicorn
 
     config = config or ServiceConfig()
@@ -445,7 +452,7 @@ def serve(encoder: VisionEncoder, host: str = "127.0.0.1", port: int = 8000, con
     print(f"arrowvision serving {model_name or encoder.weights.path} ({encoder.config.family}, dim {encoder.embedding_dim}) "
           f"with {backend.name} {getattr(backend, 'precision', 'fp32')} on {getattr(backend, 'device', 'cpu')} "
           f"at http://{host}:{port}", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(encoder, config, text_model), access_log=access_log,
+    server = uvicorn.Server(uvicorn.Config(create_app(encoder, config, text_model, index), access_log=access_log,
                                            timeout_graceful_shutdown=int(config.request_timeout_s)))
     server.run(sockets=[sock])
     if not server.started:
