@@ -508,6 +508,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .index_cli import serve_demo
 
         serve_demo(weights, backend, SAMPLES_DIR, args.host, args.port, progress_enabled(args))
+    else:
+        print("search page: `arrowvision demo --serve` (or `make demo-serve`) serves these photos at http://127.0.0.1:8000/")
     return EXIT_OK
 
 

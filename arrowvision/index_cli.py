@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -80,7 +81,8 @@ def serve_demo(weights: str, backend: str, samples: Path, host: str, port: int, 
 
         text_model, encoder = None, VisionEncoder.from_parquet(weights, backend=backend)
         print("note: this model has no text tower: the page searches by sketch and photo only", file=sys.stderr)
-    dataset = cache_root() / "demo-search" / encoder.checksum.split(":")[-1][:16]
+    key = hashlib.sha256(f"{encoder.checksum} {samples.resolve()}".encode()).hexdigest()[:16]  # per model and checkout
+    dataset = cache_root() / "demo-search" / key
     embed_paths(encoder, sorted(str(p) for p in samples.glob("*.jpg")), dataset, progress=False, root=samples)
     opened = open_index_for_serving(str(dataset), encoder.checksum, progress)
     bound_host, bound_port = sock.getsockname()[:2]

@@ -7,6 +7,7 @@ import base64
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,42 @@ def test_another_models_index_is_refused_at_start(model, corpus, capsys):
     assert code == 1
     error = capsys.readouterr().err
     assert "was embedded with model" in error and "serve the weights that embedded it" in error and "Traceback" not in error
+
+
+def test_demo_serve_prints_the_url_and_serves_the_page(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    env = {**os.environ, "ARROWVISION_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "arrowvision", "demo", "--serve", "--backend", "torch", "--port", "0",
+                                "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in process.stdout:  # the demo table first, then the URL
+            if match := re.match(r"search page: (http://127\.0\.0\.1:\d+/)", line):
+                url = match.group(1)
+                break
+        assert url, process.stderr.read()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the demo service did not become healthy"
+            time.sleep(0.1)
+        assert "<canvas" in httpx.get(url).text
+        info = httpx.get(url + "v1/search/info").json()
+        assert info["rows"] == len(list(SAMPLES.glob("*.jpg"))) and info["text"] is False  # the demo model is vision-only
+        horse = SAMPLES / "horse.jpg"
+        found = httpx.post(url + "v1/search", files={"file": ("horse.jpg", horse.read_bytes())}, data={"k": "2"}, timeout=30).json()
+        assert found["results"][0] == {"path": str(horse.resolve()), "score": 1.0}
+        assert httpx.get(url + "v1/thumbnail", params={"path": str(horse.resolve())}).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn drains, then re-raises SIGTERM
