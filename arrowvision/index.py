@@ -40,7 +40,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .encoder import l2_normalize
-from .errors import ArrowVisionError, BackendError, IndexCorrupt, IndexMismatch, SearchIndexError
+from .errors import (
+    ArrowVisionError,
+    BackendError,
+    IndexCorrupt,
+    IndexMismatch,
+    SearchIndexError,
+)
 from .fsutil import atomic_output
 from .pipeline import META_PREFIX, iter_embedding_batches, part_files
 
@@ -107,9 +113,12 @@ class VectorIndex:
     # ------------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, dataset: str | os.PathLike, model_checksum: str | None = None, sketch: bool | None = None) -> VectorIndex:
+    def open(cls, dataset: str | os.PathLike, model_checksum: str | None = None, sketch: bool | None = None,
+             mmap: bool = True) -> VectorIndex:
         """Load the index of ``dataset``; with ``model_checksum`` refuse one built by another model
-        (and, with ``sketch``, one of the other preprocessing) with ``IndexMismatch``."""
+        (and, with ``sketch``, one of the other preprocessing) with ``IndexMismatch``. ``mmap``:
+        map the vectors instead of reading them (a search touches the probed lists only; such an
+        index is read-only)."""
         dataset = Path(dataset)
         meta = read_meta(dataset)
         if model_checksum is not None and meta["model_checksum"] != model_checksum:
@@ -122,7 +131,8 @@ class VectorIndex:
         faiss = _faiss()
         folder = index_folder(dataset)
         try:
-            index = faiss.read_index(str(folder / meta["vectors_file"]))
+            flags = (faiss.IO_FLAG_MMAP if meta["kind"] == "ivf" else faiss.IO_FLAG_MMAP_IFC) if mmap else 0  # (not both)
+            index = faiss.read_index(str(folder / meta["vectors_file"]), flags)
             paths = pq.read_table(folder / meta["paths_file"], columns=["path"]).column("path").to_pylist()
         except (RuntimeError, OSError, pa.ArrowException) as exc:
             raise IndexCorrupt(f"{folder}: cannot read the index ({exc}); rebuild it with `arrowvision index {dataset} --rebuild`") from None
@@ -327,9 +337,9 @@ def update(dataset: str | os.PathLike, *, progress: bool = False) -> IndexInfo:
         records = [_part_record(p) for p in parts]
         known = {r["name"]: r for r in meta["parts"]}
         new = [(p, r) for p, r in zip(parts, records) if r["name"] not in known]
-        rebuild_options = dict(exact_below=int(meta.get("exact_below", EXACT_BELOW)), nlist=None,
-                               nprobe=int(meta.get("nprobe", DEFAULT_NPROBE)), progress=progress,
-                               generation=int(meta["generation"]) + 1)
+        rebuild_options = {"exact_below": int(meta.get("exact_below", EXACT_BELOW)), "nlist": None,
+                           "nprobe": int(meta.get("nprobe", DEFAULT_NPROBE)), "progress": progress,
+                           "generation": int(meta["generation"]) + 1}
         if any(known.get(r["name"], r) != r for r in records) or len(records) - len(new) != len(meta["parts"]):
             log.info("%s: indexed part files changed or vanished: rebuilding the index", dataset)
             return _build(dataset, **rebuild_options)
@@ -344,7 +354,7 @@ def update(dataset: str | os.PathLike, *, progress: bool = False) -> IndexInfo:
         outgrown = meta["kind"] == "ivf" and total > RETRAIN_GROWTH * meta.get("trained_rows", meta["rows"])
         if crosses or outgrown:
             return _build(dataset, **rebuild_options)
-        opened = VectorIndex.open(dataset)
+        opened = VectorIndex.open(dataset, mmap=False)
         paths = list(opened.paths)
         added = 0
         for batch_paths, vectors in _batches([p for p, _ in new], meta["dim"]):

@@ -12,7 +12,12 @@ import pytest
 
 from arrowvision import index as vindex
 from arrowvision.cli import main
-from arrowvision.errors import ArrowVisionError, IndexCorrupt, IndexMismatch, SearchIndexError
+from arrowvision.errors import (
+    ArrowVisionError,
+    IndexCorrupt,
+    IndexMismatch,
+    SearchIndexError,
+)
 from arrowvision.pipeline import EmbeddingWriter, _Item
 from arrowvision.search import top_k
 
@@ -78,7 +83,7 @@ def test_ivf_index_recall_and_full_probe_equals_exact(tmp_path):
 
 
 def test_incremental_update_adds_new_chunks_only(small):
-    dataset, vectors = small
+    dataset, _ = small
     vindex.build(dataset)
     before = vindex.read_meta(dataset)
     more = clustered(50, seed=3)
@@ -103,7 +108,7 @@ def test_update_rebuilds_when_a_part_changed_or_the_threshold_is_crossed(small):
     write_parts(dataset, clustered(150, seed=4), chunk=150, start=300)  # 450 rows: crosses 400
     info = vindex.update(dataset)
     assert (info.action, info.kind, info.rows) == ("built", "ivf", 450)
-    first = sorted(dataset.glob("part-*.parquet"))[0]
+    first = min(dataset.glob("part-*.parquet"))
     first.unlink()  # a part the index holds is gone: rebuilt from what is there
     info = vindex.update(dataset)
     assert info.action == "built" and info.rows == 450 - 70
