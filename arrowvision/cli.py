@@ -889,7 +889,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         probs = scoring.probabilities(logits, model.family)[0]
         ranking = sorted(zip(labels, map(float, probs)), key=lambda pair: -pair[1])[: args.top_k]
         if args.json:
-            print(json.dumps({"image": image, "labels": [{"label": l, "probability": p} for l, p in ranking]}))
+            print(json.dumps({"image": image, "labels": [{"label": label, "probability": p} for label, p in ranking]}))
         else:
             print(f"{image}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranking))
     return EXIT_PARTIAL if failed else EXIT_OK

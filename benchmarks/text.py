@@ -18,16 +18,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from arrowvision import TextEncoder  # noqa: E402
-from arrowvision.convert import convert  # noqa: E402
-from tests.textkit import SENTENCES, TINY_VISION, hf_tokenizer, train_clip_bpe, train_spiece  # noqa: E402
+from arrowvision import TextEncoder
+from arrowvision.convert import convert
+from tests.textkit import (
+    SENTENCES,
+    TINY_VISION,
+    hf_tokenizer,
+    train_clip_bpe,
+    train_spiece,
+)
 
 BASE_TEXT = {
     "siglip-base text": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=32000),
@@ -85,7 +90,7 @@ def main() -> None:
 
         def transformers_run(texts: list[str]) -> None:
             with torch.inference_mode():
-                reference.get_text_features(**{"input_ids": tokenizer(texts, return_tensors="pt", **padding)["input_ids"]})
+                reference.get_text_features(input_ids=tokenizer(texts, return_tensors="pt", **padding)["input_ids"])
 
         ours_torch = TextEncoder.from_parquet(folder / "all.parquet")
         ours_ov = TextEncoder.from_parquet(folder / "all.parquet", backend="openvino")
