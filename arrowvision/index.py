@@ -260,7 +260,7 @@ def _batches(parts: list[Path], dim: int) -> Iterator[tuple[list[str], np.ndarra
 def _training_sample(parts: list[Path], dim: int, rows: int, want: int, seed: int = 0) -> np.ndarray:
     """About ``want`` rows drawn uniformly from the whole dataset in one streamed pass."""
     rng = np.random.default_rng(seed)
-    keep = min(1.0, want / rows)
+    keep = min(1.0, 1.1 * want / rows)  # a little over, so that the draw rarely falls short of `want`
     picked = [vectors[rng.random(len(vectors)) < keep] for _, vectors in _batches(parts, dim)]
     return np.ascontiguousarray(np.concatenate(picked)[:want])
 
