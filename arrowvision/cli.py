@@ -626,7 +626,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--text", help="search by text instead of an image (weights converted with --tower all)")
     p.add_argument("--no-index", action="store_true", help="scan every part file even if `arrowvision index` built an index")
-    p.add_argument("--nprobe", type=positive_int, help="IVF index: lists probed per query (default: the index's, 32)")
+    p.add_argument("--nprobe", type=positive_int, help="IVF index: lists probed per query (default: the one stored in the index)")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -903,7 +903,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("embeddings", help="dataset folder written by `arrowvision embed`; the index goes in its _index/")
     p.add_argument("--exact-below", type=positive_int, help="exact search below this many rows, IVF above (default 50000)")
     p.add_argument("--nlist", type=positive_int, help="IVF lists (default: sqrt(rows))")
-    p.add_argument("--nprobe", type=positive_int, help="IVF lists probed per query, stored as the index's default (default 32)")
+    p.add_argument("--nprobe", type=positive_int,
+                   help="IVF lists probed per query, stored as the index's default (default: 1/8 of the lists, at least 32)")
     p.add_argument("--rebuild", action="store_true", help="build from scratch (implied by the three options above) "
                    "even if an index exists; without it new part files are added incrementally")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")

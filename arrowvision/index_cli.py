@@ -57,11 +57,9 @@ def open_index_for_serving(dataset: str, model_checksum: str, progress: bool) ->
     if not index.has_index(dataset):
         info = index.build(dataset, progress=progress)
         print(f"index built: {info.rows} rows ({info.kind}) in {info.seconds:.2f} s", file=sys.stderr)
-    opened = index.VectorIndex.open(dataset, model_checksum=model_checksum)
-    if opened.is_stale():
+    if index.VectorIndex.open(dataset, model_checksum=model_checksum).is_stale():
         index.update(dataset, progress=progress)
-        opened = index.VectorIndex.open(dataset, model_checksum=model_checksum)
-    return opened
+    return index.VectorIndex.open(dataset, model_checksum=model_checksum, mmap=False)  # in RAM: every query is fast
 
 
 def serve_demo(weights: str, backend: str, samples: Path, host: str, port: int, progress: bool) -> None:

@@ -106,6 +106,7 @@ class IndexHolder:
     def __init__(self, index: Any, model_checksum: str):
         self.index = index
         self.model_checksum = model_checksum
+        self.mmap = index.mmap  # reopened the way it was opened
         self.lock = threading.Lock()
         self.meta_mtime = self._mtime()
 
@@ -124,7 +125,7 @@ class IndexHolder:
                 if mtime != self.meta_mtime:
                     from .index import VectorIndex
 
-                    self.index = VectorIndex.open(self.index.dataset, model_checksum=self.model_checksum)
+                    self.index = VectorIndex.open(self.index.dataset, model_checksum=self.model_checksum, mmap=self.mmap)
                     self.meta_mtime = mtime
         return self.index
 

@@ -78,8 +78,12 @@ def test_ivf_index_recall_and_full_probe_equals_exact(tmp_path):
     found = [{int(p[-10:-4]) for _, p in hits} for hits in index.search_many(queries, k=10)]
     recall = np.mean([len(f & t) / 10 for f, t in zip(found, truth)])
     assert recall >= 0.9, recall
-    everything = index.search_many(queries, k=10, nprobe=info.details["nlist"])  # every list probed: exact
-    assert [{int(p[-10:-4]) for _, p in hits} for hits in everything] == truth
+    everything = index.search_many(queries, k=10, nprobe=info.details["nlist"])  # every list probed: exact,
+    for q, hits in enumerate(everything):  # up to float16 storage (ties within 1e-3 may swap)
+        tenth = np.sort(exact[:, q])[-10]
+        assert all(exact[int(p[-10:-4]), q] >= tenth - 1e-3 for _, p in hits)
+        np.testing.assert_allclose([s for s, _ in hits], [exact[int(p[-10:-4]), q] for _, p in hits], atol=1e-3)
+        assert len(set(truth[q]) & {int(p[-10:-4]) for _, p in hits}) >= 9
 
 
 def test_incremental_update_adds_new_chunks_only(small):
