@@ -28,7 +28,7 @@ def run_index(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     kind = ("exact (faiss IndexFlatIP)" if info.kind == "exact"
-            else f"IVF (faiss IndexIVFFlat, {index.read_meta(args.embeddings).get('nlist')} lists)")
+            else f"IVF (faiss IndexIVFScalarQuantizer, float16, {index.read_meta(args.embeddings).get('nlist')} lists)")
     what = {"built": "built", "updated": f"updated (+{info.added_rows} rows)", "unchanged": "up to date"}[info.action]
     print(f"{info.rows} rows, {kind}: {what} in {info.seconds:.2f} s, {info.bytes / 2**20:.1f} MiB -> {info.folder}")
     return 0
