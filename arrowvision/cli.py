@@ -580,24 +580,45 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _backend_options(p, mode="throughput")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per atomically written part file")
-    p.add_argument("--workers", type=positive_int, default=2, help="decoding threads")
+    p.add_argument("--workers", type=positive_int, default=2, help="decoding threads (local engine; ray actors decode with their own CPUs)")
     p.add_argument("--sketch", action="store_true", help="apply sketch normalization before embedding")
     p.add_argument("--skip-failed", action="store_true",
                    help="do not retry inputs that failed in an earlier run (they still count as failed)")
+    _ray_embed_options(p)
+
+
+def _ray_embed_options(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: threads in this process; ray: a Ray Data actor pool (same dataset, resumable by either)")
+    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--actors", type=positive_int, help="model actors (default: the cluster's CPUs / --cpus-per-actor)")
+    ray.add_argument("--cpus-per-actor", type=positive_float,
+                     help="CPUs Ray gives each actor (default 1); its inference threads match them")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, embed_paths, input_root
 
+    for option in ("address", "actors", "cpus_per_actor"):
+        if args.engine == "local" and getattr(args, option) is not None:
+            args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
     paths = collect_inputs(args.inputs)
-    encoder = load_encoder(args)
-    stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                        workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
-                        root=input_root(args.inputs), skip_failed=args.skip_failed)
+    if args.engine == "ray":
+        from .distributed.data import embed_from_cli
+
+        stats = embed_from_cli(args, paths, input_root(args.inputs))
+    else:
+        encoder = load_encoder(args)
+        stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                            workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
+                            root=input_root(args.inputs), skip_failed=args.skip_failed)
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")
     print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
           f"{rate} -> {args.output}")
+    for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
+        print(line)
     for _path, reason in stats.errors[:10]:
         print(f"  failed: {reason}", file=sys.stderr)
     if len(stats.errors) > 10:
@@ -768,6 +789,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.add_argument("--index", metavar="OUT_DIR", help="an embeddings dataset (indexed or not) to search: adds POST /v1/search, "
                    "GET /v1/thumbnail and the search page at /")
+    _ray_serve_options(p)
+
+
+def _ray_serve_options(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="local: uvicorn in this process; ray: Ray Serve, the model in --replicas replicas")
+    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--replicas", type=positive_int, help="model replicas (default 1; the initial count when autoscaling)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest model replicas (0 allowed)")
+    ray.add_argument("--max-replicas", type=positive_int, help="autoscaling: most model replicas")
+    ray.add_argument("--cpus-per-replica", type=positive_float,
+                     help="CPUs Ray gives each model replica (default 1); its inference threads match them")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -775,6 +809,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout)
+    if args.engine == "ray" and args.index:
+        args.command_parser.error("--index (search and the page) runs with --engine local only")
+    if args.engine == "ray":
+        from .distributed.serve import serve_from_cli
+
+        return serve_from_cli(args, config)
+    for option in ("address", "replicas", "min_replicas", "max_replicas", "cpus_per_replica"):
+        if getattr(args, option) is not None:
+            args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
     sock = listen(args.host, args.port)  # a busy port fails now, before the model loads
     weights = _weights_path(args, demo_default=True)
     text_model = load_text_model_if_any(args, weights)  # weights converted with --tower all also serve text

@@ -32,18 +32,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ArrowVisionError, ImageError
-from .fsutil import atomic_output
 from .pathlists import LIST_SUFFIXES, read_path_list
+from .uris import is_remote, is_uri, list_uri, local_path, read_uri
+from .writer import ERRORS_DIR, META_PREFIX  # noqa: F401 (re-exported: the dataset layout)
+from .writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 
 MAX_IMAGE_FILE_BYTES = 1 << 30  # read into memory whole; the pixel limit is checked after
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-META_PREFIX = b"arrowvision."
-ERRORS_DIR = "_errors"  # dataset discovery (pyarrow, Spark, Hive) skips "_" folders
 
 
 def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
-    """An image's one identity: its resolved absolute path (relative paths resolve against ``base``)."""
-    path = Path(os.path.expanduser(os.fspath(path)))
+    """An image's one identity: its resolved absolute path (relative paths resolve against ``base``);
+    a remote URI (``s3://...``) is its own identity, a ``file://`` URI is its local path."""
+    text = os.fspath(path)
+    if is_remote(text):
+        return text
+    path = Path(os.path.expanduser(local_path(text) if is_uri(text) else text))
     if base is not None and not path.is_absolute():
         path = Path(base) / path
     try:
@@ -52,10 +56,14 @@ def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> 
         return os.path.abspath(path)
 
 
-def input_root(source: str) -> Path:
+def input_root(source: str) -> Path | str:
     """The folder that ``relpath`` values are relative to: the input folder, the folder a glob
-    starts from, or the folder of a list file / single image."""
-    path = Path(source)
+    starts from, or the folder of a list file / single image (for a URI: the prefix)."""
+    if is_remote(source):
+        one_object = Path(source).suffix.lower() in IMAGE_EXTENSIONS
+        return source.rsplit("/", 1)[0] if one_object else source.rstrip("/")
+    path = Path(local_path(source) if is_uri(source) else source)
+    source = str(path)
     if path.is_dir():
         return path.resolve()
     if any(ch in source for ch in "*?["):
@@ -70,7 +78,12 @@ def input_root(source: str) -> Path:
 
 def collect_inputs(source: str) -> list[str]:
     """A folder (recursive), a glob, or a .txt/.csv/.parquet list of paths -> unique resolved
-    absolute paths, in order. Relative entries of a list resolve against the list's folder."""
+    absolute paths, in order. Relative entries of a list resolve against the list's folder. A
+    remote URI (``s3://bucket/prefix``) lists the images under that prefix."""
+    if is_remote(source):
+        return list_uri(source, IMAGE_EXTENSIONS) or _no_images(source)
+    if is_uri(source):
+        source = local_path(source)
     path = Path(source)
     base: Path | None = None
     if path.is_dir():
@@ -90,6 +103,20 @@ def collect_inputs(source: str) -> list[str]:
             raise ArrowVisionError(f"{source}: the list names no images")
         raise ArrowVisionError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return list(dict.fromkeys(identity(f, base) for f in files))  # unique, order kept
+
+
+def _no_images(source: str) -> list[str]:
+    raise ArrowVisionError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+
+def relpath_function(root: str | os.PathLike | None) -> Callable[[str], str]:
+    """The ``relpath`` column: a path relative to ``root`` (default: the current folder); an
+    object relative to a URI prefix ``root``; a remote URI outside it as it is."""
+    if root is not None and is_remote(os.fspath(root)):
+        prefix = os.fspath(root).rstrip("/") + "/"
+        return lambda path: path[len(prefix):] if path.startswith(prefix) else path
+    base = Path(root).resolve() if root is not None else Path.cwd()
+    return lambda path: path if is_remote(path) else os.path.relpath(path, base)
 
 
 @dataclass
@@ -123,113 +150,15 @@ class _Item:
     embedding: np.ndarray | None = None
 
 
-def _atomic_write(table: pa.Table, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-
-
-def _chunk_index(path: Path) -> int:
-    try:
-        return int(path.stem.split("-")[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-class EmbeddingWriter:
-    """Chunked, atomic, resumable writer of the embeddings dataset folder.
-
-    ``done`` holds the identities already embedded, ``failed`` those recorded as bad (with the
-    latest reason); only ``done`` ones are skipped by a new run."""
-
-    def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str]):
-        self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ArrowVisionError(f"{self.folder}: exists and is not a folder; give a new or existing dataset folder")
-        try:
-            (self.folder / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ArrowVisionError(f"{self.folder}: cannot create the output folder ({exc.strerror})") from None
-        self.dim = dim
-        self.metadata = {META_PREFIX + k.encode(): v.encode() for k, v in metadata.items()}
-        self.schema = pa.schema(
-            [
-                pa.field("path", pa.string(), nullable=False),
-                pa.field("relpath", pa.string()),
-                pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-                pa.field("width", pa.int32()),
-                pa.field("height", pa.int32()),
-                pa.field("sha256", pa.string()),
-            ],
-            metadata=self.metadata,
-        )
-        self.error_schema = pa.schema(
-            [pa.field("path", pa.string(), nullable=False), pa.field("relpath", pa.string()), pa.field("error", pa.string())],
-            metadata=self.metadata,
-        )
-        for legacy in self.folder.glob("errors-*.parquet"):  # written beside the parts by older versions
-            os.replace(legacy, self.folder / ERRORS_DIR / legacy.name)
-        chunks = sorted(self.folder.glob("part-*.parquet")) + sorted((self.folder / ERRORS_DIR).glob("errors-*.parquet"))
-        self.done: set[str] = set()
-        self.failed: dict[str, str] = {}
-        for chunk in sorted(chunks, key=_chunk_index):
-            self._read_existing(chunk)
-        for path in self.done & self.failed.keys():  # failed once, embedded by a later run
-            del self.failed[path]
-        self.next_index = 1 + max((_chunk_index(p) for p in chunks), default=-1)
-
-    def _read_existing(self, chunk: Path) -> None:
-        try:
-            file = pq.ParquetFile(chunk)
-        except (pa.ArrowException, OSError) as exc:
-            raise ArrowVisionError(f"{chunk}: unreadable chunk in the output folder ({exc})") from None
-        existing = file.schema_arrow.metadata or {}
-        for key in (b"model_checksum", b"sketch"):
-            if existing.get(META_PREFIX + key) != self.metadata[META_PREFIX + key]:
-                raise ArrowVisionError(
-                    f"{self.folder} holds embeddings from another model or preprocessing ({chunk.name}); "
-                    "use a new output folder"
-                )
-        if "error" in file.schema_arrow.names:
-            rows = file.read(columns=["path", "error"]).to_pydict()
-            self.failed.update(zip(rows["path"], rows["error"]))
-        else:
-            self.done.update(file.read(columns=["path"]).column("path").to_pylist())
-
-    def write(self, good: list[_Item], bad: list[_Item], relpath: Callable[[str], str]) -> None:
-        """One part chunk for ``good`` and one errors chunk for ``bad`` (either may be empty)."""
-        if good:
-            embeddings = np.stack([r.embedding for r in good]).astype(np.float32)
-            table = pa.table(
-                {
-                    "path": [r.path for r in good],
-                    "relpath": [relpath(r.path) for r in good],
-                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim),
-                    "width": pa.array([r.width for r in good], pa.int32()),
-                    "height": pa.array([r.height for r in good], pa.int32()),
-                    "sha256": [r.digest for r in good],
-                },
-                schema=self.schema,
-            )
-            _atomic_write(table, self.folder / f"part-{self.next_index:05d}.parquet")
-            self.next_index += 1
-            self.done.update(r.path for r in good)
-        if bad:
-            table = pa.table({"path": [r.path for r in bad], "relpath": [relpath(r.path) for r in bad],
-                              "error": [r.error for r in bad]}, schema=self.error_schema)
-            _atomic_write(table, self.folder / ERRORS_DIR / f"errors-{self.next_index:05d}.parquet")
-            self.next_index += 1
-            self.failed.update((r.path, r.error) for r in bad)
-
-
 def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Callable | None) -> _Item:
     """Read, decode, (sketch-normalize,) preprocess one file. Every failure, of any exception
     type, becomes an error item: a worker that raised would leave the consumer waiting forever."""
-    from .preprocess import load_image
-
     try:
         if "\0" in path:
             return _Item(path, None, error=f"{path!r}: path contains a NUL byte")
         try:
+            if is_remote(path):  # s3://, gs://...: read through pyarrow's filesystems
+                return decode_data(path, read_uri(path, MAX_IMAGE_FILE_BYTES), preprocess, transform)
             status = os.stat(path)
             if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
                 return _Item(path, None, error=f"{path}: not a regular file")
@@ -238,6 +167,17 @@ def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Calla
             data = Path(path).read_bytes()
         except OSError as exc:
             return _Item(path, None, error=f"{path}: cannot read ({exc.strerror})")
+    except Exception as exc:  # noqa: BLE001 - any failure is this row's failure, not the job's
+        return _Item(path, None, error=f"{path}: {exc or type(exc).__name__}")
+    return decode_data(path, data, preprocess, transform)
+
+
+def decode_data(path: str, data: bytes, preprocess: Callable[[Any], np.ndarray], transform: Callable | None) -> _Item:
+    """Decode, (sketch-normalize,) preprocess the bytes of the input ``path``; any failure is an
+    error item (shared by the engines that read the bytes elsewhere, e.g. from object storage)."""
+    from .preprocess import load_image
+
+    try:
         image = load_image(data, name=path)
         width, height = image.size
         if transform is not None:
@@ -309,26 +249,12 @@ def embed_paths(
 
     if batch_size < 1 or chunk_size < 1:
         raise ArrowVisionError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
-    metadata = {
-        "model_checksum": encoder.checksum,
-        "family": encoder.config.family,
-        "dim": str(encoder.embedding_dim),
-        "sketch": str(bool(sketch)).lower(),
-        "normalized": str(bool(normalize)).lower(),
-    }
-    writer = EmbeddingWriter(output, encoder.embedding_dim, metadata)
-    root = Path(root).resolve() if root is not None else Path.cwd()
-
-    def relpath(path: str) -> str:
-        return os.path.relpath(path, root)
-
+    writer = EmbeddingWriter(output, encoder.embedding_dim, dataset_metadata(encoder, sketch=sketch, normalize=normalize))
+    relpath = relpath_function(root)
     stats = EmbedStats()
     paths = list(dict.fromkeys(identity(p) for p in paths))
-    todo = [p for p in paths if p not in writer.done and not (skip_failed and p in writer.failed)]
-    stats.skipped = sum(p in writer.done for p in paths)
-    if skip_failed:
-        stats.errors = [(p, writer.failed[p]) for p in paths if p not in writer.done and p in writer.failed]
-        stats.failed = len(stats.errors)
+    work = plan(writer, paths, skip_failed)
+    todo, stats.skipped, stats.errors, stats.failed = work.todo, work.skipped, work.prior_errors, len(work.prior_errors)
     transform = normalize_sketch_image if sketch else None
     batches: queue.Queue = queue.Queue(maxsize=2)  # decoded batches waiting for the model
     stop = stop or threading.Event()
@@ -349,8 +275,7 @@ def embed_paths(
 
     start_time = time.perf_counter()
     producer = threading.Thread(target=produce, daemon=True)
-    good: list[_Item] = []
-    bad: list[_Item] = []
+    chunks = ChunkBuffer(writer, chunk_size, relpath)
     processed = 0  # inputs embedded or failed in this run
     bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress, dynamic_ncols=True)
     try:
@@ -358,9 +283,7 @@ def embed_paths(
             producer.start()
             while not stop.is_set() and (items := batches.get()) is not None:
                 if isinstance(items, _WorkerDied):
-                    if good or bad:
-                        writer.write(good, bad, relpath)  # keep every finished row
-                        good, bad = [], []
+                    chunks.flush()  # keep every finished row
                     exc = items.exc
                     raise ArrowVisionError(f"a decoding worker died ({type(exc).__name__}: {exc}); "
                                            "finished chunks are kept, rerun to resume")
@@ -372,19 +295,14 @@ def embed_paths(
                     vectors = l2_normalize(vectors) if normalize else vectors
                     for item, vector in zip(ok, vectors):
                         item.embedding, item.pixels = vector, None  # the pixels are not needed any more
-                failed = [item for item in items if item.error]
-                good, bad = good + ok, bad + failed
+                ok, failed = chunks.add(items)
                 stats.embedded += len(ok)
                 stats.failed += len(failed)
                 stats.errors += [(item.path, item.error) for item in failed]
-                while len(good) >= chunk_size:
-                    writer.write(good[:chunk_size], bad, relpath)
-                    good, bad = good[chunk_size:], []
                 processed += len(items)
                 bar.update(len(items))
             stats.interrupted = stop.is_set() and processed < len(todo)  # work was left undone
-            if good or bad:  # the last chunk, or what was embedded before a stop
-                writer.write(good, bad, relpath)
+            chunks.flush()  # the last chunk, or what was embedded before a stop
     finally:
         finished.set()
         bar.close()

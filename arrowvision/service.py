@@ -4,6 +4,10 @@ Requests are decoded in worker threads, then queued for the ``MicroBatcher``, wh
 whatever arrives within ``max_wait_ms`` (up to ``max_batch`` images) into one inference call run
 off the event loop. The queue is bounded: when it is full the service answers 503 with
 Retry-After instead of letting latency grow without limit.
+
+Where the model runs is pluggable (``ImageModel``): in this process (``LocalModel``, the
+default), or in Ray Serve replicas (``arrowvision.distributed.serve``) behind the same routes,
+validation and metrics.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
@@ -89,6 +94,10 @@ class QueueFull(Exception):
 
 class MalformedRequest(Exception):
     pass
+
+
+class ModelUnavailable(Exception):
+    """The model cannot answer now (e.g. its replica died); the client should retry (503)."""
 
 
 class MicroBatcher:
@@ -162,10 +171,61 @@ class MicroBatcher:
         self.executor.shutdown(wait=True)
 
 
-def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text_model: Any = None, index: Any = None):
+class ImageModel(Protocol):
+    """Where the image model runs for the service: started (warmed up) by the app's lifespan,
+    fed one preprocessed image per ``submit``, drained at shutdown."""
+
+    async def start(self) -> None: ...  # raises if the model cannot embed (reported by /health)
+
+    async def submit(self, pixels: np.ndarray) -> tuple[np.ndarray, float]: ...  # QueueFull, ModelUnavailable
+
+    def queue_depth(self) -> int: ...
+
+    def health(self) -> dict[str, Any]: ...  # extra /health fields; "ready": False makes it 503
+
+    async def drain(self, timeout: float) -> None: ...
+
+
+class LocalModel:
+    """The model in this process, fed by a ``MicroBatcher`` (the default ``ImageModel``)."""
+
+    def __init__(self, encoder: VisionEncoder, config: ServiceConfig, on_batch: Callable[[int, float], None]):
+        self.encoder = encoder
+        self.batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, on_batch)
+
+    def _warm_up(self) -> None:
+        """One inference on a blank image: /health says the model is loaded only once it has
+        actually produced an embedding of the right size (and OpenVINO has compiled it)."""
+        size = self.encoder.config.image_size
+        output = np.asarray(self.encoder.backend(np.zeros((1, self.encoder.config.num_channels, size, size), np.float32)))
+        if output.shape != (1, self.encoder.embedding_dim):
+            raise ValueError(f"warm-up produced shape {output.shape}, expected (1, {self.encoder.embedding_dim})")
+
+    async def start(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self._warm_up)
+        finally:
+            self.batcher.start()  # a failed warm-up still leaves a service that answers /health
+
+    async def submit(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        return await self.batcher.submit(pixels)
+
+    def queue_depth(self) -> int:
+        return self.batcher.queue.qsize()
+
+    def health(self) -> dict[str, Any]:
+        return {}
+
+    async def drain(self, timeout: float) -> None:
+        await self.batcher.drain(timeout)
+
+
+def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text_model: Any = None, index: Any = None, *,
+               model: Callable[[Callable[[int, float], None]], ImageModel] | None = None):
     """The FastAPI application serving ``encoder``; with ``text_model`` (an ``ImageTextModel``)
     also the text endpoints of ``service_text``; with ``index`` (a ``VectorIndex``) the search
-    endpoints and page of ``service_search``."""
+    endpoints and page of ``service_search``. ``model(on_batch)`` builds the ``ImageModel``
+    that runs inference (default: ``LocalModel``, this process)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     config = config or ServiceConfig()
@@ -186,31 +246,22 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         inference_seconds.observe(seconds)
         images_total.inc(size)
 
-    def warm_up() -> None:
-        """One inference on a blank image: /health says the model is loaded only once it has
-        actually produced an embedding of the right size (and OpenVINO has compiled it)."""
-        size = encoder.config.image_size
-        output = np.asarray(encoder.backend(np.zeros((1, encoder.config.num_channels, size, size), np.float32)))
-        if output.shape != (1, encoder.embedding_dim):
-            raise ValueError(f"warm-up produced shape {output.shape}, expected (1, {encoder.embedding_dim})")
-
     @asynccontextmanager
     async def lifespan(app):
-        batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, record_batch)
+        image_model = model(record_batch) if model is not None else LocalModel(encoder, config, record_batch)
         try:
-            await asyncio.get_running_loop().run_in_executor(batcher.executor, warm_up)
+            await image_model.start()
             state["model_loaded"] = True
         except Exception as exc:  # keep serving /health, which reports the failure
             log.exception("model warm-up failed")
             state["model_error"] = f"{type(exc).__name__}: {exc}"
-        batcher.start()
-        queue_depth.set_function(lambda: batcher.queue.qsize())
-        state["batcher"] = batcher
+        queue_depth.set_function(image_model.queue_depth)
+        state["model"] = image_model
         if "text_batcher" in state:
             state["text_batcher"].start()
         yield
         state["accepting"] = False
-        await batcher.drain(config.request_timeout_s)
+        await image_model.drain(config.request_timeout_s)
         if "text_batcher" in state:
             await state["text_batcher"].drain(config.request_timeout_s)
         state["model_loaded"] = False
@@ -326,9 +377,11 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         pixels = await loop.run_in_executor(decode_pool, decode, name, data, sketch)
         decoded = time.perf_counter()
         try:
-            vector, inference = await asyncio.wait_for(state["batcher"].submit(pixels), config.request_timeout_s)
+            vector, inference = await asyncio.wait_for(state["model"].submit(pixels), config.request_timeout_s)
         except QueueFull:
             raise HTTPProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
+        except ModelUnavailable as exc:
+            raise HTTPProblem(503, f"model unavailable: {exc}", {"Retry-After": "1"}) from None
         except TimeoutError:
             raise HTTPProblem(504, f"timed out after {config.request_timeout_s} s") from None
         vector = l2_normalize(vector) if normalize else vector
@@ -385,16 +438,18 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
     @app.get("/health", summary="Model loaded, backend and device (503 unless ready to embed)")
     async def health():
         backend = encoder.backend
+        extra = state["model"].health() if "model" in state else {}
+        ready = extra.pop("ready", True)  # e.g. no model replica running
         if not state["accepting"]:
             status = "shutting down"
-        elif state["model_loaded"]:
+        elif state["model_loaded"] and ready:
             status = "ok"
         else:
-            status = "unavailable" if state["model_error"] else "starting"
+            status = "unavailable" if state["model_error"] or state["model_loaded"] else "starting"
         body = {"status": status, "model_loaded": state["model_loaded"], "backend": backend.name,
                 "device": str(getattr(backend, "device", "cpu")), "precision": getattr(backend, "precision", "fp32"),
                 "family": encoder.config.family, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum,
-                "text": text_model is not None}
+                "text": text_model is not None, **extra}
         if state["model_error"]:
             body["error"] = state["model_error"]
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
