@@ -40,8 +40,9 @@ BACKEND_HELP = ("default: openvino fp32 if installed, else torch; auto: the fast
 BACKEND_ONLY_OPTIONS = {
     "mode": ("openvino", "auto"),
     "calibration": ("openvino", "auto"),
-    "cache_dir": ("openvino", "onnxruntime", "auto"),
-    "min_cosine": ("openvino", "onnxruntime", "auto"),
+    "cache_dir": ("openvino", "onnxruntime", "auto", "torch"),
+    "min_cosine": ("openvino", "onnxruntime", "auto", "torch"),
+    "compile": ("torch",),
 }
 
 
@@ -347,8 +348,11 @@ def _describe_vision(vision: dict[str, Any]) -> str:
 def _backend_options(p: argparse.ArgumentParser, mode: str = "latency") -> None:
     p.add_argument("--weights", help="Parquet weights (default: the bundled random-init demo model, with a warning)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="default", help=BACKEND_HELP)
-    p.add_argument("--precision", choices=PRECISIONS, help="default fp32; auto picks its own")
-    p.add_argument("--device", default=Default("CPU"), help="openvino: CPU, GPU or AUTO; torch: cpu")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="default fp32 (torch on CUDA: bf16, or fp16 where bf16 is missing); auto picks its own")
+    p.add_argument("--device", default=Default("CPU"), help="openvino: CPU, GPU or AUTO; torch: cpu or cuda[:N]")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch: torch.compile the model (faster on GPUs after a first call of ~20 s)")
     p.add_argument("--mode", choices=["latency", "throughput"], default=Default(mode), help="openvino performance hint")
     p.add_argument("--min-cosine", type=cosine_threshold,
                    help="lossy precisions must reach this cosine vs fp32 on every held-out kind (default 0.99)")
@@ -358,11 +362,14 @@ def _backend_options(p: argparse.ArgumentParser, mode: str = "latency") -> None:
     p.add_argument("--cache-dir", help="IR cache (default: $ARROWVISION_CACHE or the user cache dir)")
 
 
-def resolve_backend(name: str) -> str:
-    """``default``: OpenVINO (exact fp32) when it is installed, else the torch reference.
-    ``auto`` (measured per CPU, possibly lossy within --min-cosine) is chosen by name only."""
+def resolve_backend(name: str, device: str = "cpu") -> str:
+    """``default``: OpenVINO (exact fp32) when it is installed, else the torch reference; torch
+    for a CUDA device. ``auto`` (measured per CPU, possibly lossy within --min-cosine) is chosen
+    by name only."""
     if name != "default":
         return name
+    if str(device).lower().startswith("cuda"):
+        return "torch"
     import importlib.util
 
     return "openvino" if importlib.util.find_spec("openvino") else "torch"
@@ -383,8 +390,8 @@ def check_backend_options(args: argparse.Namespace, backend: str) -> None:
         if not given(value) or backend in backends:
             continue
         flag = "--" + option.replace("_", "-")
-        shown = " ".join(value) if isinstance(value, list) else value
-        args.command_parser.error(f"{flag} {shown} applies to the {'/'.join(backends)} backends only, not {backend}{chosen}")
+        shown = " ".join(value) if isinstance(value, list) else "" if value is True else value
+        args.command_parser.error(f"{flag}{f' {shown}' if shown else ''} applies to the {'/'.join(backends)} backends only, not {backend}{chosen}")
     device = str(getattr(args, "device", "cpu")).lower()
     if backend == "torch" and device != "cpu" and not device.startswith("cuda"):
         args.command_parser.error(f"--device {args.device}: the torch backend runs on cpu (or cuda)")
@@ -408,6 +415,8 @@ def backend_options(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         options["cache_dir"] = args.cache_dir
     if args.calibration:
         options["calibration"] = image_files(args.calibration)
+    if getattr(args, "compile", None):
+        options["compile"] = True
     return options
 
 
@@ -417,7 +426,7 @@ def load_encoder(args: argparse.Namespace, weights: str | None = None):
     from .encoder import VisionEncoder
 
     weights = weights or _weights_path(args, demo_default=True)
-    backend = resolve_backend(args.backend)
+    backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     check_backend_options(args, backend)
     options = backend_options(args, backend)
     device = str(args.device)
@@ -480,7 +489,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .encoder import VisionEncoder
 
     weights = _weights_path(args, demo_default=False)
-    backend = resolve_backend(args.backend)
+    backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     start = time.perf_counter()
     first_use = _first_use(weights, backend, {}) if progress_enabled(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
@@ -578,9 +587,14 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    "(relative entries resolve against the list's folder)")
     p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, _errors/)")
     _backend_options(p, mode="throughput")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
+    p.add_argument("--batch-size", type=positive_int, help="images per model call (default 32; 256 on CUDA)")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per atomically written part file")
-    p.add_argument("--workers", type=positive_int, default=2, help="decoding threads (local engine; ray actors decode with their own CPUs)")
+    p.add_argument("--workers", type=positive_int,
+                   help="decoding workers: threads (default 2), or on CUDA processes (default: one per CPU); "
+                        "local engine (ray actors decode with their own CPUs)")
+    p.add_argument("--decode", choices=["exact", "fast", "gpu"], default="exact",
+                   help="exact: HF processor parity; fast: reduced-size JPEG decode; gpu: nvJPEG on the GPU "
+                        "(torch backend on CUDA); local engine")
     p.add_argument("--sketch", action="store_true", help="apply sketch normalization before embedding")
     p.add_argument("--skip-failed", action="store_true",
                    help="do not retry inputs that failed in an earlier run (they still count as failed)")
@@ -603,16 +617,28 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for option in ("address", "actors", "cpus_per_actor"):
         if args.engine == "local" and getattr(args, option) is not None:
             args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
+    if args.engine == "ray" and (args.decode != "exact" or args.workers):
+        flag = f"--decode {args.decode}" if args.decode != "exact" else "--workers"
+        args.command_parser.error(f"{flag} applies to --engine local only (ray actors decode exactly, with their own CPUs)")
     paths = collect_inputs(args.inputs)
     if args.engine == "ray":
         from .distributed.data import embed_from_cli
 
+        args.batch_size = args.batch_size or 32
         stats = embed_from_cli(args, paths, input_root(args.inputs))
     else:
         encoder = load_encoder(args)
-        stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                            workers=args.workers, sketch=args.sketch, progress=progress_enabled(args),
-                            root=input_root(args.inputs), skip_failed=args.skip_failed)
+        on_gpu = str(getattr(encoder.backend, "device", "cpu")).startswith("cuda")
+        if args.workers:
+            workers = args.workers
+        else:
+            from .feeder import default_workers
+
+            workers = default_workers() if on_gpu else 2
+        stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size or (256 if on_gpu else 32),
+                            chunk_size=args.chunk_size, workers=workers, sketch=args.sketch,
+                            progress=progress_enabled(args), root=input_root(args.inputs),
+                            skip_failed=args.skip_failed, decode=args.decode)
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")
     print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
@@ -697,7 +723,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .validate import validate
 
     weights = _weights_path(args, demo_default=True)
-    backend = resolve_backend(args.backend)
+    backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     check_backend_options(args, backend)
     images = image_files(args.images) if args.images else sorted(SAMPLES_DIR.glob("*.jpg"))
     options = backend_options(args, backend)
@@ -846,7 +872,7 @@ def load_image_text(args: argparse.Namespace, weights: str | None = None):
     from .image_text import ImageTextModel
 
     weights = weights or _weights_path(args, demo_default=False)
-    backend = resolve_backend(args.backend)
+    backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     check_backend_options(args, backend)
     device = str(args.device)
     if backend == "torch":
@@ -989,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if hasattr(args, "precision") and hasattr(args, "backend"):  # usage errors before anything loads
-        check_backend_options(args, resolve_backend(args.backend))
+        check_backend_options(args, resolve_backend(args.backend, getattr(args, "device", "cpu")))
     try:
         return args.func(args)
     except KeyboardInterrupt:

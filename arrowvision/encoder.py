@@ -15,7 +15,7 @@ from .backends import create as create_backend
 from .config import VisionConfig
 from .errors import ArrowVisionError
 from .format import WeightLoader
-from .preprocess import ImageInput, Preprocessor
+from .preprocess import ImageInput, Preprocessor, describe, load_image
 
 
 def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
@@ -78,6 +78,33 @@ class VisionEncoder:
     def checksum(self) -> str:
         return self.weights.checksum
 
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """A decoded RGB image -> the backend's input row: (S, S, 3) uint8 for backends that
+        normalize on their device (torch), else (3, S, S) float32."""
+        if getattr(self.backend, "accepts_uint8", False):
+            return self.preprocessor.resized(image)
+        return self.preprocessor.pixels(image)
+
+    def run_prepared(self, batch: np.ndarray) -> np.ndarray:
+        """A stack of ``prepare`` rows -> pooled float32 (N, D), not normalized."""
+        if batch.dtype == np.uint8:
+            return self.backend.embed_uint8(batch)
+        return self.backend(batch)
+
+    def _prepare_input(self, image: ImageInput, decode: str) -> np.ndarray:
+        if decode == "fast" and isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+            from .decode import open_reduced, read_image_bytes
+
+            data = read_image_bytes(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else bytes(image)
+            return self.prepare(open_reduced(data, describe(image), self.config.image_size)[0])
+        return self.prepare(load_image(image))
+
+    def _prepare_batch(self, images: Sequence[ImageInput], decode: str, workers: int = 2) -> np.ndarray:
+        if len(images) <= 1:
+            return np.stack([self._prepare_input(image, decode) for image in images])
+        with ThreadPoolExecutor(workers) as pool:
+            return np.stack(list(pool.map(lambda image: self._prepare_input(image, decode), images)))
+
     def preprocess(self, images: Sequence[ImageInput], workers: int = 2) -> np.ndarray:
         """Decode + preprocess in threads (Pillow releases the GIL while decoding and resizing)."""
         if len(images) <= 1 or workers <= 1:
@@ -85,19 +112,28 @@ class VisionEncoder:
         with ThreadPoolExecutor(workers) as pool:
             return np.stack(list(pool.map(self.preprocessor, images)))
 
-    def encode(self, images: Iterable[ImageInput] | Any, batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+    def encode(self, images: Iterable[ImageInput] | Any, batch_size: int = 32, normalize: bool = True,
+               decode: str = "exact") -> np.ndarray:
         """Embed images: paths, bytes, PIL images, HWC uint8 arrays, or a preprocessed (N,3,H,W) batch.
 
+        ``decode="fast"`` decodes JPEG files and bytes at a reduced size first (see
+        ``arrowvision.decode``); ``gpu`` decoding is for folders (``embed_paths``).
         Returns (N, D) float32, L2-normalized unless ``normalize=False``."""
         if batch_size < 1:
             raise ArrowVisionError(f"batch_size must be >= 1, got {batch_size}")
+        if decode not in ("exact", "fast"):
+            raise ArrowVisionError(f"decode={decode!r}: encode() takes exact or fast (gpu decoding: embed_paths)")
         if is_pixel_batch(images):
             pixels = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
             batches = (pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size))
+            outputs = [self.backend(batch) for batch in batches]
+        elif getattr(self.backend, "accepts_uint8", False) or decode != "exact":
+            items = as_image_list(images)
+            outputs = [self.run_prepared(self._prepare_batch(items[i : i + batch_size], decode))
+                       for i in range(0, len(items), batch_size)]
         else:
             items = as_image_list(images)
-            batches = (self.preprocess(items[i : i + batch_size]) for i in range(0, len(items), batch_size))
-        outputs = [self.backend(batch) for batch in batches]
+            outputs = [self.backend(self.preprocess(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]
         embeddings = np.concatenate(outputs) if outputs else np.zeros((0, self.embedding_dim), np.float32)
         embeddings = embeddings.astype(np.float32, copy=False)
         return l2_normalize(embeddings) if normalize else embeddings

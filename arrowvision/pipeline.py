@@ -1,8 +1,12 @@
 """Corpus embedding: many images in, a resumable Parquet dataset of embeddings out.
 
-Decoding and preprocessing run in a thread pool (Pillow and OpenCV release the GIL) while the
-backend runs inference on the previous batch. Results are written in chunks, each an atomic
-``part-NNNNN.parquet`` (temp file + rename): after a crash the same command skips every image
+Decoding runs in a pool (``feeder``: threads for CPU backends, processes when the model is on a
+GPU, whose launching thread must not wait for the GIL) while the backend runs inference on the
+previous batch; backends that take uint8 (torch) get uint8 batches and normalize on their device,
+and on a GPU the copy and launch of the next batch overlap the current one. ``decode`` picks
+exact (HF parity), fast (reduced JPEG decode) or gpu (nvJPEG) decoding, see ``decode``.
+
+Results are written in chunks, each an atomic ``part-NNNNN.parquet`` (temp file + rename): after a crash the same command skips every image
 already in a chunk and never writes one twice; Ctrl-C/SIGTERM first writes the rows already
 embedded as one more chunk. An image's identity is its resolved absolute path, so every spelling
 of the same input folder resumes the same dataset. Bad images go to ``_errors/errors-NNNNN.parquet``
@@ -17,11 +21,9 @@ import hashlib
 import os
 import queue
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .decode import MAX_IMAGE_FILE_BYTES, check_mode, gpu_cpu_share, read_image_bytes  # noqa: F401 (limit re-exported)
 from .errors import ArrowVisionError, ImageError
 from .pathlists import LIST_SUFFIXES, read_path_list
-from .uris import is_remote, is_uri, list_uri, local_path, read_uri
+from .uris import is_remote, is_uri, list_uri, local_path
 from .writer import ERRORS_DIR, META_PREFIX  # noqa: F401 (re-exported: the dataset layout)
 from .writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 
-MAX_IMAGE_FILE_BYTES = 1 << 30  # read into memory whole; the pixel limit is checked after
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -126,6 +128,7 @@ class EmbedStats:
     failed: int = 0  # failed now, or failed before and skipped (--skip-failed)
     seconds: float = 0.0
     inference_seconds: float = 0.0
+    input_wait_seconds: float = 0.0  # the model thread waiting for decoded batches (decoding is the bottleneck)
     interrupted: bool = False  # stopped by Ctrl-C/SIGTERM (rows embedded so far were written)
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -135,7 +138,7 @@ class EmbedStats:
 
     @property
     def model_busy(self) -> float:
-        """Share of wall time the model was running: end-to-end vs model-only throughput."""
+        """Share of wall time the model was running (on a GPU: its own GPU time, from CUDA events)."""
         return self.inference_seconds / self.seconds if self.seconds else 0.0
 
 
@@ -151,22 +154,13 @@ class _Item:
 
 
 def _decode(path: str, preprocess: Callable[[Any], np.ndarray], transform: Callable | None) -> _Item:
-    """Read, decode, (sketch-normalize,) preprocess one file. Every failure, of any exception
-    type, becomes an error item: a worker that raised would leave the consumer waiting forever."""
+    """Read, decode, (sketch-normalize,) preprocess one file (float32 pixels, for engines whose
+    backends take those). Every failure, of any exception type, becomes an error item: a worker
+    that raised would leave the consumer waiting forever."""
     try:
-        if "\0" in path:
-            return _Item(path, None, error=f"{path!r}: path contains a NUL byte")
-        try:
-            if is_remote(path):  # s3://, gs://...: read through pyarrow's filesystems
-                return decode_data(path, read_uri(path, MAX_IMAGE_FILE_BYTES), preprocess, transform)
-            status = os.stat(path)
-            if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
-                return _Item(path, None, error=f"{path}: not a regular file")
-            if status.st_size > MAX_IMAGE_FILE_BYTES:
-                return _Item(path, None, error=f"{path}: {status.st_size} bytes, larger than the {MAX_IMAGE_FILE_BYTES} allowed")
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            return _Item(path, None, error=f"{path}: cannot read ({exc.strerror})")
+        data = read_image_bytes(path)  # local file or remote URI; odd paths are an ImageError
+    except ImageError as exc:
+        return _Item(path, None, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - any failure is this row's failure, not the job's
         return _Item(path, None, error=f"{path}: {exc or type(exc).__name__}")
     return decode_data(path, data, preprocess, transform)
@@ -234,6 +228,8 @@ def embed_paths(
     root: str | os.PathLike | None = None,
     skip_failed: bool = False,
     stop: threading.Event | None = None,
+    decode: str = "exact",
+    decode_pool: str = "auto",
 ) -> EmbedStats:
     """Embed ``paths`` into the dataset folder ``output``, resuming where a previous run stopped.
 
@@ -241,14 +237,23 @@ def embed_paths(
     (default: the current folder). Inputs that failed before are retried unless ``skip_failed``;
     either way they count as failed. Every part chunk holds exactly ``chunk_size`` rows (the last
     one fewer). Setting ``stop`` (or SIGINT/SIGTERM in the main thread) ends the run after the
-    current batch, with the rows embedded so far written as one more chunk."""
-    from tqdm import tqdm
-
+    current batch, with the rows embedded so far written as one more chunk. ``decode``: exact,
+    fast or gpu (see ``arrowvision.decode``); ``decode_pool``: auto (processes when the model is
+    on a GPU, else threads), thread or process."""
     from .encoder import l2_normalize
+    from .feeder import Feeder, choose_pool
     from .preprocess import normalize_sketch_image
 
     if batch_size < 1 or chunk_size < 1:
         raise ArrowVisionError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    backend = encoder.backend
+    check_mode(decode)
+    gpu = None
+    if decode == "gpu":
+        from .gpu_decode import GpuDecoder
+
+        gpu = GpuDecoder(encoder.preprocessor, backend)  # refuses clearly without CUDA / torchvision
+    uint8 = bool(getattr(backend, "accepts_uint8", False))
     writer = EmbeddingWriter(output, encoder.embedding_dim, dataset_metadata(encoder, sketch=sketch, normalize=normalize))
     relpath = relpath_function(root)
     stats = EmbedStats()
@@ -256,51 +261,87 @@ def embed_paths(
     work = plan(writer, paths, skip_failed)
     todo, stats.skipped, stats.errors, stats.failed = work.todo, work.skipped, work.prior_errors, len(work.prior_errors)
     transform = normalize_sketch_image if sketch else None
-    batches: queue.Queue = queue.Queue(maxsize=2)  # decoded batches waiting for the model
+    pool = choose_pool(decode_pool, getattr(backend, "device", "cpu"))
+    feeder = Feeder(encoder.preprocessor, batch_size=batch_size, workers=workers, mode=decode, transform=transform,
+                    pool=pool, cpu_share=gpu_cpu_share(workers) if decode == "gpu" and pool == "process" else 0.0)
+    batches: queue.Queue = queue.Queue(maxsize=2)  # batches ready for the model (staged on its device)
     stop = stop or threading.Event()
     finished = threading.Event()
 
     def produce() -> None:
         try:
-            with ThreadPoolExecutor(max(1, workers)) as pool:
-                for start in range(0, len(todo), batch_size):
-                    if finished.is_set():
-                        break
-                    chunk = todo[start : start + batch_size]
-                    batches.put(list(pool.map(lambda p: _decode(p, encoder.preprocessor.pixels, transform), chunk)))
+            for fed in feeder.batches(todo, stop=finished.is_set):
+                if finished.is_set():
+                    break
+                if gpu is not None:
+                    ok, ready = gpu.assemble(fed.decoded, fed.pixels, fed.jpegs)
+                elif not fed.decoded:
+                    ok, ready = [], None
+                elif uint8:
+                    ok, ready = fed.decoded, backend.stage(fed.pixels)  # a copy: the slot may be reused now
+                else:
+                    ok, ready = fed.decoded, encoder.preprocessor.normalize(fed.pixels)
+                batches.put((fed.items, ok, ready))
         except BaseException as exc:  # noqa: BLE001 - reported by the consumer, which would wait forever
             batches.put(_WorkerDied(exc))
             return
         batches.put(None)
 
+    def launch(ready: Any) -> Any:
+        """Start the model on one batch; on a GPU this returns before it finishes."""
+        if uint8:
+            return backend.launch(ready)
+        tick = time.perf_counter()
+        return _Done(backend(ready), time.perf_counter() - tick)
+
     start_time = time.perf_counter()
     producer = threading.Thread(target=produce, daemon=True)
     chunks = ChunkBuffer(writer, chunk_size, relpath)
     processed = 0  # inputs embedded or failed in this run
-    bar = tqdm(total=len(todo), unit="img", desc="embedding", disable=not progress, dynamic_ncols=True)
+    bar = _progress_bar(len(todo), progress)
+
+    def finish(items: list, ok: list, running: Any) -> None:
+        """Collect one launched batch's embeddings and buffer its rows (and failures) for writing."""
+        nonlocal processed
+        if running is not None:
+            vectors = running.result()
+            stats.inference_seconds += running.seconds
+            vectors = l2_normalize(vectors) if normalize else vectors
+            for item, vector in zip(ok, vectors):
+                item.embedding = vector
+        added, failed = chunks.add(items)
+        stats.embedded += len(added)
+        stats.failed += len(failed)
+        stats.errors += [(item.path, item.error) for item in failed]
+        processed += len(items)
+        bar.update(len(items))
+
+    in_flight: tuple | None = None  # the batch the model is running while the next one is launched
     try:
         with stop_on_signals(stop):
             producer.start()
-            while not stop.is_set() and (items := batches.get()) is not None:
-                if isinstance(items, _WorkerDied):
+            while not stop.is_set():
+                tick = time.perf_counter()
+                entry = batches.get()
+                stats.input_wait_seconds += time.perf_counter() - tick
+                if entry is None:
+                    break
+                if isinstance(entry, _WorkerDied):
+                    if in_flight is not None:
+                        finish(*in_flight)
+                        in_flight = None
                     chunks.flush()  # keep every finished row
-                    exc = items.exc
+                    exc = entry.exc
                     raise ArrowVisionError(f"a decoding worker died ({type(exc).__name__}: {exc}); "
                                            "finished chunks are kept, rerun to resume")
-                ok = [item for item in items if not item.error]
-                if ok:
-                    tick = time.perf_counter()
-                    vectors = encoder.backend(np.stack([item.pixels for item in ok]))
-                    stats.inference_seconds += time.perf_counter() - tick
-                    vectors = l2_normalize(vectors) if normalize else vectors
-                    for item, vector in zip(ok, vectors):
-                        item.embedding, item.pixels = vector, None  # the pixels are not needed any more
-                ok, failed = chunks.add(items)
-                stats.embedded += len(ok)
-                stats.failed += len(failed)
-                stats.errors += [(item.path, item.error) for item in failed]
-                processed += len(items)
-                bar.update(len(items))
+                items, ok, ready = entry
+                running = launch(ready) if ok else None
+                if in_flight is not None:
+                    finish(*in_flight)
+                in_flight = (items, ok, running)
+            if in_flight is not None:
+                finish(*in_flight)
+                in_flight = None
             stats.interrupted = stop.is_set() and processed < len(todo)  # work was left undone
             chunks.flush()  # the last chunk, or what was embedded before a stop
     finally:
@@ -313,6 +354,34 @@ def embed_paths(
                 producer.join(0.05)
     stats.seconds = time.perf_counter() - start_time
     return stats
+
+
+class _Done:
+    """A model call that already finished (CPU backends), shaped like ``TorchBackend.launch``'s result."""
+
+    def __init__(self, vectors: np.ndarray, seconds: float):
+        self.vectors, self.seconds = vectors, seconds
+
+    def result(self) -> np.ndarray:
+        return self.vectors
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """tqdm when shown; without it (or with progress off) a bar that does nothing."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, unit="img", desc="embedding", dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    class Silent:
+        def update(self, count: int) -> None: ...
+
+        def close(self) -> None: ...
+
+    return Silent()
 
 
 def part_files(dataset: str | os.PathLike) -> list[Path]:

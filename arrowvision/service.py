@@ -191,7 +191,8 @@ class LocalModel:
 
     def __init__(self, encoder: VisionEncoder, config: ServiceConfig, on_batch: Callable[[int, float], None]):
         self.encoder = encoder
-        self.batcher = MicroBatcher(encoder.backend, config.max_batch, config.max_wait_ms, config.max_queue, on_batch)
+        # run_prepared: uint8 rows for backends that normalize on their device (torch), else float32
+        self.batcher = MicroBatcher(encoder.run_prepared, config.max_batch, config.max_wait_ms, config.max_queue, on_batch)
 
     def _warm_up(self) -> None:
         """One inference on a blank image: /health says the model is loaded only once it has
@@ -369,7 +370,7 @@ def create_app(encoder: VisionEncoder, config: ServiceConfig | None = None, text
         image = load_image(data, max_pixels=config.max_pixels, name=name)
         if sketch:
             image = normalize_sketch_image(image)
-        return encoder.preprocessor.pixels(image)
+        return encoder.prepare(image)  # uint8 for backends that normalize on their device
 
     async def embed_one(name: str, data: bytes, normalize: bool, sketch: bool) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

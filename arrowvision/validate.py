@@ -51,7 +51,7 @@ def validate(weights: str | Path, backend: str, precision: str | None, images: S
                                                                          leave=False, disable=not progress)])
     expected = _batched(reference.backend, pixels, "torch reference", progress)
     rows = []
-    if backend != "torch":
+    if backend != "torch" or precision not in (None, "fp32"):  # torch bf16/fp16: lossy, checked like exports
         options = {**(backend_options or {}), **({"precision": precision} if precision else {})}
         fast = VisionEncoder.from_parquet(weights, backend=backend, **{**options, "min_cosine": 0.0})
         label = f"{fast.backend.name} {fast.backend.precision}"

@@ -47,7 +47,8 @@ def one_error_line(stderr: str) -> bool:
     (["embed", "x", "-o", "y", "--backend", "auto", "--precision", "int8"], "auto chooses the precision itself"),
     (["embed", "x", "-o", "y", "--backend", "onnxruntime", "--calibration", "a.jpg"], "applies to the openvino/auto backends only"),
     (["search", "E", "q.jpg", "--backend", "torch", "--mode", "latency"], "--mode latency applies to the openvino/auto backends only"),
-    (["search", "E", "q.jpg", "--backend", "torch", "--min-cosine", "0.9"], "--min-cosine 0.9 applies to"),
+    (["search", "E", "q.jpg", "--backend", "openvino", "--compile"], "--compile applies to the torch backends only"),
+    (["embed", "x", "-o", "y", "--decode", "nvjpeg"], "invalid choice"),
     (["export", DEMO, "--format", "onnx"], "give -o model.onnx"),
     (["bench", "--backend", "torch", "--calibration", "x.jpg"], "--calibration x.jpg applies to the openvino"),
     (["bench", "--backend", "torch", "--device", "GPU"], "the torch backend runs on cpu"),
@@ -86,7 +87,8 @@ def test_version_help_defaults_and_global_options_after_the_subcommand(capsys):
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.strip() == f"arrowvision {__version__}"
     code, out, _ = run(capsys, "embed", "--help")
-    assert code == 0 and "(default: 32)" in out and "(default: 1024)" in out and "(default: throughput)" in out
+    flat = " ".join(out.split())
+    assert code == 0 and "(default 32; 256 on CUDA)" in flat and "(default: 1024)" in out and "(default: throughput)" in out
     code, out, _ = run(capsys, "--help")
     assert "130 interrupted" in out
     before = run(capsys, "-v", "info", DEMO, "--json")

@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arrowvision import ArrowVisionError, VisionEncoder, cli, pipeline
+from arrowvision import ArrowVisionError, VisionEncoder, cli, decode
 from arrowvision.pathlists import MAX_LINE_BYTES, read_path_list
 from arrowvision.pipeline import collect_inputs, embed_paths, read_embeddings
 
-from .test_pipeline import DEMO, cli as run_cli
+from .test_pipeline import DEMO
+from .test_pipeline import cli as run_cli
 
 HANG = 120  # seconds after which a run counts as hung (a healthy one takes a few)
 
@@ -68,7 +69,7 @@ def test_embed_on_a_list_with_a_nul_line_finishes_with_that_row_failed(tmp_path,
 
 def test_any_exception_in_a_decoding_worker_is_a_failed_row(tmp_path, images, encoder, monkeypatch):
     preprocessor_type = type(encoder.preprocessor)  # a frozen dataclass: patch its class
-    real, calls = preprocessor_type.pixels, []
+    real, calls = preprocessor_type.resized, []
 
     def flaky(self, image):
         calls.append(image)
@@ -76,7 +77,7 @@ def test_any_exception_in_a_decoding_worker_is_a_failed_row(tmp_path, images, en
             raise RuntimeError("preprocessing exploded")
         return real(self, image)
 
-    monkeypatch.setattr(preprocessor_type, "pixels", flaky)
+    monkeypatch.setattr(preprocessor_type, "resized", flaky)
     outcome = embed_within(HANG, encoder, images, tmp_path / "out", batch_size=2, workers=2)
     stats = outcome["stats"]
     assert (stats.embedded, stats.failed) == (len(images) - 1, 1)
@@ -86,20 +87,20 @@ def test_any_exception_in_a_decoding_worker_is_a_failed_row(tmp_path, images, en
 
 
 def test_a_dead_worker_stops_the_job_keeping_finished_chunks(tmp_path, images, encoder, monkeypatch):
-    real = pipeline._decode
+    real = decode.decode_path
 
     def dies_on_the_third(path, *args):
         if path == images[2]:
             raise MemoryError("out of memory while decoding")
         return real(path, *args)
 
-    monkeypatch.setattr(pipeline, "_decode", dies_on_the_third)
+    monkeypatch.setattr(decode, "decode_path", dies_on_the_third)
     out = tmp_path / "out"
     outcome = embed_within(HANG, encoder, images, out, batch_size=2, chunk_size=100)
     assert isinstance(outcome["error"], ArrowVisionError)
     assert "decoding worker died (MemoryError: out of memory while decoding)" in str(outcome["error"])
     assert read_embeddings(out).column("path").to_pylist() == images[:2]  # the batch before was written
-    monkeypatch.setattr(pipeline, "_decode", real)
+    monkeypatch.setattr(decode, "decode_path", real)
     outcome = embed_within(HANG, encoder, images, out, batch_size=2)  # resumes
     assert (outcome["stats"].skipped, outcome["stats"].embedded) == (2, len(images) - 2)
 
@@ -108,7 +109,7 @@ def test_a_dead_worker_is_one_error_line_and_a_nonzero_exit(tmp_path, images, mo
     def dies(*args):
         raise SystemError("decoder state corrupted")
 
-    monkeypatch.setattr(pipeline, "_decode", dies)
+    monkeypatch.setattr(decode, "decode_path", dies)
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(images))
     result: dict = {}

@@ -22,7 +22,7 @@ class Backend(Protocol):
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8-weights", "int8")  # every precision some backend offers
-BACKEND_PRECISIONS = {"torch": ("fp32",), "openvino": PRECISIONS, "onnxruntime": ("fp32", "int8")}
+BACKEND_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "openvino": PRECISIONS, "onnxruntime": ("fp32", "int8")}
 
 
 def create(name: str, weights: WeightLoader, device: str = "cpu", **options: Any) -> Backend:
@@ -34,10 +34,10 @@ def create(name: str, weights: WeightLoader, device: str = "cpu", **options: Any
     if name == "torch":
         from .torch_backend import TorchBackend
 
-        options.pop("precision", None)
-        if options:
-            raise BackendError(f"option(s) {', '.join(sorted(options))} do not apply to the torch backend")
-        return TorchBackend(weights, device=device)
+        unknown = set(options) - {"precision", "compile", "cuda_graphs", "min_cosine", "cache_dir"}
+        if unknown:
+            raise BackendError(f"option(s) {', '.join(sorted(unknown))} do not apply to the torch backend")
+        return TorchBackend(weights, device=device, **options)  # precision: fp32 on CPU, bf16/fp16 on CUDA
     if name == "openvino":
         from .openvino_backend import OpenVINOBackend
 

@@ -174,7 +174,9 @@ def embed_paths_ray(
     context.print_on_execution_start = False
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
     batches_needed = math.ceil(len(work.todo) / batch_size)
-    stats.actors = max(1, min(actors or int(cluster_cpus // cpus_per_actor) or 1, batches_needed))
+    on_gpu = str(device).lower().startswith("cuda")  # one GPU per actor: more GPUs, more actors
+    default_actors = int(ray.cluster_resources().get("GPU", 0)) if on_gpu else int(cluster_cpus // cpus_per_actor)
+    stats.actors = max(1, min(actors or default_actors or 1, batches_needed))
     dataset = _paths_dataset(ray, work.todo, batch_size, stats.actors).map_batches(
         EmbedActor,
         fn_constructor_kwargs=dict(weights=weights, backend=backend, device=device, options=backend_options or {},
@@ -183,6 +185,7 @@ def embed_paths_ray(
         batch_format="numpy",
         compute=ActorPoolStrategy(size=stats.actors),
         num_cpus=cpus_per_actor,
+        **({"num_gpus": 1} if on_gpu else {}),
     )
     stop = stop or threading.Event()
     span = [float("inf"), 0.0]
