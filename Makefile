@@ -8,14 +8,19 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls the multi-GB CUDA wheels
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e ".[test,serve,quantize,bench,ray]"
+	$(VENV)/bin/pip install --quiet -e ".[test,serve,quantize,bench,ray,search]"
 	touch $(STAMP)
 
-.PHONY: install demo test bench mutants
+.PHONY: install demo demo-serve test bench mutants
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/arrowvision demo
+
+# The search page over the sample photos (prints its URL; Ctrl-C stops). PORT=0 picks a free port.
+PORT ?= 8000
+demo-serve: $(STAMP)
+	$(VENV)/bin/arrowvision demo --serve --port $(PORT)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

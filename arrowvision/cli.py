@@ -488,6 +488,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "demo", "embed the bundled sample photos with the bundled default model", cmd_demo)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="Parquet weights")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="default", help=BACKEND_HELP)
+    p.add_argument("--serve", action="store_true", help="then serve the search page over the sample photos (Ctrl-C stops)")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
+    p.add_argument("--port", type=port_number, default=8000, help="--serve: port to listen on (0: any free port)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -520,6 +523,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if Path(weights).resolve() == DEFAULT_WEIGHTS:
         print("note: the bundled model is random-init (no downloads here); convert a real one with\n"
               "  arrowvision convert google/siglip-base-patch16-224 weights/siglip-b16.parquet")
+    if args.serve:
+        from .index_cli import serve_demo
+
+        serve_demo(weights, backend, SAMPLES_DIR, args.host, args.port, progress_enabled(args))
+    else:
+        print("search page: `arrowvision demo --serve` (or `make demo-serve`) serves these photos at http://127.0.0.1:8000/")
     return EXIT_OK
 
 
@@ -656,6 +665,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(f"  failed: {reason}", file=sys.stderr)
     if len(stats.errors) > 10:
         print(f"  ... and {len(stats.errors) - 10} more (see {Path(args.output) / '_errors'})", file=sys.stderr)
+    if stats.embedded:
+        from .index_cli import update_index_after_embed
+
+        update_index_after_embed(args.output, progress_enabled(args))
     if stats.interrupted:
         print(f"interrupted: the {stats.embedded} rows embedded so far are saved; run the same command to resume",
               file=sys.stderr)
@@ -675,11 +688,13 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sketch", action="store_true", help="sketch-normalize the query first")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--text", help="search by text instead of an image (weights converted with --tower all)")
+    p.add_argument("--no-index", action="store_true", help="scan every part file even if `arrowvision index` built an index")
+    p.add_argument("--nprobe", type=positive_int, help="IVF index: lists probed per query (default: the one stored in the index)")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from .index import search_dataset
     from .pipeline import part_files
-    from .search import top_k
 
     part_files(args.embeddings)  # a missing dataset fails before the model loads
     if args.text is not None or args.query is None:
@@ -691,7 +706,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         query = normalize_sketch(query)
     vector = encoder.encode([query])[0]
-    hits = top_k(args.embeddings, vector, args.top_k, model_checksum=encoder.checksum, progress=progress_enabled(args))
+    hits = search_dataset(args.embeddings, vector, args.top_k, model_checksum=encoder.checksum, use_index=not args.no_index,
+                          nprobe=args.nprobe, progress=progress_enabled(args))
     return print_hits(args, {"query": args.query}, hits)
 
 
@@ -813,6 +829,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=positive_float, default=20.0, help="largest request body, MiB")
     p.add_argument("--timeout", type=positive_float, default=30.0, help="per-request timeout, seconds")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument("--index", metavar="OUT_DIR", help="an embeddings dataset (indexed or not) to search: adds POST /v1/search, "
+                   "GET /v1/thumbnail and the search page at /")
     _add_serve_profiles_and_access(p)
     _ray_serve_options(p)
 
@@ -867,6 +885,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout,
                            allow_private_urls=args.allow_private_urls, url_timeout_s=args.url_timeout)
+    if args.engine == "ray" and args.index:
+        args.command_parser.error("--index (search and the page) runs with --engine local only")
+    if args.profiles and args.index:
+        args.command_parser.error("--index searches with one model: give --weights, not --model profiles")
     if args.engine == "ray":
         local_only = {"--model": args.profiles, "--api-key / ARROWVISION_API_KEY": security.api_key,
                       "--cors-origin": security.cors_origins, "--rate-limit": security.rate_limit,
@@ -893,8 +915,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     weights = _weights_path(args, demo_default=True)
     encoder, text_model = load(weights)
+    index = None
+    if args.index:
+        from .index_cli import open_index_for_serving
+
+        index = open_index_for_serving(args.index, encoder.checksum, progress_enabled(args))
     serve(encoder, config=config, sock=sock, access_log=not args.quiet, model_name=weights, text_model=text_model,
-          security=security, log_format=args.log_format)
+          index=index, security=security, log_format=args.log_format)
     return EXIT_OK
 
 
@@ -932,7 +959,8 @@ def load_text_model_if_any(args: argparse.Namespace, weights: str):
 
 def cmd_search_text(args: argparse.Namespace) -> int:
     """``search OUT_DIR --text "a red car"``: refused unless the dataset was embedded by this model."""
-    from .search import require_model, top_k
+    from .index import search_dataset
+    from .search import require_model
 
     if args.text is None:
         raise ArrowVisionError("search needs a query image or --text")
@@ -941,7 +969,8 @@ def cmd_search_text(args: argparse.Namespace) -> int:
     model = load_image_text(args)
     require_model(args.embeddings, model.checksum)
     vector = model.encode_texts([args.text])[0]
-    hits = top_k(args.embeddings, vector, args.top_k, progress=progress_enabled(args))
+    hits = search_dataset(args.embeddings, vector, args.top_k, use_index=not args.no_index, nprobe=args.nprobe,
+                          progress=progress_enabled(args))
     return print_hits(args, {"text": args.text}, hits)
 
 
@@ -1008,6 +1037,27 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 COMMANDS += [_add_score, _add_classify]  # text tower
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "index", "build or update the vector index (FAISS) that `search` and `serve --index` use", cmd_index)
+    p.add_argument("embeddings", help="dataset folder written by `arrowvision embed`; the index goes in its _index/")
+    p.add_argument("--exact-below", type=positive_int, help="exact search below this many rows, IVF above (default 50000)")
+    p.add_argument("--nlist", type=positive_int, help="IVF lists (default: sqrt(rows))")
+    p.add_argument("--nprobe", type=positive_int,
+                   help="IVF lists probed per query, stored as the index's default (default: 1/8 of the lists, at least 32)")
+    p.add_argument("--rebuild", action="store_true", help="build from scratch (implied by the three options above) "
+                   "even if an index exists; without it new part files are added incrementally")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .index_cli import run_index
+
+    return run_index(args)
+
+
+COMMANDS += [_add_index]  # vector index
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

@@ -35,3 +35,15 @@ class TensorNotFound(ArrowVisionError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class SearchIndexError(ArrowVisionError):
+    """A vector index (``DATASET/_index``) is missing or cannot be used."""
+
+
+class IndexMismatch(SearchIndexError):
+    """An index was built from another model's (or preprocessing's) embeddings than the query's."""
+
+
+class IndexCorrupt(SearchIndexError):
+    """An index folder is unreadable or inconsistent with itself; rebuild it."""

@@ -246,14 +246,15 @@ class LocalModel:
         await self.batcher.drain(timeout)
 
 
-def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | None = None, text_model: Any = None, *,
-               model: Callable[[Callable[[int, float], None]], ImageModel] | None = None,
+def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | None = None, text_model: Any = None,
+               index: Any = None, *, model: Callable[[Callable[[int, float], None]], ImageModel] | None = None,
                security: SecurityConfig | None = None, name: str | None = None):
     """The FastAPI application serving ``encoder`` (with ``text_model``, an ``ImageTextModel``, also
     the text endpoints of ``service_text``), or every model of a ``ModelRegistry`` (profiles).
-    ``model(on_batch)`` builds the ``ImageModel`` that runs inference of a single model (default:
-    ``LocalModel``, this process; profiles always run locally). ``security``: API key, CORS, rate
-    limit (``service_security``)."""
+    With ``index`` (a ``VectorIndex``) the search endpoints and page of ``service_search`` (they
+    use the default model). ``model(on_batch)`` builds the ``ImageModel`` that runs inference of a
+    single model (default: ``LocalModel``, this process; profiles always run locally).
+    ``security``: API key, CORS, rate limit (``service_security``)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     config = config or ServiceConfig()
@@ -295,6 +296,9 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     async def lifespan(app):
         state["fetcher"] = AsyncUrlFetcher(config.url_policy())
         await models.start(make_image_model, make_text_batcher)
+        default = models.loaded.get(models.default)
+        if default is not None and default.text_batcher is not None:
+            state["text_batcher"] = default.text_batcher  # the search endpoints' text queries
         state["started"] = True
         yield
         state["accepting"] = False
@@ -541,6 +545,18 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
 
     add_openai_routes(app, models, config, embed_image=embed_one, embed_texts=embed_texts)
 
+    if index is not None:
+        from .service_search import add_search_routes
+
+        async def embed_default(name: str, data: Any, normalize: bool, sketch: bool) -> dict[str, Any]:
+            async with models.use(None) as served:  # search runs on the default model
+                return await embed_one(served, name, data, normalize, sketch)
+
+        default_spec = models.specs[models.default]
+        add_search_routes(app, index, config, model_checksum=default_spec.info.get("model_checksum"), state=state,
+                          embed_image=embed_default, image_problem=image_problem, text_model=text_model,
+                          queue_full=QueueFull)
+
     @app.get("/health", summary="Model loaded, backend and device (503 unless ready to embed)")
     async def health():
         served = models.loaded.get(models.default)
@@ -616,13 +632,13 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port: int = 8000,
           config: ServiceConfig | None = None, *, sock: socket.socket | None = None, access_log: bool = True,
-          model_name: str | None = None, text_model: Any = None, security: SecurityConfig | None = None,
-          log_format: str = "text") -> None:
+          model_name: str | None = None, text_model: Any = None, index: Any = None,
+          security: SecurityConfig | None = None, log_format: str = "text") -> None:
     """Run the service until SIGINT/SIGTERM (then drain). ``encoder``: one model, or a
     ``ModelRegistry`` of profiles; ``sock``: an already listening socket; ``text_model`` (an
-    ``ImageTextModel``) adds the text endpoints; ``security``: API key, CORS, rate limit;
-    ``log_format``: text or json (every line carries the request id). OTEL_* variables turn on
-    tracing (see ``arrowvision.tracing``)."""
+    ``ImageTextModel``) adds the text endpoints, ``index`` the search ones; ``security``: API key,
+    CORS, rate limit; ``log_format``: text or json (every line carries the request id). OTEL_*
+    variables turn on tracing (see ``arrowvision.tracing``)."""
     import uvicorn
 
     config = config or ServiceConfig()
@@ -638,7 +654,7 @@ def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port:
                  f"at http://{host}:{port}"]
     if security and security.api_key:
         lines.append("API key required (Authorization: Bearer ...) on every endpoint but /health")
-    app = create_app(encoder, config, text_model, security=security)
+    app = create_app(encoder, config, text_model, index, security=security)
     server = uvicorn.Server(uvicorn.Config(app, access_log=access_log, log_config=tracing.logging_config(log_format),
                                            timeout_graceful_shutdown=int(config.request_timeout_s)))
     for line in lines:  # JSON logs stay all JSON; text keeps the plain start-up line
