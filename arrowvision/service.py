@@ -43,6 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import tracing
 from .encoder import VisionEncoder, l2_normalize
 from .errors import ArrowVisionError, ImageError, ImageTooLarge
+from .service_http import Problem, install_problem_handler, parse_json_object
+from .service_http import read_body as read_limited_body
 from .preprocess import MAX_PIXELS, load_image, normalize_sketch_image
 from .service_models import ModelRegistry, ModelUnavailable, ServedModel, UnknownModel
 from .service_security import SecurityConfig, add_security
@@ -312,13 +314,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
                   description="SigLIP/CLIP image embeddings with dynamic micro-batching.")
     app.state.models = models
 
-    class HTTPProblem(Exception):
-        def __init__(self, status: int, message: str, headers: dict | None = None):
-            self.status, self.message, self.headers = status, message, headers
-
-    @app.exception_handler(HTTPProblem)
-    async def problem_handler(request: Request, exc: HTTPProblem):
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    install_problem_handler(app)
 
     @app.exception_handler(MalformedRequest)
     async def malformed_handler(request: Request, exc: MalformedRequest):
@@ -358,12 +354,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
         return response
 
     async def read_body(request: Request) -> bytes:
-        body = bytearray()
-        async for chunk in request.stream():  # enforce the limit for chunked bodies too
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise HTTPProblem(413, f"request body over {config.max_body_bytes} bytes")
-        return bytes(body)
+        return await read_limited_body(request, config.max_body_bytes)
 
     def option(value: Any, default: bool) -> bool:
         if value is None:
@@ -375,15 +366,15 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     def image_source(field: str, value: Any, *, url_only: bool = False) -> bytes | ImageUrl:
         """A JSON image field: an http(s) URL (fetched later) or base64 / a data: URI."""
         if not isinstance(value, str):
-            raise HTTPProblem(422, f"'{field}' must be a string")
+            raise Problem(422, f"'{field}' must be a string")
         if is_url(value):
             return ImageUrl(value.strip())
         if url_only:
-            raise HTTPProblem(422, f"'{field}' must be an http(s) URL")
+            raise Problem(422, f"'{field}' must be an http(s) URL")
         try:
             return decode_base64(value)
         except (binascii.Error, ValueError):
-            raise HTTPProblem(422, f"'{field}' is not valid base64 (or a data:image/...;base64, URI, or an http(s) URL)") from None
+            raise Problem(422, f"'{field}' is not valid base64 (or a data:image/...;base64, URI, or an http(s) URL)") from None
 
     async def parse(request: Request, many: bool) -> tuple[list[tuple[str, bytes | ImageUrl]], bool, bool, Any]:
         """-> ([(name, image bytes or URL)], normalize, sketch, model) from multipart or JSON."""
@@ -397,25 +388,17 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
             normalize, sketch = option(form.get("normalize", params.get("normalize")), True), option(form.get("sketch", params.get("sketch")), False)
             model = form.get("model", params.get("model"))
         elif content_type == "application/json":
-            import json
-
-            body = await read_body(request)
-            try:
-                payload = json.loads(body or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise HTTPProblem(422, f"malformed JSON: {exc}") from None
-            if not isinstance(payload, dict):
-                raise HTTPProblem(422, "JSON body must be an object")
+            payload = parse_json_object(await read_body(request))
             files = []
             if many:
                 encoded, urls = payload.get("images", []), payload.get("image_urls", [])
                 if not isinstance(encoded, list) or not isinstance(urls, list) or not (encoded or urls) \
                         or not all(isinstance(e, str) for e in encoded + urls):
-                    raise HTTPProblem(422, "expected 'images': [base64 or URL, ...] and/or 'image_urls': [URL, ...]")
+                    raise Problem(422, "expected 'images': [base64 or URL, ...] and/or 'image_urls': [URL, ...]")
                 for index, text in enumerate(encoded):
                     try:
                         files.append((f"images[{index}]", image_source(f"images[{index}]", text)))
-                    except HTTPProblem:
+                    except Problem:
                         files.append((f"images[{index}]", b""))  # reported per item
                 for index, text in enumerate(urls):
                     name = f"image_urls[{index}]"
@@ -423,19 +406,19 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
             else:
                 given = [key for key in ("image", "image_url") if key in payload]
                 if len(given) != 1:
-                    raise HTTPProblem(422, "expected 'image': base64 string or 'image_url': http(s) URL (exactly one)")
+                    raise Problem(422, "expected 'image': base64 string or 'image_url': http(s) URL (exactly one)")
                 files.append((given[0], image_source(given[0], payload[given[0]], url_only=given[0] == "image_url")))
             normalize = option(payload.get("normalize", params.get("normalize")), True)
             sketch = option(payload.get("sketch", params.get("sketch")), False)
             model = payload.get("model", params.get("model"))
         else:
-            raise HTTPProblem(415, f"unsupported content type {content_type or '(none)'}; use multipart/form-data or application/json")
+            raise Problem(415, f"unsupported content type {content_type or '(none)'}; use multipart/form-data or application/json")
         if not files:
-            raise HTTPProblem(422, "no image in the request")
+            raise Problem(422, "no image in the request")
         if not many and len(files) != 1:
-            raise HTTPProblem(422, "send exactly one image to /v1/embed (use /v1/embed/batch for several)")
+            raise Problem(422, "send exactly one image to /v1/embed (use /v1/embed/batch for several)")
         if len(files) > config.max_batch_items:
-            raise HTTPProblem(413, f"{len(files)} images in one request; the limit is {config.max_batch_items}")
+            raise Problem(413, f"{len(files)} images in one request; the limit is {config.max_batch_items}")
         return files, normalize, sketch, model
 
     def decode(served: ServedModel, name: str, data: bytes, sketch: bool) -> np.ndarray:
@@ -468,11 +451,11 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
         try:
             vector, inference = await asyncio.wait_for(served.image.submit(pixels), config.request_timeout_s)
         except QueueFull:
-            raise HTTPProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
+            raise Problem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
         except ModelUnavailable as exc:
-            raise HTTPProblem(503, f"model unavailable: {exc}", {"Retry-After": "1"}) from None
+            raise Problem(503, f"model unavailable: {exc}", {"Retry-After": "1"}) from None
         except TimeoutError:
-            raise HTTPProblem(504, f"timed out after {config.request_timeout_s} s") from None
+            raise Problem(504, f"timed out after {config.request_timeout_s} s") from None
         done = time.perf_counter()
         model_started = max(decoded, done - inference)
         tracing.record_span("queue wait", decoded, model_started, **{"arrowvision.model": served.name})
@@ -489,9 +472,9 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
             "timing_ms": timing,
         }
 
-    def image_problem(exc: ImageError) -> HTTPProblem:
+    def image_problem(exc: ImageError) -> Problem:
         status = getattr(exc, "status", None) or (413 if isinstance(exc, ImageTooLarge) else 422)
-        return HTTPProblem(status, str(exc))
+        return Problem(status, str(exc))
 
     def answered(request: Request, served: ServedModel, body: dict[str, Any], start: float) -> dict[str, Any]:
         """Every answer names its model and its processing time."""
@@ -522,7 +505,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
             except ImageError as exc:
                 problem = image_problem(exc)
                 return {"error": problem.message, "status": problem.status}
-            except HTTPProblem as problem:
+            except Problem as problem:
                 return {"error": problem.message, "status": problem.status}
 
         async with models.use(model, request) as served:

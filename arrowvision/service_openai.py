@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +24,7 @@ from fastapi.responses import JSONResponse
 
 from .errors import ImageError
 from .service_models import ModelUnavailable, UnknownModel
+from .service_http import read_json_object
 from .urlfetch import is_url
 
 DATA_IMAGE = "data:image/"
@@ -65,21 +65,7 @@ def add_openai_routes(app: FastAPI, models: Any, config: Any, *, embed_image: Ca
         return exc.response()
 
     async def read_json(request: Request) -> dict[str, Any]:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise OpenAIError(415, f"unsupported content type {content_type or '(none)'}; use application/json")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise OpenAIError(413, f"request body over {config.max_body_bytes} bytes")
-        try:
-            value = json.loads(bytes(body) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise OpenAIError(400, f"malformed JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise OpenAIError(400, "the JSON body must be an object")
-        return value
+        return await read_json_object(request, config.max_body_bytes, OpenAIError, malformed_status=400)
 
     def inputs_of(value: dict[str, Any]) -> list[str]:
         inputs = value.get("input")

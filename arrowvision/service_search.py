@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import io
-import json
 import os
 import stat
 import threading
@@ -31,20 +30,17 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from .errors import ArrowVisionError, ImageError, IndexMismatch
+from .service_http import Problem, parse_json_object
+from .service_http import read_body as read_limited_body
 
 MAX_K = 100
 DEFAULT_K = 12
 THUMBNAIL_PX = 256
 MAX_THUMBNAIL_SOURCE_BYTES = 64 * 1024 * 1024
 THUMBNAIL_CACHE = 512  # thumbnails kept in memory (~10 KB each)
-
-
-class SearchProblem(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        self.status, self.message, self.headers = status, message, headers
 
 
 def page_html() -> str:
@@ -66,9 +62,9 @@ def _k(value: Any) -> int:
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise SearchProblem(422, f"'k' must be an integer, got {value!r}") from None
+        raise Problem(422, f"'k' must be an integer, got {value!r}") from None
     if isinstance(value, bool) or not 1 <= k <= MAX_K:
-        raise SearchProblem(422, f"'k' must be between 1 and {MAX_K}, got {value!r}")
+        raise Problem(422, f"'k' must be between 1 and {MAX_K}, got {value!r}")
     return k
 
 
@@ -145,17 +141,8 @@ def add_search_routes(app: FastAPI, index: Any, config: Any, *, model_checksum: 
     thumbnails: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
     thumbnail_lock = threading.Lock()
 
-    @app.exception_handler(SearchProblem)
-    async def search_problem_handler(request: Request, exc: SearchProblem):
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-
     async def read_body(request: Request) -> bytes:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise SearchProblem(413, f"request body over {config.max_body_bytes} bytes")
-        return bytes(body)
+        return await read_limited_body(request, config.max_body_bytes)
 
     async def parse(request: Request) -> tuple[str, bytes | str, bool, int]:
         """-> (kind "image"/"text", image bytes or text, sketch, k)."""
@@ -166,55 +153,50 @@ def add_search_routes(app: FastAPI, index: Any, config: Any, *, model_checksum: 
             files = [value for _, value in form.multi_items() if hasattr(value, "read")]
             fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
             if len(files) > 1:
-                raise SearchProblem(422, "send one image per search")
+                raise Problem(422, "send one image per search")
             value: dict[str, Any] = {**fields, **({"image_bytes": await files[0].read()} if files else {})}
         elif content_type == "application/json":
-            try:
-                value = json.loads(await read_body(request) or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise SearchProblem(422, f"malformed JSON: {exc}") from None
-            if not isinstance(value, dict):
-                raise SearchProblem(422, "JSON body must be an object")
+            value = parse_json_object(await read_body(request))
             if "image" in value:
                 if not isinstance(value["image"], str):
-                    raise SearchProblem(422, "'image' must be a base64 string")
+                    raise Problem(422, "'image' must be a base64 string")
                 try:
                     value["image_bytes"] = decode_base64(value["image"])
                 except (binascii.Error, ValueError):
-                    raise SearchProblem(422, "'image' is not valid base64 (or a data:image/...;base64, URI)") from None
+                    raise Problem(422, "'image' is not valid base64 (or a data:image/...;base64, URI)") from None
         else:
-            raise SearchProblem(415, f"unsupported content type {content_type or '(none)'}; use multipart/form-data or application/json")
+            raise Problem(415, f"unsupported content type {content_type or '(none)'}; use multipart/form-data or application/json")
         k = _k(value.get("k", params.get("k")))
         sketch = _option(value.get("sketch", params.get("sketch")), False)
         has_text = value.get("text") is not None
         if has_text == ("image_bytes" in value):
-            raise SearchProblem(422, "give exactly one query: an image ('file' or 'image') or a 'text'")
+            raise Problem(422, "give exactly one query: an image ('file' or 'image') or a 'text'")
         if has_text:
             text = value["text"]
             if not isinstance(text, str) or not text.strip():
-                raise SearchProblem(422, "'text' must be a non-empty string")
+                raise Problem(422, "'text' must be a non-empty string")
             if len(text) > config.max_text_chars:
-                raise SearchProblem(422, f"'text' has {len(text)} characters; the limit is {config.max_text_chars}")
+                raise Problem(422, f"'text' has {len(text)} characters; the limit is {config.max_text_chars}")
             if sketch:
-                raise SearchProblem(422, "sketch=true applies to image queries, not text")
+                raise Problem(422, "sketch=true applies to image queries, not text")
             return "text", text, False, k
         if not value["image_bytes"]:
-            raise SearchProblem(422, "the image is empty")
+            raise Problem(422, "the image is empty")
         return "image", value["image_bytes"], sketch, k
 
     async def embed_text(text: str) -> np.ndarray:
         batcher = state.get("text_batcher")
         if text_model is None or batcher is None:
-            raise SearchProblem(422, "this model has no text tower: search by image or sketch "
+            raise Problem(422, "this model has no text tower: search by image or sketch "
                                      "(or serve weights converted with --tower all)")
         try:
             vector, _ = await asyncio.wait_for(batcher.submit(np.str_(text)), config.request_timeout_s)
         except queue_full:
-            raise SearchProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
+            raise Problem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
         except TimeoutError:
-            raise SearchProblem(504, f"timed out after {config.request_timeout_s} s") from None
+            raise Problem(504, f"timed out after {config.request_timeout_s} s") from None
         except ArrowVisionError as exc:
-            raise SearchProblem(422, str(exc)) from None
+            raise Problem(422, str(exc)) from None
         return np.asarray(vector, np.float32)
 
     @app.post("/v1/search", summary="Top-k indexed images for an image, a sketch (sketch=true) or a text",
@@ -229,7 +211,7 @@ def add_search_routes(app: FastAPI, index: Any, config: Any, *, model_checksum: 
                 vector = np.asarray((await embed_image("image", query, True, sketch))["embedding"], np.float32)
             except ImageError as exc:
                 problem = image_problem(exc)
-                raise SearchProblem(problem.status, problem.message) from None
+                raise Problem(problem.status, problem.message) from None
         embedded = time.perf_counter()
         current = await asyncio.to_thread(holder.current)
         hits = await asyncio.to_thread(current.search, vector, k)
@@ -249,7 +231,7 @@ def add_search_routes(app: FastAPI, index: Any, config: Any, *, model_checksum: 
             data = read_thumbnail_source(path)
             info = os.stat(path)
         except OSError:
-            raise SearchProblem(404, "no such indexed image") from None
+            raise Problem(404, "no such indexed image") from None
         key = (path, info.st_mtime_ns, info.st_size)
         with thumbnail_lock:
             if key in thumbnails:
@@ -258,7 +240,7 @@ def add_search_routes(app: FastAPI, index: Any, config: Any, *, model_checksum: 
         try:
             jpeg = make_thumbnail(data, config.max_pixels)
         except ImageError:
-            raise SearchProblem(404, "no thumbnail for this image (it no longer decodes)") from None
+            raise Problem(404, "no thumbnail for this image (it no longer decodes)") from None
         with thumbnail_lock:
             thumbnails[key] = jpeg
             while len(thumbnails) > THUMBNAIL_CACHE:
@@ -270,7 +252,7 @@ def add_search_routes(app: FastAPI, index: Any, config: Any, *, model_checksum: 
     async def thumbnail(path: str = ""):
         current = await asyncio.to_thread(holder.current)
         if not path or path not in current:
-            raise SearchProblem(404, "no such indexed image")
+            raise Problem(404, "no such indexed image")
         jpeg = await asyncio.to_thread(thumbnail_of, path)
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300",
                                                                 "X-Content-Type-Options": "nosniff"})

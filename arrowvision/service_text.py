@@ -17,22 +17,16 @@ and ``max_text_chars`` characters per text (422).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from . import scoring, tracing
 from .errors import ArrowVisionError, ImageError
-
-
-class TextProblem(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        self.status, self.message, self.headers = status, message, headers
+from .service_http import Problem, read_json_object
 
 
 def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, recorders: dict[str, Any],
@@ -55,35 +49,17 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
 
     recorders["text"] = record
 
-    @app.exception_handler(TextProblem)
-    async def text_problem_handler(request: Request, exc: TextProblem):
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-
     async def payload(request: Request) -> dict[str, Any]:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise TextProblem(415, f"unsupported content type {content_type or '(none)'}; use application/json")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config.max_body_bytes:
-                raise TextProblem(413, f"request body over {config.max_body_bytes} bytes")
-        try:
-            value = json.loads(bytes(body) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TextProblem(422, f"malformed JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise TextProblem(422, "JSON body must be an object")
-        return value
+        return await read_json_object(request, config.max_body_bytes)
 
     def check_texts(texts: Any) -> list[str]:
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise TextProblem(422, "expected 'texts': a non-empty list of strings")
+            raise Problem(422, "expected 'texts': a non-empty list of strings")
         if len(texts) > config.max_texts:
-            raise TextProblem(413, f"{len(texts)} texts in one request; the limit is {config.max_texts}")
+            raise Problem(413, f"{len(texts)} texts in one request; the limit is {config.max_texts}")
         too_long = [i for i, t in enumerate(texts) if len(t) > config.max_text_chars]
         if too_long:
-            raise TextProblem(422, f"texts[{too_long[0]}] has {len(texts[too_long[0]])} characters; the limit is {config.max_text_chars}")
+            raise Problem(422, f"texts[{too_long[0]}] has {len(texts[too_long[0]])} characters; the limit is {config.max_text_chars}")
         return texts
 
     def texts_of(value: dict[str, Any]) -> list[str]:
@@ -91,17 +67,17 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
 
     async def embed_texts(served: Any, texts: list[str]) -> np.ndarray:
         if served.text_batcher is None:
-            raise TextProblem(422, f"model {served.name} has no text tower (convert it with --tower all)")
+            raise Problem(422, f"model {served.name} has no text tower (convert it with --tower all)")
         queued = time.perf_counter()
         try:
             results = await asyncio.wait_for(asyncio.gather(*(served.text_batcher.submit(np.str_(t)) for t in texts)),
                                              config.request_timeout_s)
         except queue_full:
-            raise TextProblem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
+            raise Problem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
         except TimeoutError:
-            raise TextProblem(504, f"timed out after {config.request_timeout_s} s") from None
+            raise Problem(504, f"timed out after {config.request_timeout_s} s") from None
         except ArrowVisionError as exc:
-            raise TextProblem(422, str(exc)) from None
+            raise Problem(422, str(exc)) from None
         done = time.perf_counter()
         model_started = max(queued, done - max(seconds for _, seconds in results))
         tracing.record_span("text queue wait", queued, model_started, **{"arrowvision.model": served.name})
@@ -126,16 +102,16 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
 
         given = [key for key in ("image", "image_url", "image_input") if key in value]
         if len(given) != 1 or not isinstance(value[given[0]], str):
-            raise TextProblem(422, "expected 'image': base64 string, 'image_url': http(s) URL or 'image_input' (exactly one)")
+            raise Problem(422, "expected 'image': base64 string, 'image_url': http(s) URL or 'image_input' (exactly one)")
         field, text = given[0], value[given[0]]
         if is_url(text):
             return ImageUrl(text.strip())
         if field == "image_url":
-            raise TextProblem(422, "'image_url' must be an http(s) URL")
+            raise Problem(422, "'image_url' must be an http(s) URL")
         try:
             return decode_base64(text)
         except ValueError:  # binascii.Error is a ValueError
-            raise TextProblem(422, f"'{field}' is not valid base64 (or a data:image/...;base64, URI, or an http(s) URL)") from None
+            raise Problem(422, f"'{field}' is not valid base64 (or a data:image/...;base64, URI, or an http(s) URL)") from None
 
     @app.post("/v1/score", summary="Score one image against texts: logits, probabilities, CLIP scores")
     async def score(request: Request):
@@ -147,13 +123,13 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
         model = value.get("model", value.get("model_config_name"))
         async with models.use(model, request) as served:
             if served.text_model is None:
-                raise TextProblem(422, f"model {served.name} has no text tower (convert it with --tower all)")
+                raise Problem(422, f"model {served.name} has no text tower (convert it with --tower all)")
             try:
                 image_result, text_vectors = await asyncio.gather(embed_image(served, "image", source, True, False),
                                                                   embed_texts(served, texts))
             except ImageError as exc:
                 problem = image_problem(exc)
-                raise TextProblem(problem.status, problem.message) from None
+                raise Problem(problem.status, problem.message) from None
             text_model = served.text_model
             image_vector = np.asarray(image_result["embedding"], np.float32)[np.newaxis]
             logits = scoring.logits(image_vector, text_vectors, text_model.logit_scale, text_model.logit_bias)
