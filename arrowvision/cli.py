@@ -613,11 +613,16 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     _ray_embed_options(p)
 
 
-def _ray_embed_options(p: argparse.ArgumentParser) -> None:
+def _ray_group(p: argparse.ArgumentParser, engine_help: str) -> argparse._ArgumentGroup:
+    """The options every command with a Ray engine shares: --engine and --address."""
     ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
-    ray.add_argument("--engine", choices=["local", "ray"], default="local",
-                     help="local: threads in this process; ray: a Ray Data actor pool (same dataset, resumable by either)")
+    ray.add_argument("--engine", choices=["local", "ray"], default="local", help=engine_help)
     ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    return ray
+
+
+def _ray_embed_options(p: argparse.ArgumentParser) -> None:
+    ray = _ray_group(p, "local: threads in this process; ray: a Ray Data actor pool (same dataset, resumable by either)")
     ray.add_argument("--actors", type=positive_int, help="model actors (default: the cluster's CPUs / --cpus-per-actor)")
     ray.add_argument("--cpus-per-actor", type=positive_float,
                      help="CPUs Ray gives each actor (default 1); its inference threads match them")
@@ -859,10 +864,7 @@ def _add_serve_profiles_and_access(p: argparse.ArgumentParser) -> None:
 
 
 def _ray_serve_options(p: argparse.ArgumentParser) -> None:
-    ray = p.add_argument_group("ray engine (pip install 'arrowvision[ray]'; see docs/SCALING.md)")
-    ray.add_argument("--engine", choices=["local", "ray"], default="local",
-                     help="local: uvicorn in this process; ray: Ray Serve, the model in --replicas replicas")
-    ray.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    ray = _ray_group(p, "local: uvicorn in this process; ray: Ray Serve, the model in --replicas replicas")
     ray.add_argument("--replicas", type=positive_int, help="model replicas (default 1; the initial count when autoscaling)")
     ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest model replicas (0 allowed)")
     ray.add_argument("--max-replicas", type=positive_int, help="autoscaling: most model replicas")
