@@ -12,10 +12,10 @@ from PIL import Image
 
 from .backends import Backend
 from .backends import create as create_backend
-from .config import VisionConfig
 from .errors import ArrowVisionError
-from .format import WeightLoader
-from .preprocess import ImageInput, Preprocessor, describe, load_image
+from .inputs.preprocess import ImageInput, Preprocessor, describe, load_image
+from .model.config import VisionConfig
+from .weights.format import WeightLoader
 
 
 def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
@@ -93,7 +93,7 @@ class VisionEncoder:
 
     def _prepare_input(self, image: ImageInput, decode: str) -> np.ndarray:
         if decode == "fast" and isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-            from .decode import open_reduced, read_image_bytes
+            from .inputs.decode import open_reduced, read_image_bytes
 
             data = read_image_bytes(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else bytes(image)
             return self.prepare(open_reduced(data, describe(image), self.config.image_size)[0])

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import BackendError
-from ..format import WeightLoader
+from ..weights.format import WeightLoader
 
 
 class Backend(Protocol):

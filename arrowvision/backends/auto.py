@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VisionConfig
 from ..errors import BackendError
-from ..format import WeightLoader
+from ..model.config import VisionConfig
+from ..weights.format import WeightLoader
 from .artifacts import cache_root, hash_key
 from .cpu import CPUInfo, cpu_info
 from .validation import DEFAULT_MIN_COSINE

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VisionConfig
 from ..errors import BackendError
-from ..format import WeightLoader
+from ..model.config import VisionConfig
+from ..weights.format import WeightLoader
 from . import PRECISIONS
 from .artifacts import build_entry, cache_root, hash_key, is_complete, pooled_module, read_meta, require_torch
 from .cpu import cpu_info
@@ -115,7 +115,7 @@ def export(
 def _export_into(folder: Path, weights: WeightLoader, precision: str, calibration, min_cosine: float, key: str) -> dict:
     ov = _openvino()
     torch = require_torch("OpenVINO IR")
-    from ..model import VisionTransformer
+    from ..model.vision import VisionTransformer
 
     start = time.perf_counter()
     model = VisionTransformer.from_weights(weights)

@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..datasets.pipeline import EmbedStats, _Item, identity, relpath_function, stop_on_signals
+from ..datasets.writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 from ..errors import ArrowVisionError
-from ..pipeline import EmbedStats, _Item, identity, relpath_function, stop_on_signals
-from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 from . import connect, inference_threads, threads_option
 
 MAX_BLOCKS = 20_000  # blocks per run: bounds the driver's bookkeeping for very large corpora
@@ -64,7 +64,7 @@ class EmbedActor:
         import ray
 
         from ..encoder import VisionEncoder
-        from ..preprocess import normalize_sketch_image
+        from ..inputs.preprocess import normalize_sketch_image
 
         started = time.perf_counter()
         context = ray.get_runtime_context()
@@ -80,8 +80,8 @@ class EmbedActor:
         self.load_seconds = time.perf_counter() - started
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ..datasets.pipeline import _decode
         from ..encoder import l2_normalize
-        from ..pipeline import _decode
 
         began = time.time()
         preprocess = self.encoder.preprocessor.pixels
@@ -115,8 +115,8 @@ class EmbedActor:
 
 def describe_model(weights: str) -> Any:
     """Checksum, config and dimension of ``weights`` without building a backend on the driver."""
-    from ..config import VisionConfig
-    from ..format import WeightLoader
+    from ..model.config import VisionConfig
+    from ..weights.format import WeightLoader
 
     loader = WeightLoader(weights)
     config = VisionConfig.from_weights(loader)

@@ -30,7 +30,7 @@ import numpy as np
 from ray import serve
 
 from ..errors import ArrowVisionError
-from ..service import ModelUnavailable, QueueFull, ServiceConfig
+from ..service.app import ModelUnavailable, QueueFull, ServiceConfig
 from . import connect, inference_threads, threads_option
 
 APP_NAME = "arrowvision"
@@ -213,9 +213,9 @@ class _Ingress:
 
     def __init__(self, model: Any, weights: str, config: ServiceConfig, replicas: Replicas, backend: str,
                  device: str, options: dict[str, Any]):
-        from ..config import VisionConfig
         from ..encoder import VisionEncoder
-        from ..format import WeightLoader
+        from ..model.config import VisionConfig
+        from ..weights.format import WeightLoader
 
         loader = WeightLoader(weights)
         self.encoder = VisionEncoder(loader, ReplicaBackend(backend, None, device), VisionConfig.from_weights(loader))
@@ -227,7 +227,7 @@ class _Ingress:
         self.model, self.config, self.replicas = model, config, replicas
 
     def __serve_build_asgi_app__(self):
-        from ..service import create_app
+        from ..service.app import create_app
 
         def serve_model(on_batch: Callable[[int, float], None]) -> ServeModel:
             return ServeModel(self.model, on_batch, self.encoder.backend, self.replicas, self.config)
@@ -291,7 +291,7 @@ def run_service(weights: str, *, host: str, port: int, address: str | None, back
 def serve_from_cli(args: Any, config: ServiceConfig) -> int:
     """``arrowvision serve --engine ray``: the CLI's backend options, checked as for the local service."""
     from ..cli import _weights_path, backend_options, check_backend_options, resolve_backend
-    from ..service import listen
+    from ..service.app import listen
 
     listen(args.host, args.port).close()  # a busy port fails now, before anything deploys
     weights = _weights_path(args, demo_default=True)

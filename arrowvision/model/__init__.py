@@ -1,0 +1,1 @@
+"""Configs, tokenizers and the PyTorch towers (vision, text) built from Parquet weights."""

@@ -1,0 +1,276 @@
+"""Search endpoints and page of the HTTP service (``arrowvision serve --index OUT_DIR``).
+
+``POST /v1/search``: a query image (multipart ``file``, or JSON ``{"image": base64}``), with
+``sketch=true`` for sketch normalization, or a text (``{"text": ...}``, weights converted with
+``--tower all``); ``k`` results (default 12, at most ``MAX_K``) ->
+``{"results": [{"path", "score"}, ...]}``, ``score`` the cosine similarity.
+
+``GET /v1/thumbnail?path=...``: a small JPEG of an *indexed* image. Any other path is a 404, and so
+is an indexed path that now resolves elsewhere (a symlink planted on the way) or is not a regular
+file: the path must equal its own ``realpath`` and is opened with ``O_NOFOLLOW``.
+
+``GET /``: the search page (``web/index.html``: one self-contained file, no CDN).
+
+The index is reloaded when ``embed`` or ``index`` rewrites it (``meta.json`` changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import io
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
+
+from ..errors import ArrowVisionError, ImageError, IndexMismatch
+from .common import Problem, parse_json_object
+from .common import read_body as read_limited_body
+
+MAX_K = 100
+DEFAULT_K = 12
+THUMBNAIL_PX = 256
+MAX_THUMBNAIL_SOURCE_BYTES = 64 * 1024 * 1024
+THUMBNAIL_CACHE = 512  # thumbnails kept in memory (~10 KB each)
+
+
+def page_html() -> str:
+    """The search page shipped as package data."""
+    return resources.files("arrowvision").joinpath("service/web/index.html").read_text(encoding="utf-8")
+
+
+def _option(value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _k(value: Any) -> int:
+    if value is None or value == "":
+        return DEFAULT_K
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise Problem(422, f"'k' must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not 1 <= k <= MAX_K:
+        raise Problem(422, f"'k' must be between 1 and {MAX_K}, got {value!r}")
+    return k
+
+
+def read_thumbnail_source(path: str, max_bytes: int = MAX_THUMBNAIL_SOURCE_BYTES) -> bytes:
+    """The bytes of ``path`` if it is still the regular file that was indexed: no symlink
+    anywhere on the way (the indexed identity is a resolved path), no FIFO or device."""
+    if "\0" in path or not os.path.isabs(path) or os.path.realpath(path) != path:
+        raise FileNotFoundError(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise FileNotFoundError(path)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+
+
+def make_thumbnail(data: bytes, max_pixels: int, size: int = THUMBNAIL_PX) -> bytes:
+    from PIL import Image
+
+    from ..inputs.preprocess import load_image
+
+    image = load_image(data, max_pixels=max_pixels).convert("RGB")
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+class IndexHolder:
+    """The served index, reopened when its ``meta.json`` is replaced (an ``embed`` or ``index`` run)."""
+
+    def __init__(self, index: Any, model_checksum: str):
+        self.index = index
+        self.model_checksum = model_checksum
+        self.mmap = index.mmap  # reopened the way it was opened
+        self.lock = threading.Lock()
+        self.meta_mtime = self._mtime()
+
+    def _mtime(self) -> int | None:
+        from ..search.index import index_folder
+
+        try:
+            return (index_folder(self.index.dataset) / "meta.json").stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def current(self) -> Any:
+        mtime = self._mtime()
+        if mtime is not None and mtime != self.meta_mtime:
+            with self.lock:
+                if mtime != self.meta_mtime:
+                    from ..search.index import VectorIndex
+
+                    self.index = VectorIndex.open(self.index.dataset, model_checksum=self.model_checksum, mmap=self.mmap)
+                    self.meta_mtime = mtime
+        return self.index
+
+
+def add_search_routes(app: FastAPI, index: Any, config: Any, *, model_checksum: str, state: dict[str, Any],
+                      embed_image: Callable[..., Awaitable[dict[str, Any]]], image_problem: Callable[[ImageError], Any],
+                      text_model: Any, queue_full: type[Exception]) -> None:
+    """Register ``/``, ``/v1/search``, ``/v1/search/info`` and ``/v1/thumbnail`` on ``app``.
+    Refuses (``IndexMismatch``) an index built from another model's embeddings."""
+    from .app import _parse_multipart, decode_base64
+
+    checksum = model_checksum
+    if index.model_checksum != checksum:
+        raise IndexMismatch(f"{index.dataset}: indexed embeddings come from model {index.model_checksum[:19] or 'unknown'}, "
+                            f"the service runs {checksum[:19]}; serve the weights that embedded it")
+    holder = IndexHolder(index, checksum)
+    thumbnails: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+    thumbnail_lock = threading.Lock()
+
+    async def read_body(request: Request) -> bytes:
+        return await read_limited_body(request, config.max_body_bytes)
+
+    async def parse(request: Request) -> tuple[str, bytes | str, bool, int]:
+        """-> (kind "image"/"text", image bytes or text, sketch, k)."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        params = request.query_params
+        if content_type == "multipart/form-data":
+            form = await _parse_multipart(request, await read_body(request))
+            files = [value for _, value in form.multi_items() if hasattr(value, "read")]
+            fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+            if len(files) > 1:
+                raise Problem(422, "send one image per search")
+            value: dict[str, Any] = {**fields, **({"image_bytes": await files[0].read()} if files else {})}
+        elif content_type == "application/json":
+            value = parse_json_object(await read_body(request))
+            if "image" in value:
+                if not isinstance(value["image"], str):
+                    raise Problem(422, "'image' must be a base64 string")
+                try:
+                    value["image_bytes"] = decode_base64(value["image"])
+                except (binascii.Error, ValueError):
+                    raise Problem(422, "'image' is not valid base64 (or a data:image/...;base64, URI)") from None
+        else:
+            raise Problem(415, f"unsupported content type {content_type or '(none)'}; use multipart/form-data or application/json")
+        k = _k(value.get("k", params.get("k")))
+        sketch = _option(value.get("sketch", params.get("sketch")), False)
+        has_text = value.get("text") is not None
+        if has_text == ("image_bytes" in value):
+            raise Problem(422, "give exactly one query: an image ('file' or 'image') or a 'text'")
+        if has_text:
+            text = value["text"]
+            if not isinstance(text, str) or not text.strip():
+                raise Problem(422, "'text' must be a non-empty string")
+            if len(text) > config.max_text_chars:
+                raise Problem(422, f"'text' has {len(text)} characters; the limit is {config.max_text_chars}")
+            if sketch:
+                raise Problem(422, "sketch=true applies to image queries, not text")
+            return "text", text, False, k
+        if not value["image_bytes"]:
+            raise Problem(422, "the image is empty")
+        return "image", value["image_bytes"], sketch, k
+
+    async def embed_text(text: str) -> np.ndarray:
+        batcher = state.get("text_batcher")
+        if text_model is None or batcher is None:
+            raise Problem(422, "this model has no text tower: search by image or sketch "
+                                     "(or serve weights converted with --tower all)")
+        try:
+            vector, _ = await asyncio.wait_for(batcher.submit(np.str_(text)), config.request_timeout_s)
+        except queue_full:
+            raise Problem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
+        except TimeoutError:
+            raise Problem(504, f"timed out after {config.request_timeout_s} s") from None
+        except ArrowVisionError as exc:
+            raise Problem(422, str(exc)) from None
+        return np.asarray(vector, np.float32)
+
+    @app.post("/v1/search", summary="Top-k indexed images for an image, a sketch (sketch=true) or a text",
+              openapi_extra=_openapi_body())
+    async def search(request: Request):
+        kind, query, sketch, k = await parse(request)
+        start = time.perf_counter()
+        if kind == "text":
+            vector = await embed_text(query)
+        else:
+            try:
+                vector = np.asarray((await embed_image("image", query, True, sketch))["embedding"], np.float32)
+            except ImageError as exc:
+                problem = image_problem(exc)
+                raise Problem(problem.status, problem.message) from None
+        embedded = time.perf_counter()
+        current = await asyncio.to_thread(holder.current)
+        hits = await asyncio.to_thread(current.search, vector, k)
+        done = time.perf_counter()
+        return {"results": [{"path": path, "score": score} for score, path in hits],
+                "query": "sketch" if sketch else kind, "k": k, "indexed": current.rows,
+                "timing_ms": {"embed": 1000 * (embedded - start), "search": 1000 * (done - embedded)}}
+
+    @app.get("/v1/search/info", summary="What the search endpoints search: rows, index kind, text queries")
+    async def search_info():
+        current = await asyncio.to_thread(holder.current)
+        return {"rows": current.rows, "kind": current.kind, "dim": current.dim, "text": text_model is not None,
+                "model_checksum": current.model_checksum, "max_k": MAX_K, "default_k": DEFAULT_K}
+
+    def thumbnail_of(path: str) -> bytes:
+        try:
+            data = read_thumbnail_source(path)
+            info = os.stat(path)
+        except OSError:
+            raise Problem(404, "no such indexed image") from None
+        key = (path, info.st_mtime_ns, info.st_size)
+        with thumbnail_lock:
+            if key in thumbnails:
+                thumbnails.move_to_end(key)
+                return thumbnails[key]
+        try:
+            jpeg = make_thumbnail(data, config.max_pixels)
+        except ImageError:
+            raise Problem(404, "no thumbnail for this image (it no longer decodes)") from None
+        with thumbnail_lock:
+            thumbnails[key] = jpeg
+            while len(thumbnails) > THUMBNAIL_CACHE:
+                thumbnails.popitem(last=False)
+        return jpeg
+
+    @app.get("/v1/thumbnail", summary="A small JPEG of an indexed image (404 for any other path)",
+             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "not an indexed image"}})
+    async def thumbnail(path: str = ""):
+        current = await asyncio.to_thread(holder.current)
+        if not path or path not in current:
+            raise Problem(404, "no such indexed image")
+        jpeg = await asyncio.to_thread(thumbnail_of, path)
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300",
+                                                                "X-Content-Type-Options": "nosniff"})
+
+    page = page_html()
+
+    @app.get("/", summary="The search page: draw, drop a photo or type", response_class=HTMLResponse)
+    async def search_page():
+        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                                                       "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+
+
+def _openapi_body() -> dict[str, Any]:
+    options = {"sketch": {"type": "boolean", "default": False}, "k": {"type": "integer", "default": DEFAULT_K,
+                                                                     "minimum": 1, "maximum": MAX_K}}
+    form = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "text": {"type": "string"},
+                                             **options}}
+    body = {"type": "object", "properties": {"image": {"type": "string", "description": "base64 or data: URI"},
+                                             "text": {"type": "string"}, **options}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
+                                                          "application/json": {"schema": body}}}}

@@ -1,0 +1,1 @@
+"""The Parquet weights format (reader and writer) and the checkpoint converter."""
