@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import scoring
-from .backends import create as create_backend
+from .backends.factory import create as create_backend
 from .encoder import VisionEncoder
 from .errors import ArrowVisionError, ModelError
 from .model.text_config import CONVERT_HINT

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .encoder import VisionEncoder, row_cosines
+from .encoder import VisionEncoder
+from .util.similarity import row_cosines
 
 
 def compare(name: str, ours: np.ndarray, reference: np.ndarray, max_abs: float, min_cosine: float) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def validate(weights: str | Path, backend: str, precision: str | None, images: S
         exact = fast.backend.precision == "fp32"
         rows.append(compare(f"{label} vs torch", _batched(fast.backend, pixels, label, progress), expected,
                             max_abs if exact else 0, min_cosine if exact else lossy_min_cosine))
-        for kind, row in getattr(fast.backend, "report", {}).get("by_kind", {}).items():
+        for kind, row in fast.backend.report.get("by_kind", {}).items():
             rows.append({"name": f"{label} held-out {kind} ({row['images']})", "max_abs": float("nan"), "mean_abs": float("nan"),
                          "rmse": float("nan"), "min_cosine": row["min_cosine"], "passed": row["min_cosine"] >= lossy_min_cosine})
     if importlib.util.find_spec("transformers"):

@@ -1,6 +1,6 @@
 """``TextEncoder``: texts in, L2-normalized embeddings out; the text counterpart of ``VisionEncoder``.
 
-Tokenization sits in front (``arrowvision.tokenizer``, from the files stored in the weights file),
+Tokenization sits in front (``arrowvision.model.tokenizer``, from the files stored in the weights file),
 the text tower runs behind a backend that takes (N, L) int64 token ids and returns the pooled
 (N, D) float32 vectors.
 """

@@ -188,7 +188,7 @@ def run_services(weights: str, payloads: list[bytes], requests: int, levels: lis
     from ray import serve
 
     from arrowvision.distributed.serve import Replicas, build_app, start
-    from arrowvision.service.app import ServiceConfig
+    from arrowvision.service.config import ServiceConfig
 
     def free_port() -> int:
         with socket.socket() as sock:

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import arrowvision
-from arrowvision.service.app import ServiceConfig, create_app
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 from arrowvision.service.security import SecurityConfig
 
 from .servers import LiveService

@@ -10,7 +10,7 @@ import torch
 
 from arrowvision import ModelError, WeightLoader
 from arrowvision.model.vision import VisionTransformer, activation, hf_name
-from arrowvision.weights.format import write_weights
+from arrowvision.weights.writer import write_weights
 
 
 def rewrite_weights(source: Path, target: Path, config: dict | None = None, drop: str | None = None) -> Path:

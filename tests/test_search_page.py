@@ -21,7 +21,8 @@ import arrowvision
 from arrowvision.datasets.pipeline import embed_paths
 from arrowvision.model.convert import convert
 from arrowvision.search import index as vindex
-from arrowvision.service.app import ServiceConfig, create_app
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .textkit import save_full_checkpoint
 

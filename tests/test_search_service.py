@@ -22,7 +22,8 @@ from arrowvision.errors import IndexMismatch
 from arrowvision.inputs.preprocess import normalize_sketch
 from arrowvision.model.convert import convert
 from arrowvision.search import index as vindex
-from arrowvision.service.app import ServiceConfig, create_app
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .textkit import save_full_checkpoint
 

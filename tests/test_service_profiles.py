@@ -17,7 +17,8 @@ import arrowvision
 from arrowvision import VisionEncoder
 from arrowvision.inputs import urlfetch
 from arrowvision.model.convert import convert
-from arrowvision.service.app import ServiceConfig, create_app
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 from arrowvision.service.profiles import ModelRegistry, ModelSpec, describe_weights
 
 from .servers import PHOTOS, SAMPLES, LiveService, PhotoServer

@@ -156,7 +156,7 @@ def test_text_presets_match_transformers_defaults_and_vision_presets():
 
 def _rewrite(source: Path, target: Path, *, config=None, replace_files=None) -> Path:
     """Copy a weights file with another config or other tokenizer file bytes."""
-    from arrowvision.weights.format import write_weights
+    from arrowvision.weights.writer import write_weights
 
     weights = WeightLoader(source)
     tensors = dict(weights.numpy())

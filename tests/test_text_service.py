@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 import arrowvision
 from arrowvision.model.convert import convert
-from arrowvision.service.app import ServiceConfig, create_app
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .textkit import AWKWARD, SENTENCES, save_full_checkpoint
 

@@ -24,7 +24,8 @@ from arrowvision.model.convert import convert
 from arrowvision.model.vision import VisionTransformer, activation
 from arrowvision.util.safejson import MAX_CONFIG_BYTES, json_depth, load_json
 from arrowvision.weights import format as weights_format
-from arrowvision.weights.format import SCHEMA, write_weights
+from arrowvision.weights.format import SCHEMA
+from arrowvision.weights.writer import write_weights
 
 OUR_ERRORS = (FormatError, ConversionError, ModelError)
 SECONDS = 5.0  # generous bound per load; the failures measured here take milliseconds

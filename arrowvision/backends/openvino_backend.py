@@ -22,8 +22,8 @@ import numpy as np
 from ..errors import BackendError
 from ..model.config import VisionConfig
 from ..weights.format import WeightLoader
-from . import PRECISIONS
 from .artifacts import build_entry, cache_root, hash_key, is_complete, pooled_module, read_meta, require_torch
+from .base import PRECISIONS, BackendBase
 from .cpu import cpu_info
 from .validation import (
     DEFAULT_MIN_COSINE,
@@ -181,7 +181,7 @@ def nncf_quantize(ov_model, precision: str, samples, meta: dict, count_key: str,
                          ignored_scope=ignored, advanced_parameters=AdvancedQuantizationParameters(**options))
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(BackendBase):
     """Runs the cached IR. ``mode="latency"`` runs each batch as one inference request;
     ``mode="throughput"`` splits batches over OpenVINO's async infer queue (parallel streams)."""
 
@@ -250,3 +250,10 @@ class OpenVINOBackend:
             queue.start_async({0: chunk}, index)
         queue.wait_all()
         return np.concatenate(results)
+
+    def inference_threads(self) -> int | None:
+        """The thread count the compiled model really uses (None if the plugin does not say)."""
+        try:
+            return int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        except Exception:  # noqa: BLE001 - a plugin without the property: unknown
+            return None

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..weights.format import WeightLoader
+from .base import BackendBase
 
 HALF_PRECISIONS = ("bf16", "fp16")
 MAX_FIXED_BATCH = 1024  # larger batches run eagerly (no compile / graph of that size)
@@ -95,7 +96,7 @@ class Pending:
         return self.output.numpy()[: self.rows]
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     name = "torch"
     accepts_uint8 = True  # the pipeline may hand it decoded uint8 (N, S, S, 3) batches
 

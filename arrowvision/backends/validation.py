@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..encoder import row_cosines
 from ..errors import BackendError
 from ..model.config import VisionConfig
+from ..util.similarity import row_cosines
 
 PACKAGE = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = PACKAGE / "samples"

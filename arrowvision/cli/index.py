@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexMismatch
+from ._common import command, positive_int
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -86,3 +87,23 @@ def serve_demo(weights: str, backend: str, samples: Path, host: str, port: int, 
     bound_host, bound_port = sock.getsockname()[:2]
     print(f"\nsearch page: http://{bound_host}:{bound_port}/  ({opened.rows} sample photos; Ctrl-C stops)", flush=True)
     serve(encoder, sock=sock, model_name=weights, text_model=text_model, index=opened, access_log=False)
+
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = command(sub, "index", "build or update the vector index (FAISS) that `search` and `serve --index` use", cmd_index)
+    p.add_argument("embeddings", help="dataset folder written by `arrowvision embed`; the index goes in its _index/")
+    p.add_argument("--exact-below", type=positive_int, help="exact search below this many rows, IVF above (default 50000)")
+    p.add_argument("--nlist", type=positive_int, help="IVF lists (default: sqrt(rows))")
+    p.add_argument("--nprobe", type=positive_int,
+                   help="IVF lists probed per query, stored as the index's default (default: 1/8 of the lists, at least 32)")
+    p.add_argument("--rebuild", action="store_true", help="build from scratch (implied by the three options above) "
+                   "even if an index exists; without it new part files are added incrementally")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    return run_index(args)
+
+
+register = _add_index

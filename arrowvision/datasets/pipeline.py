@@ -34,14 +34,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ArrowVisionError, ImageError
+from ..inputs import decode as decoding
 from ..inputs.decode import MAX_IMAGE_FILE_BYTES, check_mode, gpu_cpu_share, read_image_bytes  # noqa: F401 (limit re-exported)
-from ..inputs.pathlists import LIST_SUFFIXES, read_path_list
+from ..inputs.pathlists import IMAGE_EXTENSIONS, LIST_SUFFIXES, read_path_list
+from ..inputs.preprocess import normalize_sketch_image
 from ..inputs.uris import is_remote, is_uri, list_uri, local_path
 from ..inputs.urlfetch import UrlPolicy, is_url
+from ..util.similarity import l2_normalize
 from .writer import ERRORS_DIR, META_PREFIX  # noqa: F401 (re-exported: the dataset layout)
 from .writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
@@ -217,6 +218,37 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _produce(feeder: Any, todo: list, finished: threading.Event, batches: queue.Queue, encoder: Any, gpu: Any) -> None:
+    """The decoding thread of ``embed_paths``: fed batches, made ready for the model (staged on its
+    device for uint8 backends), into ``batches``; then None, or ``_WorkerDied`` if it failed."""
+    backend = encoder.backend
+    try:
+        for fed in feeder.batches(todo, stop=finished.is_set):
+            if finished.is_set():
+                break
+            if gpu is not None:
+                ok, ready = gpu.assemble(fed.decoded, fed.pixels, fed.jpegs)
+            elif not fed.decoded:
+                ok, ready = [], None
+            elif backend.accepts_uint8:
+                ok, ready = fed.decoded, backend.stage(fed.pixels)  # a copy: the slot may be reused now
+            else:
+                ok, ready = fed.decoded, encoder.preprocessor.normalize(fed.pixels)
+            batches.put((fed.items, ok, ready))
+    except BaseException as exc:  # noqa: BLE001 - reported by the consumer, which would wait forever
+        batches.put(_WorkerDied(exc))
+        return
+    batches.put(None)
+
+
+def _launch(backend: Any, ready: Any) -> Any:
+    """Start the model on one batch; on a GPU this returns before it finishes."""
+    if backend.accepts_uint8:
+        return backend.launch(ready)
+    tick = time.perf_counter()
+    return _Done(backend(ready), time.perf_counter() - tick)
+
+
 def embed_paths(
     encoder: Any,
     paths: list[str],
@@ -242,13 +274,9 @@ def embed_paths(
     either way they count as failed. Every part chunk holds exactly ``chunk_size`` rows (the last
     one fewer). Setting ``stop`` (or SIGINT/SIGTERM in the main thread) ends the run after the
     current batch, with the rows embedded so far written as one more chunk. ``decode``: exact,
-    fast or gpu (see ``arrowvision.decode``); ``decode_pool``: auto (processes when the model is
+    fast or gpu (see ``arrowvision.inputs.decode``); ``decode_pool``: auto (processes when the model is
     on a GPU, else threads), thread or process."""
-    from ..encoder import l2_normalize
     from ..inputs.feeder import Feeder, choose_pool
-    from ..inputs.preprocess import normalize_sketch_image
-
-    from ..inputs import decode as decoding
 
     decoding.URL_POLICY[0] = url_policy  # http(s) inputs: None keeps the SSRF guard on
     if batch_size < 1 or chunk_size < 1:
@@ -260,7 +288,6 @@ def embed_paths(
         from ..inputs.gpu_decode import GpuDecoder
 
         gpu = GpuDecoder(encoder.preprocessor, backend)  # refuses clearly without CUDA / torchvision
-    uint8 = bool(getattr(backend, "accepts_uint8", False))
     writer = EmbeddingWriter(output, encoder.embedding_dim, dataset_metadata(encoder, sketch=sketch, normalize=normalize))
     relpath = relpath_function(root)
     stats = EmbedStats()
@@ -268,41 +295,15 @@ def embed_paths(
     work = plan(writer, paths, skip_failed)
     todo, stats.skipped, stats.errors, stats.failed = work.todo, work.skipped, work.prior_errors, len(work.prior_errors)
     transform = normalize_sketch_image if sketch else None
-    pool = choose_pool(decode_pool, getattr(backend, "device", "cpu"))
+    pool = choose_pool(decode_pool, backend.device)
     feeder = Feeder(encoder.preprocessor, batch_size=batch_size, workers=workers, mode=decode, transform=transform,
                     pool=pool, cpu_share=gpu_cpu_share(workers) if decode == "gpu" and pool == "process" else 0.0)
     batches: queue.Queue = queue.Queue(maxsize=2)  # batches ready for the model (staged on its device)
     stop = stop or threading.Event()
     finished = threading.Event()
 
-    def produce() -> None:
-        try:
-            for fed in feeder.batches(todo, stop=finished.is_set):
-                if finished.is_set():
-                    break
-                if gpu is not None:
-                    ok, ready = gpu.assemble(fed.decoded, fed.pixels, fed.jpegs)
-                elif not fed.decoded:
-                    ok, ready = [], None
-                elif uint8:
-                    ok, ready = fed.decoded, backend.stage(fed.pixels)  # a copy: the slot may be reused now
-                else:
-                    ok, ready = fed.decoded, encoder.preprocessor.normalize(fed.pixels)
-                batches.put((fed.items, ok, ready))
-        except BaseException as exc:  # noqa: BLE001 - reported by the consumer, which would wait forever
-            batches.put(_WorkerDied(exc))
-            return
-        batches.put(None)
-
-    def launch(ready: Any) -> Any:
-        """Start the model on one batch; on a GPU this returns before it finishes."""
-        if uint8:
-            return backend.launch(ready)
-        tick = time.perf_counter()
-        return _Done(backend(ready), time.perf_counter() - tick)
-
     start_time = time.perf_counter()
-    producer = threading.Thread(target=produce, daemon=True)
+    producer = threading.Thread(target=_produce, args=(feeder, todo, finished, batches, encoder, gpu), daemon=True)
     chunks = ChunkBuffer(writer, chunk_size, relpath)
     processed = 0  # inputs embedded or failed in this run
     bar = _progress_bar(len(todo), progress)
@@ -342,7 +343,7 @@ def embed_paths(
                     raise ArrowVisionError(f"a decoding worker died ({type(exc).__name__}: {exc}); "
                                            "finished chunks are kept, rerun to resume")
                 items, ok, ready = entry
-                running = launch(ready) if ok else None
+                running = _launch(backend, ready) if ok else None
                 if in_flight is not None:
                     finish(*in_flight)
                 in_flight = (items, ok, running)

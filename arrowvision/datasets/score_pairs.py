@@ -1,7 +1,7 @@
 """``arrowvision score``: a table of (image, text) pairs in, the same rows with scores out.
 
 Input: a CSV or Parquet file with ``image`` (path, relative paths taken from the table's folder,
-or an http(s) URL, fetched with the SSRF guard of ``arrowvision.urlfetch``) and ``text`` columns. Output (CSV or Parquet, by suffix, written atomically): every input
+or an http(s) URL, fetched with the SSRF guard of ``arrowvision.inputs.urlfetch``) and ``text`` columns. Output (CSV or Parquet, by suffix, written atomically): every input
 column plus ``clip_score`` (max(100 cos, 0)), ``logit`` (transformers' logits_per_image entry of the
 pair), ``probability`` and ``error``. ``probability`` is the pair's sigmoid for SigLIP; for CLIP
 it is the softmax of the image's logits over the table's distinct texts (what CLIP's

@@ -50,8 +50,8 @@ class GpuDecoder:
     """Turns a ``FedBatch`` into (decoded items, a staged device batch) for a CUDA torch backend."""
 
     def __init__(self, preprocessor: Preprocessor, backend: Any):
-        device = getattr(backend, "device", None)
-        if getattr(backend, "name", "") != "torch" or getattr(device, "type", "") != "cuda":
+        device = backend.device  # a torch.device for the torch backend
+        if backend.name != "torch" or getattr(device, "type", "") != "cuda":
             raise ArrowVisionError("--decode gpu needs the torch backend on a CUDA device (--backend torch --device cuda)")
         try:
             import torchvision.io

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from ..errors import ArrowVisionError
 
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what a folder or glob yields
 HEADER_NAMES = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img"}
 MAX_LINE_BYTES = 64 << 10  # paths are at most 4 KiB on Linux; longer lines mean a wrong file
 
@@ -58,7 +59,6 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 def _csv_paths(path: Path) -> list[str]:
     """The column named like ``path``/``file`` if the header has one, else the first column; a
     first row that names no existing file and has no image extension is a header too."""
-    from ..datasets.pipeline import IMAGE_EXTENSIONS
     from .urlfetch import is_url
 
     lines = _lines(path)

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import ConversionError, FormatError
 from ..util.safejson import MAX_CONFIG_BYTES, load_json
-from ..weights.format import TOKENIZER_PREFIX, write_weights
+from ..weights.format import TOKENIZER_PREFIX
+from ..weights.writer import write_weights
 from .config import FAMILIES, VisionConfig, tensor_problems
 from .text_config import TextConfig
 

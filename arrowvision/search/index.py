@@ -60,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..encoder import l2_normalize
+from ..util.similarity import l2_normalize
 from ..errors import (
     ArrowVisionError,
     BackendError,

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..datasets.pipeline import META_PREFIX, iter_embedding_batches, part_files
-from ..encoder import l2_normalize
 from ..errors import ArrowVisionError
+from ..util.similarity import l2_normalize
 
 log = logging.getLogger("arrowvision")
 

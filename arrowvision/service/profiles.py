@@ -64,7 +64,7 @@ def describe_loaded(encoder: Any, text_model: Any) -> dict[str, Any]:
 
 
 class ServedModel:
-    """A loaded model with its own image model (``service.ImageModel``: by default a
+    """A loaded model with its own image model (``batching.ImageModel``: by default a
     ``MicroBatcher`` in this process) and text batcher; ``users`` counts the requests holding it."""
 
     def __init__(self, spec: ModelSpec, encoder: Any, text_model: Any, make_image_model: Callable[..., Any],
@@ -228,8 +228,8 @@ class ModelRegistry:
                    "loaded": served is not None, "weights": Path(spec.weights).name if spec.weights else None,
                    "backend": spec.backend or None, **spec.info}
             if served is not None:
-                row["precision"] = getattr(served.encoder.backend, "precision", "fp32")
-                row["device"] = str(getattr(served.encoder.backend, "device", "cpu"))
+                row["precision"] = served.encoder.backend.precision
+                row["device"] = str(served.encoder.backend.device)
             if name in self.failures:
                 row["error"] = self.failures[name]
             rows.append(row)

@@ -18,133 +18,109 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 
 from .. import scoring
-from ..errors import ArrowVisionError, ImageError
+from ..errors import ArrowVisionError
+from ..inputs.urlfetch import is_url
 from . import tracing
-from .common import Problem, read_json_object
+from .common import ImageUrl, Problem, ServiceState, decode_base64, read_json_object, service_state, within
+from .images import answered, embed_image
+from .profiles import ServedModel
+
+router = APIRouter()
 
 
-def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, recorders: dict[str, Any],
-                    embed_image: Callable[..., Awaitable[dict[str, Any]]], image_problem: Callable[[ImageError], Any],
-                    queue_full: type[Exception], answered: Callable[..., dict[str, Any]]):
-    """Register the text endpoints on ``app``; returns ``embed_texts(served, texts)`` (raw
-    embeddings, for the OpenAI endpoint). ``recorders["text"]`` records each text batch (the
-    service builds one text batcher per model with it)."""
-    from prometheus_client import Counter, Histogram
+def check_texts(state: ServiceState, texts: Any) -> list[str]:
+    """``texts`` if it is a non-empty list of strings within the service's limits."""
+    config = state.config
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise Problem(422, "expected 'texts': a non-empty list of strings")
+    if len(texts) > config.max_texts:
+        raise Problem(413, f"{len(texts)} texts in one request; the limit is {config.max_texts}")
+    too_long = [i for i, t in enumerate(texts) if len(t) > config.max_text_chars]
+    if too_long:
+        raise Problem(422, f"texts[{too_long[0]}] has {len(texts[too_long[0]])} characters; the limit is {config.max_text_chars}")
+    return texts
 
-    from ..inputs.urlfetch import is_url
 
-    texts_total = Counter("arrowvision_texts_total", "Texts embedded", ["model"], registry=registry)
-    text_batch_sizes = Histogram("arrowvision_text_batch_size", "Texts per text-tower call", ["model"], registry=registry,
-                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+async def embed_texts(state: ServiceState, served: ServedModel, texts: list[str]) -> np.ndarray:
+    """Raw (not normalized) text embeddings through the text batcher of ``served``."""
+    if served.text_batcher is None:
+        raise Problem(422, f"model {served.name} has no text tower (convert it with --tower all)")
+    queued = time.perf_counter()
+    try:
+        results = await within(asyncio.gather(*(served.text_batcher.submit(np.str_(t)) for t in texts)),
+                               state.config.request_timeout_s)
+    except ArrowVisionError as exc:  # the tokenizer refused a text
+        raise Problem(422, str(exc)) from None
+    done = time.perf_counter()
+    model_started = max(queued, done - max(seconds for _, seconds in results))
+    tracing.record_span("text queue wait", queued, model_started, **{"arrowvision.model": served.name})
+    tracing.record_span("text model call", model_started, done, **{"arrowvision.model": served.name,
+                                                                   "arrowvision.texts": len(texts)})
+    return np.stack([vector for vector, _ in results]).astype(np.float32)
 
-    def record(model: str, size: int, seconds: float) -> None:
-        text_batch_sizes.labels(model).observe(size)
-        texts_total.labels(model).inc(size)
 
-    recorders["text"] = record
+@router.post("/v1/embed/text", summary="Embed a batch of texts (JSON {'texts': [...], 'normalize': true, 'model': name})")
+async def embed_text(request: Request):
+    start = time.perf_counter()
+    state = service_state(request)
+    value = await read_json_object(request, state.config.max_body_bytes)
+    texts = check_texts(state, value.get("texts"))
+    async with state.models.use(value.get("model"), request) as served:
+        vectors = await embed_texts(state, served, texts)
+        if value.get("normalize", True) not in (False, "false", 0):
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return answered(served, {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1]),
+                                 "model_checksum": served.text_model.checksum}, start)
 
-    async def payload(request: Request) -> dict[str, Any]:
-        return await read_json_object(request, config.max_body_bytes)
 
-    def check_texts(texts: Any) -> list[str]:
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise Problem(422, "expected 'texts': a non-empty list of strings")
-        if len(texts) > config.max_texts:
-            raise Problem(413, f"{len(texts)} texts in one request; the limit is {config.max_texts}")
-        too_long = [i for i, t in enumerate(texts) if len(t) > config.max_text_chars]
-        if too_long:
-            raise Problem(422, f"texts[{too_long[0]}] has {len(texts[too_long[0]])} characters; the limit is {config.max_text_chars}")
-        return texts
+def image_of(value: dict[str, Any]) -> bytes | ImageUrl:
+    """The image of a /v1/score body: ``image`` (base64 or URL), ``image_url`` or ``image_input``."""
+    given = [key for key in ("image", "image_url", "image_input") if key in value]
+    if len(given) != 1 or not isinstance(value[given[0]], str):
+        raise Problem(422, "expected 'image': base64 string, 'image_url': http(s) URL or 'image_input' (exactly one)")
+    field, text = given[0], value[given[0]]
+    if is_url(text):
+        return ImageUrl(text.strip())
+    if field == "image_url":
+        raise Problem(422, "'image_url' must be an http(s) URL")
+    try:
+        return decode_base64(text)
+    except ValueError:  # binascii.Error is a ValueError
+        raise Problem(422, f"'{field}' is not valid base64 (or a data:image/...;base64, URI, or an http(s) URL)") from None
 
-    def texts_of(value: dict[str, Any]) -> list[str]:
-        return check_texts(value.get("texts"))
 
-    async def embed_texts(served: Any, texts: list[str]) -> np.ndarray:
-        if served.text_batcher is None:
+@router.post("/v1/score", summary="Score one image against texts: logits, probabilities, CLIP scores")
+async def score(request: Request):
+    start = time.perf_counter()
+    state = service_state(request)
+    value = await read_json_object(request, state.config.max_body_bytes)
+    single = "text_prompt" in value and "texts" not in value  # the evaluation-API shape
+    texts = check_texts(state, [value["text_prompt"]] if single else value.get("texts"))
+    source = image_of(value)
+    model = value.get("model", value.get("model_config_name"))
+    async with state.models.use(model, request) as served:
+        if served.text_model is None:
             raise Problem(422, f"model {served.name} has no text tower (convert it with --tower all)")
-        queued = time.perf_counter()
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*(served.text_batcher.submit(np.str_(t)) for t in texts)),
-                                             config.request_timeout_s)
-        except queue_full:
-            raise Problem(503, "server busy: request queue is full", {"Retry-After": "1"}) from None
-        except TimeoutError:
-            raise Problem(504, f"timed out after {config.request_timeout_s} s") from None
-        except ArrowVisionError as exc:
-            raise Problem(422, str(exc)) from None
-        done = time.perf_counter()
-        model_started = max(queued, done - max(seconds for _, seconds in results))
-        tracing.record_span("text queue wait", queued, model_started, **{"arrowvision.model": served.name})
-        tracing.record_span("text model call", model_started, done, **{"arrowvision.model": served.name,
-                                                                       "arrowvision.texts": len(texts)})
-        return np.stack([vector for vector, _ in results]).astype(np.float32)
-
-    @app.post("/v1/embed/text", summary="Embed a batch of texts (JSON {'texts': [...], 'normalize': true, 'model': name})")
-    async def embed_text(request: Request):
-        start = time.perf_counter()
-        value = await payload(request)
-        texts = texts_of(value)
-        async with models.use(value.get("model"), request) as served:
-            vectors = await embed_texts(served, texts)
-            if value.get("normalize", True) not in (False, "false", 0):
-                vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            return answered(request, served, {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1]),
-                                              "model_checksum": served.text_model.checksum}, start)
-
-    def image_of(value: dict[str, Any]) -> Any:
-        from .app import ImageUrl, decode_base64
-
-        given = [key for key in ("image", "image_url", "image_input") if key in value]
-        if len(given) != 1 or not isinstance(value[given[0]], str):
-            raise Problem(422, "expected 'image': base64 string, 'image_url': http(s) URL or 'image_input' (exactly one)")
-        field, text = given[0], value[given[0]]
-        if is_url(text):
-            return ImageUrl(text.strip())
-        if field == "image_url":
-            raise Problem(422, "'image_url' must be an http(s) URL")
-        try:
-            return decode_base64(text)
-        except ValueError:  # binascii.Error is a ValueError
-            raise Problem(422, f"'{field}' is not valid base64 (or a data:image/...;base64, URI, or an http(s) URL)") from None
-
-    @app.post("/v1/score", summary="Score one image against texts: logits, probabilities, CLIP scores")
-    async def score(request: Request):
-        start = time.perf_counter()
-        value = await payload(request)
-        single = "text_prompt" in value and "texts" not in value  # the evaluation-API shape
-        texts = check_texts([value["text_prompt"]]) if single else texts_of(value)
-        source = image_of(value)
-        model = value.get("model", value.get("model_config_name"))
-        async with models.use(model, request) as served:
-            if served.text_model is None:
-                raise Problem(422, f"model {served.name} has no text tower (convert it with --tower all)")
-            try:
-                image_result, text_vectors = await asyncio.gather(embed_image(served, "image", source, True, False),
-                                                                  embed_texts(served, texts))
-            except ImageError as exc:
-                problem = image_problem(exc)
-                raise Problem(problem.status, problem.message) from None
-            text_model = served.text_model
-            image_vector = np.asarray(image_result["embedding"], np.float32)[np.newaxis]
-            logits = scoring.logits(image_vector, text_vectors, text_model.logit_scale, text_model.logit_bias)
-            clip_scores = scoring.clip_score(np.repeat(image_vector, len(texts), axis=0), text_vectors).tolist()
-            body = answered(request, served, {
-                "texts": texts,
-                "logits": logits[0].tolist(),
-                "probabilities": scoring.probabilities(logits, text_model.family)[0].tolist(),
-                "clip_score": clip_scores[0] if single else clip_scores,
-                "family": text_model.family,
-                "model_checksum": text_model.checksum,
-            }, start)
-            if single:
-                body["model_used"] = served.name
-            return body
-
-    return embed_texts
+        image_result, text_vectors = await asyncio.gather(embed_image(state, served, "image", source, True, False),
+                                                          embed_texts(state, served, texts))
+        text_model = served.text_model
+        image_vector = np.asarray(image_result["embedding"], np.float32)[np.newaxis]
+        logits = scoring.logits(image_vector, text_vectors, text_model.logit_scale, text_model.logit_bias)
+        clip_scores = scoring.clip_score(np.repeat(image_vector, len(texts), axis=0), text_vectors).tolist()
+        body = answered(served, {
+            "texts": texts,
+            "logits": logits[0].tolist(),
+            "probabilities": scoring.probabilities(logits, text_model.family)[0].tolist(),
+            "clip_score": clip_scores[0] if single else clip_scores,
+            "family": text_model.family,
+            "model_checksum": text_model.checksum,
+        }, start)
+        if single:
+            body["model_used"] = served.name
+        return body

@@ -1,1 +1,1 @@
-"""The Parquet weights format (reader and writer) and the checkpoint converter."""
+"""The Parquet weights format: ``format`` (constants, checksums, the zero-copy reader) and ``writer``."""
