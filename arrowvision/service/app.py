@@ -63,7 +63,6 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     app = FastAPI(title="arrowvision", version="0.1.0", lifespan=_lifespan(state, model),
                   description="SigLIP/CLIP image embeddings with dynamic micro-batching.")
     app.state.service = state
-    app.state.models = models
     install_error_handlers(app)
     install_openai_error_handler(app)
     app.middleware("http")(functools.partial(_observe, state))
