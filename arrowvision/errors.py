@@ -47,3 +47,7 @@ class IndexMismatch(SearchIndexError):
 
 class IndexCorrupt(SearchIndexError):
     """An index folder is unreadable or inconsistent with itself; rebuild it."""
+
+
+class OptionError(ArrowVisionError):
+    """A call option is out of its allowed range (e.g. a NaFlex ``max_num_patches`` budget)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 TEXT_CONFIG = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
-KINDS = ("siglip_vision", "clip_vision", "clip_vision_no_projection", "siglip_full", "clip_full")
+KINDS = ("siglip_vision", "clip_vision", "clip_vision_no_projection", "siglip_full", "clip_full", "siglip2_vision", "siglip2_full")
 MIN_NOISE = 0.1  # std of the noise added to parameters that init leaves constant (LN 1/0, zero biases)
 RELATIVE_NOISE = 0.1  # noise std, relative to the tensor's own spread, for parameters that are already random
 
@@ -38,6 +38,10 @@ def build_model(kind: str, seed: int = 0, **config: Any):
         model = tf.CLIPVisionModel(tf.CLIPVisionConfig(**config))
     elif kind == "siglip_full":  # the layout the hub publishes: vision_model.* + text_model.*
         model = tf.SiglipModel(tf.SiglipConfig(vision_config=config, text_config=dict(TEXT_CONFIG)))
+    elif kind == "siglip2_vision":  # SigLIP 2 NaFlex: Linear patch embedding, resized position grid
+        model = tf.Siglip2VisionModel(tf.Siglip2VisionConfig(**config))
+    elif kind == "siglip2_full":
+        model = tf.Siglip2Model(tf.Siglip2Config(vision_config=config, text_config=dict(TEXT_CONFIG)))
     elif kind == "clip_full":
         projection = config.pop("projection_dim", 48)
         model = tf.CLIPModel(tf.CLIPConfig(vision_config=config, text_config=dict(TEXT_CONFIG), projection_dim=projection))

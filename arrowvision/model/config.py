@@ -18,10 +18,13 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# HF model_type -> our family. Siglip2 fixed-resolution checkpoints are plain "siglip".
+# HF model_type -> our family. Siglip2 fixed-resolution checkpoints are plain "siglip"; "siglip2"
+# is the NaFlex layout (any resolution and aspect ratio), a SigLIP with ``num_patches`` set.
 FAMILIES = {
     "siglip": "siglip",
     "siglip_vision_model": "siglip",
+    "siglip2": "siglip",
+    "siglip2_vision_model": "siglip",
     "clip": "clip",
     "clip_vision_model": "clip",
 }
@@ -34,6 +37,8 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAX_IMAGE_SIZE = 8192
 MAX_WIDTH = 1 << 16  # hidden, intermediate and projection sizes
 MAX_LAYERS = 1024
+MAX_POSITION_PATCHES = 1 << 20  # NaFlex learned position grid (256 in every published checkpoint)
+NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
 # our field -> (HF key, smallest, largest) for the integer fields
 INT_FIELDS = {
     "image_size": ("image_size", 1, MAX_IMAGE_SIZE),
@@ -70,6 +75,9 @@ class VisionConfig:
     projection_dim: int | None = None  # CLIP visual projection; None for SigLIP
     image_mean: tuple[float, float, float] = field(default=SIGLIP_MEAN)
     image_std: tuple[float, float, float] = field(default=SIGLIP_STD)
+    # NaFlex (SigLIP 2 "siglip2" checkpoints): the learned position grid holds num_patches
+    # (a square) positions, resized per image; None for fixed-resolution models.
+    num_patches: int | None = None
 
     def __post_init__(self) -> None:
         """Validate against what our models accept: types first, then ranges, then relations,
@@ -95,6 +103,29 @@ class VisionConfig:
             )
         if self.image_size < self.patch_size:
             raise ConversionError(f"config patch_size: {self.patch_size} is larger than image_size {self.image_size}")
+        if self.num_patches is not None:
+            self._check_naflex()
+
+    def _check_naflex(self) -> None:
+        value = self.num_patches
+        if self.family != "siglip":
+            raise ConversionError("config num_patches: only SigLIP 2 (NaFlex) checkpoints have one")
+        if not _is_int(value) or not 1 <= value <= MAX_POSITION_PATCHES:
+            raise ConversionError(f"config num_patches: expected an integer in [1, {MAX_POSITION_PATCHES}], got {_brief(value)}")
+        if math.isqrt(value) ** 2 != value:
+            raise ConversionError(f"config num_patches: {value} is not a square (the position grid is side x side)")
+
+    @property
+    def naflex(self) -> bool:
+        """Variable resolution and aspect ratio (SigLIP 2 NaFlex): patchified inputs with a mask."""
+        return self.num_patches is not None
+
+    @property
+    def variant(self) -> str:
+        """What ``info`` names: the family and, for SigLIP 2 NaFlex, its variable-resolution variant."""
+        if self.naflex:
+            return f"siglip2-naflex (patch {self.patch_size}, {self.num_patches} learned positions)"
+        return f"{self.family} (fixed {self.image_size}x{self.image_size}, patch {self.patch_size})"
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +137,8 @@ class VisionConfig:
 
     @property
     def num_positions(self) -> int:
+        if self.num_patches is not None:
+            return self.num_patches
         return self.grid_size**2 + (1 if self.family == "clip" else 0)
 
     @property
@@ -142,10 +175,17 @@ class VisionConfig:
         projection_dim = None
         if clip:
             projection_dim = next((v for v in (hf_config.get("projection_dim"), vision.get("projection_dim")) if v is not None), 512)
+        naflex = model_type in NAFLEX_MODEL_TYPES
+        num_patches = vision.get("num_patches", 256) if naflex else None
+        patch_size = vision.get("patch_size", 32 if clip else 16)
+        image_size = vision.get("image_size", 224)
+        if naflex and _is_int(num_patches) and _is_int(patch_size) and num_patches > 0:
+            # no fixed size: the side of the learned grid, in pixels, is what ``image_size`` names
+            image_size = max(math.isqrt(num_patches), 1) * patch_size
         return cls(
             family=family,
-            image_size=vision.get("image_size", 224),
-            patch_size=vision.get("patch_size", 32 if clip else 16),
+            image_size=image_size,
+            patch_size=patch_size,
             num_channels=vision.get("num_channels", 3),
             hidden_size=vision.get("hidden_size", 768),
             num_layers=vision.get("num_hidden_layers", 12),
@@ -156,6 +196,7 @@ class VisionConfig:
             projection_dim=projection_dim,
             image_mean=CLIP_MEAN if clip else SIGLIP_MEAN,
             image_std=CLIP_STD if clip else SIGLIP_STD,
+            num_patches=num_patches,
         )
 
     @classmethod
@@ -193,6 +234,8 @@ class VisionConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF vision config dict (what ``SiglipVisionConfig``/``CLIPVisionConfig`` take)."""
+        if self.naflex:
+            return self._naflex_hf()
         config = {
             "model_type": "siglip_vision_model" if self.family == "siglip" else "clip_vision_model",
             "image_size": self.image_size,
@@ -209,6 +252,21 @@ class VisionConfig:
             config["projection_dim"] = self.projection_dim
         return config
 
+    def _naflex_hf(self) -> dict[str, Any]:
+        """What ``Siglip2VisionConfig`` takes."""
+        return {
+            "model_type": "siglip2_vision_model",
+            "num_patches": self.num_patches,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act,
+        }
+
     def expected_tensors(self, prefix: str = "vision_model.") -> dict[str, tuple[int, ...]]:
         """HF tensor names and shapes of the vision tower: the explicit weight map.
 
@@ -220,6 +278,8 @@ class VisionConfig:
     def _expected_tensors(self) -> dict[str, tuple[int, ...]]:
         d, m, p, c = self.hidden_size, self.intermediate_size, self.patch_size, self.num_channels
         shapes: dict[str, tuple[int, ...]] = {"vision_model.embeddings.patch_embedding.weight": (d, c, p, p)}
+        if self.naflex:  # a Linear over flattened (p, p, c) patches
+            shapes["vision_model.embeddings.patch_embedding.weight"] = (d, p * p * c)
         if self.family == "siglip":
             shapes["vision_model.embeddings.patch_embedding.bias"] = (d,)
         else:
@@ -262,6 +322,10 @@ def _siglip(image_size: int, patch: int, hidden: int, layers: int, heads: int, m
     return VisionConfig("siglip", image_size, patch, 3, hidden, layers, heads, mlp, 1e-6, "gelu_pytorch_tanh")
 
 
+def _naflex(patch: int, hidden: int, layers: int, heads: int, mlp: int) -> VisionConfig:
+    return replace(_siglip(16 * patch, patch, hidden, layers, heads, mlp), num_patches=256)
+
+
 def _clip(image_size: int, patch: int, hidden: int, layers: int, heads: int, mlp: int, proj: int) -> VisionConfig:
     return VisionConfig("clip", image_size, patch, 3, hidden, layers, heads, mlp, 1e-5, "quick_gelu", proj, CLIP_MEAN, CLIP_STD)
 
@@ -275,6 +339,8 @@ PRESETS: dict[str, VisionConfig] = {
     **{f"siglip2-large-patch16-{s}": _siglip(s, 16, 1024, 24, 16, 4096) for s in (256, 384, 512)},
     **{f"siglip2-so400m-patch14-{s}": _siglip(s, 14, 1152, 27, 16, 4304) for s in (224, 384)},
     **{f"siglip2-so400m-patch16-{s}": _siglip(s, 16, 1152, 27, 16, 4304) for s in (256, 384, 512)},
+    "siglip2-base-patch16-naflex": _naflex(16, 768, 12, 12, 3072),
+    "siglip2-so400m-patch16-naflex": _naflex(16, 1152, 27, 16, 4304),
     "clip-vit-base-patch32": _clip(224, 32, 768, 12, 12, 3072, 512),
     "clip-vit-base-patch16": _clip(224, 16, 768, 12, 12, 3072, 512),
     "clip-vit-large-patch14": _clip(224, 14, 1024, 24, 16, 4096, 768),

@@ -88,11 +88,12 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        """``causal``: each position attends only to itself and earlier ones (CLIP's text tower)."""
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``causal``: each position attends only to itself and earlier ones (CLIP's text tower).
+        ``mask``: boolean (B, 1, 1, N), True for the keys to attend to (NaFlex's padded patches)."""
         b, n, d = x.shape
         q, k, v = (proj(x).view(b, n, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -117,8 +118,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), causal=causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal=causal, mask=mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -139,7 +140,8 @@ class PoolingAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d))
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: boolean (B, 1, 1, N), True for the tokens to pool over (None: all of them)."""
         d = query.shape[-1]
         w_q, w_kv = self.in_proj_weight[:d], self.in_proj_weight[d:]
         b_q, b_kv = self.in_proj_bias[:d], self.in_proj_bias[d:]
@@ -147,7 +149,7 @@ class PoolingAttention(nn.Module):
         k, v = F.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)
         b = tokens.shape[0]
         q, k, v = (t.reshape(b, t.shape[1], self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, -1, d))
 
 
@@ -161,8 +163,8 @@ class MAPHead(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.attention(self.probe.expand(tokens.shape[0], -1, -1), tokens)
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.attention(self.probe.expand(tokens.shape[0], -1, -1), tokens, mask)
         x = x + self.mlp(self.layernorm(x))
         return x[:, 0]
 
@@ -211,24 +213,31 @@ class VisionTransformer(nn.Module):
 
         ``dtype=None`` keeps the file's dtype; otherwise tensors of another dtype are cast (a copy)."""
         config = VisionConfig.from_weights(weights)
-        prefix = vision_prefix(weights.names())
+        if config.naflex:
+            raise ModelError(f"{weights.path}: a SigLIP 2 NaFlex model; load it with model.naflex.NaFlexVisionTransformer")
         with torch.device("meta"):
             model = cls(config)
-        tensors = weights.torch()
-        state = {}
-        for name in model.state_dict():
-            source = hf_name(name, prefix)
-            if source not in tensors:
-                raise ModelError(f"{weights.path}: missing tensor {source!r} for {config.family} vision tower")
-            tensor = tensors[source]
-            if dtype is not None and tensor.dtype != dtype:
-                tensor = tensor.to(dtype)
-            state[name] = tensor
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as exc:  # shape mismatches: name them
-            raise ModelError(f"{weights.path}: tensors do not fit the config: {exc}") from None
-        return model.eval().requires_grad_(False)
+        return assign_weights(model, weights, vision_prefix(weights.names()), dtype)
+
+
+def assign_weights(model: nn.Module, weights: WeightLoader, prefix: str, dtype: torch.dtype | None) -> nn.Module:
+    """Hand a meta-device ``model`` the file's tensors (views of its mapping; cast, a copy, only
+    when ``dtype`` differs); a missing or misshapen tensor is a ModelError naming it."""
+    tensors = weights.torch()
+    state = {}
+    for name in model.state_dict():
+        source = hf_name(name, prefix)
+        if source not in tensors:
+            raise ModelError(f"{weights.path}: missing tensor {source!r} for the {model.config.family} vision tower")
+        tensor = tensors[source]
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        state[name] = tensor
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # shape mismatches: name them
+        raise ModelError(f"{weights.path}: tensors do not fit the config: {exc}") from None
+    return model.eval().requires_grad_(False)
 
 
 def hf_name(name: str, prefix: str = "vision_model.") -> str:
