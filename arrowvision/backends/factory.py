@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import BackendError
+from ..errors import BackendError, ConversionError
+from ..model.config import VisionConfig
 from ..weights.format import WeightLoader
 from .base import BACKEND_PRECISIONS, BACKENDS, Backend
 
 
 def create(name: str, weights: WeightLoader, device: str = "cpu", **options: Any) -> Backend:
     """Build backend ``name`` for ``weights``; options are the backend's own (precision, cache_dir, ...)."""
+    if is_naflex(weights):
+        return _create_naflex(name, weights, device, **options)
     precision = options.get("precision", "fp32")
     if name in BACKEND_PRECISIONS and precision not in BACKEND_PRECISIONS[name]:
         raise BackendError(f"precision {precision!r} is not available on the {name} backend; "
@@ -34,4 +37,23 @@ def create(name: str, weights: WeightLoader, device: str = "cpu", **options: Any
         from .auto import create_auto
 
         return create_auto(weights, device=device, build=create, **options)  # auto measures named backends
+    raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+
+
+def is_naflex(weights: WeightLoader) -> bool:
+    """A SigLIP 2 NaFlex file (variable resolution: patches + mask inputs)? Bad configs are left
+    to the backends, whose loading names the problem."""
+    try:
+        return VisionConfig.from_hf(weights.config).naflex
+    except ConversionError:
+        return False
+
+
+def _create_naflex(name: str, weights: WeightLoader, device: str, **options: Any) -> Backend:
+    if name == "torch":
+        from .naflex_torch import NaFlexTorchBackend
+
+        return NaFlexTorchBackend(weights, device=device, **options)
+    if name in BACKENDS:
+        raise BackendError(f"the {name} backend does not run SigLIP 2 NaFlex models yet; use --backend torch")
     raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

@@ -100,6 +100,19 @@ def cosine_threshold(text: str) -> float:
     return value
 
 
+def patch_budget(text: str) -> int:
+    """``--max-num-patches``: an integer in the NaFlex range (64..1024)."""
+    from ..errors import OptionError
+    from ..inputs.naflex import check_patch_budget
+
+    try:
+        return check_patch_budget(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def batch_sizes(text: str) -> list[int]:
     """``1,8,32`` or ``"1 8 32"`` -> [1, 8, 32]."""
     items = text.replace(",", " ").split()
@@ -163,6 +176,8 @@ def add_backend_options(p: argparse.ArgumentParser, mode: str = "latency") -> No
                    help="int8 calibration images or folders, as given to `arrowvision export` "
                         "(default: the bundled sample photos)")
     p.add_argument("--cache-dir", help="IR cache (default: $ARROWVISION_CACHE or the user cache dir)")
+    p.add_argument("--max-num-patches", type=patch_budget, metavar="N",
+                   help="SigLIP 2 NaFlex models: patches per image, 64..1024 (default 256); more is sharper and slower")
 
 
 def ray_group(p: argparse.ArgumentParser, engine_help: str) -> argparse._ArgumentGroup:

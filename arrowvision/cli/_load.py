@@ -94,7 +94,8 @@ def load_encoder(args: argparse.Namespace, weights: str | None = None):
         device = "cpu" if device.upper() == "CPU" else device
     first_use = first_use_note(weights, backend, options) if progress_enabled(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
-        encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
+        encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device,
+                                             max_num_patches=getattr(args, "max_num_patches", None), **options)
     if backend == "auto":
         print(f"auto: {encoder.backend.name} {encoder.backend.precision} (fastest validated on this CPU)", file=sys.stderr)
     return encoder
@@ -128,7 +129,8 @@ def backend_summary(encoder: Any) -> dict[str, Any]:
     backend = encoder.backend
     return {"backend": backend.name, "precision": backend.precision,
             "device": str(backend.device), "family": encoder.config.family,
-            "image_size": encoder.config.image_size, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum}
+            "image_size": encoder.config.image_size, "dim": encoder.embedding_dim, "model_checksum": encoder.checksum,
+            **({"max_num_patches": encoder.max_num_patches} if encoder.config.naflex else {})}
 
 
 def load_image_text(args: argparse.Namespace, weights: str | None = None):

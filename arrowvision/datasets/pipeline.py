@@ -283,6 +283,8 @@ def embed_paths(
         raise ArrowVisionError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     backend = encoder.backend
     check_mode(decode)
+    if encoder.config.naflex and decode != "exact":
+        raise ArrowVisionError(f"decode={decode!r}: SigLIP 2 NaFlex models decode images exactly (--decode exact)")
     gpu = None
     if decode == "gpu":
         from ..inputs.gpu_decode import GpuDecoder

@@ -41,18 +41,25 @@ class Row(Protocol):
 
 def dataset_metadata(encoder: Any, *, sketch: bool, normalize: bool) -> dict[str, str]:
     """What a dataset is stamped with: rows of another model or preprocessing never mix in."""
-    return {
+    metadata = {
         "model_checksum": encoder.checksum,
         "family": encoder.config.family,
         "dim": str(encoder.embedding_dim),
         "sketch": str(bool(sketch)).lower(),
         "normalized": str(bool(normalize)).lower(),
     }
+    if encoder.config.naflex:  # the patch budget changes every embedding
+        metadata["max_num_patches"] = str(encoder.max_num_patches)
+    return metadata
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+def _shown(value: bytes | None) -> str:
+    return "unset" if value is None else value.decode("utf-8", "replace")[:24]
 
 
 def _chunk_index(path: Path) -> int:
@@ -110,10 +117,12 @@ class EmbeddingWriter:
         except (pa.ArrowException, OSError) as exc:
             raise ArrowVisionError(f"{chunk}: unreadable chunk in the output folder ({exc})") from None
         existing = file.schema_arrow.metadata or {}
-        for key in (b"model_checksum", b"sketch"):
-            if existing.get(META_PREFIX + key) != self.metadata[META_PREFIX + key]:
+        for key in (b"model_checksum", b"sketch", b"max_num_patches"):  # max_num_patches: NaFlex models only
+            theirs, ours = existing.get(META_PREFIX + key), self.metadata.get(META_PREFIX + key)
+            if theirs != ours:
+                detail = f"{key.decode()} {_shown(theirs)} there, {_shown(ours)} now"
                 raise ArrowVisionError(
-                    f"{self.folder} holds embeddings from another model or preprocessing ({chunk.name}); "
+                    f"{self.folder} holds embeddings from another model or preprocessing ({chunk.name}: {detail}); "
                     "use a new output folder"
                 )
         if "error" in file.schema_arrow.names:

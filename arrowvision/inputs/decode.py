@@ -174,7 +174,7 @@ def decode_rows_shared(name: str, shape: tuple[int, ...], jobs: list[tuple[int, 
         from multiprocessing import shared_memory
 
         block = _attached[name] = shared_memory.SharedMemory(name=name)
-    target = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
+    target = np.ndarray(shape, dtype=preprocessor.row_dtype, buffer=block.buf)
     return decode_rows(target, jobs, preprocessor, transform)
 
 
@@ -183,7 +183,7 @@ def decode_rows_copied(shape: tuple[int, ...], jobs: list[tuple[int, str, str]],
     """``decode_rows`` in a worker process without shared memory: the rows come back pickled
     (used when /dev/shm is too small for the slots, as in containers with the default 64 MiB)."""
     first = jobs[0][0] if jobs else 0
-    local = np.empty((len(jobs), *shape[1:]), dtype=np.uint8)
+    local = np.empty((len(jobs), *shape[1:]), dtype=preprocessor.row_dtype)
     items = decode_rows(local, [(row - first, path, mode) for row, path, mode in jobs], preprocessor, transform)
     return items, local
 

@@ -71,8 +71,8 @@ class Feeder:
         self.cpu_share = cpu_share  # gpu mode: the share of rows the workers decode (fast) instead of the GPU
         self.pool_kind = pool
         self.depth = max(2, depth)
-        size = preprocessor.image_size
-        self.row_shape = (size, size, 3)
+        self.row_shape = preprocessor.row_shape  # (S, S, 3) uint8; () NaFlex records (patches + grid)
+        self.row_dtype = preprocessor.row_dtype
         self.task_rows = max(1, min(32, math.ceil(batch_size / self.workers)))  # rows per task: every worker busy
 
     def batches(self, paths: list[str], stop: Callable[[], bool] = lambda: False) -> Iterator[FedBatch]:
@@ -84,18 +84,19 @@ class Feeder:
         shape = (slots * self.batch_size, *self.row_shape)
         block = None
         executor: Executor
-        copied = self.pool_kind == "process" and not shared_memory_fits(int(np.prod(shape)))
+        nbytes = int(np.prod(shape)) * self.row_dtype.itemsize
+        copied = self.pool_kind == "process" and not shared_memory_fits(nbytes)
         if self.pool_kind == "process" and not copied:
             from multiprocessing import shared_memory
 
-            block = shared_memory.SharedMemory(create=True, size=max(1, int(np.prod(shape))))
-            target = np.ndarray(shape, dtype=np.uint8, buffer=block.buf)
+            block = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
+            target = np.ndarray(shape, dtype=self.row_dtype, buffer=block.buf)
             executor = ProcessPoolExecutor(self.workers, mp_context=process_context())
         elif copied:
-            target = np.empty(shape, dtype=np.uint8)
+            target = np.empty(shape, dtype=self.row_dtype)
             executor = ProcessPoolExecutor(self.workers, mp_context=process_context())
         else:
-            target = np.empty(shape, dtype=np.uint8)
+            target = np.empty(shape, dtype=self.row_dtype)
             executor = ThreadPoolExecutor(self.workers)
         pending: deque[tuple[int, list[str], list[Future]]] = deque()
         pixels: np.ndarray | None = None

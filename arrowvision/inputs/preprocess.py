@@ -137,6 +137,15 @@ class Preprocessor:
     def from_config(cls, config: VisionConfig) -> Preprocessor:
         return cls(config.image_size, config.image_mean, config.image_std, config.family == "clip")
 
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """One resized image as the decoding slots hold it: (S, S, 3) of ``row_dtype``."""
+        return (self.image_size, self.image_size, 3)
+
+    @property
+    def row_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
     @functools.cached_property
     def lut(self) -> np.ndarray:
         """(3, 256) table: HF's rescale (float64 x 1/255 -> float32) then (x - mean) / std in float32."""

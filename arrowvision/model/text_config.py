@@ -59,7 +59,7 @@ class TextConfig:
     def from_hf(cls, hf_config: Mapping[str, Any]) -> TextConfig:
         """Build from a full HF SiglipConfig/CLIPConfig dict (defaults are transformers')."""
         model_type = hf_config.get("model_type", "")
-        if model_type not in ("siglip", "clip"):
+        if model_type not in ("siglip", "siglip2", "clip"):  # siglip2: NaFlex, same text tower as SigLIP
             kind = "a vision-only checkpoint" if model_type in FAMILIES else f"model_type {model_type!r}"
             raise ModelError(f"{kind} has no text tower; {CONVERT_HINT} from a full SigLIP/CLIP checkpoint")
         family = FAMILIES[model_type]
