@@ -183,7 +183,7 @@ def test_config_errors_name_the_problem():
         VisionConfig("siglip", image_size=8)
     assert VisionConfig("siglip", image_size=16, patch_size=16).grid_size == 1  # one patch is fine
     with pytest.raises(ConversionError, match="unsupported model_type ''; supported: clip, clip_vision_model, siglip, "
-                                              "siglip_vision_model"):
+                                              "siglip2, siglip2_vision_model, siglip_vision_model"):
         VisionConfig.from_hf({"vision_config": {}})
     with pytest.raises(ConversionError, match="^SigLIP checkpoints without the attention-pooling head are not supported$"):
         VisionConfig.from_hf({"model_type": "siglip", "vision_config": {"vision_use_head": False}})

@@ -259,3 +259,49 @@ def test_embed_stamps_the_patch_budget_and_matches_encode(tmp_path, naflex_parqu
                               "--weights", str(naflex_parquet), "--max-num-patches", "2000"],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "out of range [64, 1024]" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def naflex_pair(tmp_path_factory):
+    """(our ImageTextModel, transformers' Siglip2Model, its tokenizer) of a full NaFlex checkpoint."""
+    import transformers as tf
+
+    from .textkit import hf_tokenizer, save_full_checkpoint
+
+    folder = save_full_checkpoint(tmp_path_factory.mktemp("naflex_full"), "siglip2-naflex", seed=7)
+    convert(str(folder), folder / "all.parquet", tower="all", progress=False)
+    import arrowvision
+
+    ours = arrowvision.ImageTextModel.from_parquet(folder / "all.parquet")
+    return ours, tf.Siglip2Model.from_pretrained(folder).eval(), hf_tokenizer(folder)
+
+
+def test_naflex_text_tower_and_scores_match_transformers(naflex_pair, images):
+    """SigLIP 2 NaFlex's text tower is SigLIP's with the Gemma tokenizer: ids, embeddings and
+    image-text logits (NaFlex images of mixed shapes) against Siglip2Model."""
+    from .textkit import SENTENCES
+
+    ours, reference, tokenizer = naflex_pair
+    texts = [text.lower() for text in SENTENCES[:6]]  # SigLIP 2 was trained on lowercased text
+    ids = np.array(tokenizer(texts, padding="max_length", max_length=64, truncation=True)["input_ids"], dtype=np.int64)
+    np.testing.assert_array_equal(ours.tokenize(texts), ids)
+    inputs = hf_processor()(images=images, max_num_patches=256, return_tensors="pt")
+    with torch.no_grad():
+        expected_text = F.normalize(reference.get_text_features(input_ids=torch.from_numpy(ids)).pooler_output, dim=-1)
+        logits = reference(input_ids=torch.from_numpy(ids), **inputs).logits_per_image
+    assert np.abs(ours.encode_texts(texts) - expected_text.numpy()).max() <= TOLERANCE
+    assert np.abs(ours.logits(images, texts) - logits.numpy()).max() <= 1e-3
+    assert ours.logit_bias == pytest.approx(reference.logit_bias.item(), abs=1e-6)
+
+
+def test_info_names_family_and_variant(naflex_parquet, tiny_siglip_parquet, capsys):
+    from arrowvision.cli import main
+
+    assert main(["info", str(naflex_parquet)]) == 0
+    out = capsys.readouterr().out
+    assert "model: siglip naflex (vision tower)" in out and "any size (NaFlex: a 16-position grid" in out
+    assert main(["info", str(naflex_parquet), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["variant"] == "naflex" and report["vision_config"]["num_patches"] == 16
+    assert main(["info", str(tiny_siglip_parquet), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["variant"] == "fixed-32"

@@ -143,6 +143,11 @@ def save_full_checkpoint(folder: Path, kind: str, *, seed: int = 0, eos_token_id
         train_gemma_json(folder)
         config = tf.SiglipConfig(vision_config=TINY_VISION, text_config={**text, "vocab_size": 300, "projection_size": TINY_VISION["hidden_size"], "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2})
         model = tf.SiglipModel(config)
+    elif kind == "siglip2-naflex":  # Siglip2Model: NaFlex vision tower, Gemma tokenizer
+        train_gemma_json(folder)
+        vision = {k: v for k, v in TINY_VISION.items() if k != "image_size"} | {"num_patches": 16}
+        config = tf.Siglip2Config(vision_config=vision, text_config={**text, "vocab_size": 300, "projection_size": TINY_VISION["hidden_size"], "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2})
+        model = tf.Siglip2Model(config)
     elif kind == "clip":
         train_clip_bpe(folder)
         vocab_size = len(json.loads((folder / "vocab.json").read_text()))

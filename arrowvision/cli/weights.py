@@ -65,13 +65,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     dtypes = Counter(info.dtype for info in weights.tensors())
     parameters = sum(math.prod(info.shape) for info in weights.tensors())
+    variant = None
     try:
-        vision: dict[str, Any] = VisionConfig.from_hf(weights.config).to_dict()
+        config = VisionConfig.from_hf(weights.config)
+        vision: dict[str, Any] = config.to_dict()
+        variant = config.variant
     except ArrowVisionError as exc:
         vision = {"error": str(exc)}
     report = {
         "path": str(weights.path),
         "family": weights.family,
+        "variant": variant,
         "tower": weights.tower,
         "tensors": len(weights),
         "parameters": parameters,
@@ -92,7 +96,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     source = report["source"]
     lines = {
         "path": report["path"],
-        "model": f"{weights.family or '?'} ({weights.tower or '?'} tower)",
+        "model": f"{weights.family or '?'} {variant or '?'} ({weights.tower or '?'} tower)",
         "tensors": f"{len(weights)} ({', '.join(f'{count} {dtype}' for dtype, count in dtypes.most_common())})",
         "parameters": f"{parameters:,}",
         "size": f"{weights.nbytes / 2**20:.1f} MiB of tensors",
@@ -140,7 +144,9 @@ def _export_summaries(weights) -> list[str]:
 def _describe_vision(vision: dict[str, Any]) -> str:
     if "error" in vision:
         return f"not loadable: {vision['error']}"
-    text = (f"{vision['image_size']}px, patch {vision['patch_size']}, width {vision['hidden_size']}, "
+    size = (f"any size (NaFlex: a {vision['num_patches']}-position grid resized per image)" if vision.get("num_patches")
+            else f"{vision['image_size']}px")
+    text = (f"{size}, patch {vision['patch_size']}, width {vision['hidden_size']}, "
             f"{vision['num_layers']} layers, {vision['num_heads']} heads, mlp {vision['intermediate_size']}")
     return text + (f", projection {vision['projection_dim']}" if vision.get("projection_dim") else "")
 

@@ -122,10 +122,9 @@ class VisionConfig:
 
     @property
     def variant(self) -> str:
-        """What ``info`` names: the family and, for SigLIP 2 NaFlex, its variable-resolution variant."""
-        if self.naflex:
-            return f"siglip2-naflex (patch {self.patch_size}, {self.num_patches} learned positions)"
-        return f"{self.family} (fixed {self.image_size}x{self.image_size}, patch {self.patch_size})"
+        """What ``info`` names beside the family: ``naflex`` (SigLIP 2, any resolution and aspect
+        ratio) or ``fixed-<size>`` (square inputs of one size)."""
+        return "naflex" if self.naflex else f"fixed-{self.image_size}"
 
     @property
     def head_dim(self) -> int:
