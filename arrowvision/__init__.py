@@ -13,6 +13,7 @@ from .errors import (
     ImageError,
     ImageTooLarge,
     ModelError,
+    OptionError,
     TensorNotFound,
 )
 from .model.text_config import TextConfig
@@ -28,6 +29,7 @@ __all__ = [
     "ImageTextModel",
     "ImageTooLarge",
     "ModelError",
+    "OptionError",
     "TensorNotFound",
     "TextConfig",
     "TextEncoder",

@@ -192,8 +192,6 @@ def test_wrong_inputs_and_loaders_are_clear_errors(naflex_parquet):
     with pytest.raises(ModelError, match="NaFlex"):
         VisionTransformer.from_weights(WeightLoader(naflex_parquet))
     assert isinstance(load_vision_tower(WeightLoader(naflex_parquet)), NaFlexVisionTransformer)
-    with pytest.raises(BackendError, match="does not run SigLIP 2 NaFlex"):
-        VisionEncoder.from_parquet(naflex_parquet, backend="openvino")
     with pytest.raises(BackendError, match="fp32"):
         VisionEncoder.from_parquet(naflex_parquet, precision="bf16")
 

@@ -93,7 +93,7 @@ def require_torch(what: str):
 
 
 def pooled_module(model: Any):
-    """Wrap our VisionTransformer so an exported graph returns only the pooled embedding."""
+    """Wrap our vision tower so an exported graph returns only the pooled embedding."""
     import torch
 
     class Pooled(torch.nn.Module):
@@ -101,7 +101,7 @@ def pooled_module(model: Any):
             super().__init__()
             self.inner = inner
 
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.inner(pixel_values).pooled
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # pixels, or NaFlex's pixels, mask, grids
+            return self.inner(*inputs).pooled
 
     return Pooled(model).eval()

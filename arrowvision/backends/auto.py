@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..errors import BackendError
 from ..model.config import VisionConfig
 from ..weights.format import WeightLoader
 from .artifacts import cache_root, hash_key
 from .cpu import CPUInfo, cpu_info
+from .feeds import random_inputs
 from .validation import DEFAULT_MIN_COSINE
 
 log = logging.getLogger("arrowvision")
@@ -65,11 +65,10 @@ def choice_path(weights: WeightLoader, min_cosine: float, cache_dir: str | os.Pa
     return cache_root(cache_dir) / "auto" / f"{key}.json"
 
 
-def _time(backend: Any, size: int, rounds: int = 3) -> tuple[float, float]:
-    """(batch-1 ms median, batch-8 ms per image median) after a warm-up call of each."""
-    rng = np.random.default_rng(0)
-    one = rng.standard_normal((1, 3, size, size), dtype=np.float32)
-    eight = rng.standard_normal((8, 3, size, size), dtype=np.float32)
+def _time(backend: Any, config: VisionConfig, rounds: int = 3) -> tuple[float, float]:
+    """(batch-1 ms median, batch-8 ms per image median) after a warm-up call of each (NaFlex
+    models: full 256-patch budgets)."""
+    one, eight = random_inputs(config, 1), random_inputs(config, 8)
     backend(one)
     backend(eight)
     singles, batches = [], []
@@ -87,7 +86,7 @@ def measure(weights: WeightLoader, *, build: Build, min_cosine: float, cache_dir
     """Export, validate and time every candidate (each built by ``build``, ``factory.create``);
     return the record with the fastest marked."""
     cpu = cpu_info()
-    size = VisionConfig.from_weights(weights).image_size
+    config = VisionConfig.from_weights(weights)
     rows: list[dict[str, Any]] = []
     for name, precision in candidates(cpu):
         row: dict[str, Any] = {"backend": name, "precision": precision}
@@ -96,7 +95,7 @@ def measure(weights: WeightLoader, *, build: Build, min_cosine: float, cache_dir
             if name == "openvino" and precision == "int8" and calibration:
                 options["calibration"] = calibration
             backend = build(name, weights, **options)
-            row["b1_ms"], row["b8_ms_per_image"] = _time(backend, size)
+            row["b1_ms"], row["b8_ms_per_image"] = _time(backend, config)
             row["score"] = (row["b1_ms"] * row["b8_ms_per_image"]) ** 0.5  # geometric mean: latency and throughput
             row["min_cosine"] = backend.report.get("min_cosine", 1.0)
             del backend

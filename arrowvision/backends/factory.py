@@ -12,12 +12,14 @@ from .base import BACKEND_PRECISIONS, BACKENDS, Backend
 
 def create(name: str, weights: WeightLoader, device: str = "cpu", **options: Any) -> Backend:
     """Build backend ``name`` for ``weights``; options are the backend's own (precision, cache_dir, ...)."""
-    if is_naflex(weights):
-        return _create_naflex(name, weights, device, **options)
     precision = options.get("precision", "fp32")
     if name in BACKEND_PRECISIONS and precision not in BACKEND_PRECISIONS[name]:
         raise BackendError(f"precision {precision!r} is not available on the {name} backend; "
                            f"choose from {', '.join(BACKEND_PRECISIONS[name])}")
+    if name == "torch" and is_naflex(weights):
+        from .naflex_torch import NaFlexTorchBackend
+
+        return NaFlexTorchBackend(weights, device=device, **options)
     if name == "torch":
         from .torch_backend import TorchBackend
 
@@ -48,12 +50,3 @@ def is_naflex(weights: WeightLoader) -> bool:
     except ConversionError:
         return False
 
-
-def _create_naflex(name: str, weights: WeightLoader, device: str, **options: Any) -> Backend:
-    if name == "torch":
-        from .naflex_torch import NaFlexTorchBackend
-
-        return NaFlexTorchBackend(weights, device=device, **options)
-    if name in BACKENDS:
-        raise BackendError(f"the {name} backend does not run SigLIP 2 NaFlex models yet; use --backend torch")
-    raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")

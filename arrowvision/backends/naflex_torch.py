@@ -14,19 +14,8 @@ import numpy as np
 from ..errors import BackendError
 from ..weights.format import WeightLoader
 from .base import BackendBase
+from .feeds import torch_inputs
 from .torch_backend import import_torch, torch_device
-
-
-def check_naflex_batch(batch: Any) -> Any:
-    """A ``NaFlexBatch``, or a BackendError saying what a NaFlex model takes."""
-    from ..inputs.naflex import NaFlexBatch
-
-    if not isinstance(batch, NaFlexBatch):
-        shape = getattr(batch, "shape", None)
-        raise BackendError(f"a SigLIP 2 NaFlex model takes a NaFlexBatch (patches, mask, patch grids), not "
-                           f"{type(batch).__name__}{'' if shape is None else f' of shape {tuple(shape)}'}; "
-                           "use VisionEncoder.encode or NaFlexPreprocessor")
-    return batch
 
 
 class NaFlexTorchBackend(BackendBase):
@@ -47,8 +36,6 @@ class NaFlexTorchBackend(BackendBase):
         self.config = self.model.config
 
     def __call__(self, batch: Any) -> np.ndarray:
-        batch = check_naflex_batch(batch)
-        torch = self.torch
-        with torch.inference_mode():
-            pixels, mask, shapes = (torch.from_numpy(np.ascontiguousarray(part)).to(self.device) for part in batch)
-            return self.model(pixels.float(), mask, shapes).pooled.float().cpu().numpy()
+        """A ``NaFlexBatch`` (any mix of image shapes) -> pooled float32 (N, D)."""
+        with self.torch.inference_mode():
+            return self.model(*torch_inputs(self.config, batch, self.device)).pooled.float().cpu().numpy()

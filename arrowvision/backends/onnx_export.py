@@ -28,6 +28,7 @@ from ..model.config import VisionConfig
 from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, pooled_module, require_torch
 from .cpu import cpu_info
+from .feeds import export_example, input_names, named_inputs, onnx_dynamic_axes
 from .validation import DEFAULT_MIN_COSINE, heldout_pixels, reference_embeddings, validate_lossy
 
 log = logging.getLogger("arrowvision")
@@ -89,19 +90,17 @@ def save_onnx(weights: WeightLoader, output: str | os.PathLike, precision: str =
 def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine: float, key: str) -> dict[str, Any]:
     torch = require_torch("ONNX model")
     ort = _onnxruntime()
-    from ..model.vision import VisionTransformer
+    from ..model.naflex import load_vision_tower
 
     start = time.perf_counter()
-    model = VisionTransformer.from_weights(weights)
+    model = load_vision_tower(weights)
     config = model.config
     fp32_path = folder / ("model.onnx" if precision == "fp32" else "fp32.onnx")
-    size = config.image_size
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes about constant shape checks
         torch.onnx.export(
-            pooled_module(model), (torch.zeros(2, 3, size, size),), str(fp32_path), input_names=["pixel_values"],
-            output_names=["embedding"], dynamic_axes={"pixel_values": {0: "batch"}, "embedding": {0: "batch"}},
-            opset_version=OPSET, dynamo=False,
+            pooled_module(model), export_example(config), str(fp32_path), input_names=list(input_names(config)),
+            output_names=["embedding"], dynamic_axes=onnx_dynamic_axes(config), opset_version=OPSET, dynamo=False,
         )
     meta: dict[str, Any] = {"format": "onnx", "precision": precision, "key": key, "weights_checksum": weights.checksum,
                             "onnxruntime": ort.__version__, "opset": OPSET}
@@ -111,7 +110,7 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine
     pixels = heldout_pixels(config)
     reference = reference_embeddings(model, pixels)
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    run = lambda batch: session.run(None, {"pixel_values": batch})[0]  # noqa: E731
+    run = lambda batch: session.run(None, named_inputs(config, batch))[0]  # noqa: E731
     if precision == "fp32":
         max_abs = max(float(np.abs(run(batch) - reference[kind]).max()) for kind, batch in pixels.items())
         meta["max_abs"] = max_abs
@@ -130,7 +129,8 @@ def _quantize(source: Path, target: Path) -> bool:
 
     reduce_range = not cpu_info().int8_vnni
     graph = onnx.load(str(source), load_external_data=False).graph
-    keep_fp32 = [node.name for node in graph.node if node.op_type == "MatMul" and "/head/" in node.name]
+    keep_fp32 = [node.name for node in graph.node  # NaFlex's patch embedding is a MatMul: fp32 like the patch conv
+                 if node.op_type == "MatMul" and ("/head/" in node.name or "/patch_embedding/" in node.name)]
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs generic "run pre-processing" advice on the root logger

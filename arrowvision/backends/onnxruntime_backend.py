@@ -16,6 +16,7 @@ from ..model.config import VisionConfig
 from ..weights.format import WeightLoader
 from .artifacts import cache_root, is_complete, read_meta
 from .base import BackendBase
+from .feeds import named_inputs
 from .onnx_export import _onnxruntime, cache_key, export_onnx
 from .validation import DEFAULT_MIN_COSINE, recheck
 
@@ -53,6 +54,6 @@ class ONNXRuntimeBackend(BackendBase):
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.entry / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        return self.session.run(None, {"pixel_values": pixels})[0]
+    def __call__(self, pixel_values: Any) -> np.ndarray:
+        """(N, 3, S, S) float32 pixels, or a ``NaFlexBatch`` for NaFlex models -> pooled (N, D)."""
+        return self.session.run(None, named_inputs(self.config, pixel_values))[0]

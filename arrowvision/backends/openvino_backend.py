@@ -25,6 +25,7 @@ from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, is_complete, pooled_module, read_meta, require_torch
 from .base import PRECISIONS, BackendBase
 from .cpu import cpu_info
+from .feeds import export_example, input_names, model_inputs, ov_input_shapes
 from .validation import (
     DEFAULT_MIN_COSINE,
     calibration_fingerprint,
@@ -115,18 +116,17 @@ def export(
 def _export_into(folder: Path, weights: WeightLoader, precision: str, calibration, min_cosine: float, key: str) -> dict:
     ov = _openvino()
     torch = require_torch("OpenVINO IR")
-    from ..model.vision import VisionTransformer
+    from ..model.naflex import load_vision_tower
 
     start = time.perf_counter()
-    model = VisionTransformer.from_weights(weights)
+    model = load_vision_tower(weights)
     config = model.config
-    size = config.image_size
-    example = torch.zeros(2, 3, size, size)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks are constants per export
         warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)  # convert_model traces
-        ov_model = ov.convert_model(pooled_module(model), example_input=example, input=[ov.PartialShape([-1, 3, size, size])])
-    ov_model.inputs[0].get_tensor().set_names({"pixel_values"})
+        ov_model = ov.convert_model(pooled_module(model), example_input=export_example(config), input=ov_input_shapes(config))
+    for port, name in zip(ov_model.inputs, input_names(config)):
+        port.get_tensor().set_names({name})
     ov_model.outputs[0].get_tensor().set_names({"embedding"})
 
     meta: dict[str, Any] = {"format": "openvino", "precision": precision, "key": key, "weights_checksum": weights.checksum,
@@ -139,7 +139,8 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, calibratio
         pixels = heldout_pixels(config)
         reference = reference_embeddings(model, pixels)
         compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": inference_hint(precision)})
-        meta.update(validate_lossy("openvino", precision, lambda batch: compiled(batch)[0], pixels, reference, min_cosine))
+        run = lambda batch: compiled(model_inputs(config, batch))[0]  # noqa: E731
+        meta.update(validate_lossy("openvino", precision, run, pixels, reference, min_cosine))
     meta["export_seconds"] = time.perf_counter() - start
     meta["vision_config"] = config.to_dict()
     return meta
@@ -151,11 +152,12 @@ def _quantize(ov_model, precision: str, config: VisionConfig, calibration, meta:
     # (a few percent of the FLOPs) 0.988; plus SmoothQuant off 0.9994 (SmoothQuant alpha 0.5: 0.998).
     samples = (lambda: calibration_pixels(config, calibration)) if precision == "int8" else None
     return nncf_quantize(ov_model, precision, samples, meta, "calibration_images",
-                         keep_fp32_patterns=[r".*\.head\..*"], keep_fp32_types=["Convolution"], smooth_quant=False)
+                         keep_fp32_patterns=[r".*\.head\..*"], keep_fp32_types=["Convolution"], smooth_quant=False,
+                         feed=(lambda rows: model_inputs(config, rows)) if config.naflex else (lambda rows: rows))
 
 
 def nncf_quantize(ov_model, precision: str, samples, meta: dict, count_key: str, *, keep_fp32_patterns=(),
-                  keep_fp32_types=(), smooth_quant: bool = True):
+                  keep_fp32_types=(), smooth_quant: bool = True, feed=lambda rows: rows):
     """int8-weights (weight compression) or int8 (PTQ on ``samples()``, a batch calibrated one row
     at a time) for either tower; 7-bit weights where u8 x s8 products saturate (no VNNI)."""
     try:
@@ -170,7 +172,7 @@ def nncf_quantize(ov_model, precision: str, samples, meta: dict, count_key: str,
     batch = samples()
     overflow_fix = OverflowFix.ENABLE if _int8_saturates() else OverflowFix.FIRST_LAYER
     meta.update({count_key: len(batch), "overflow_fix": overflow_fix.value})
-    dataset = nncf.Dataset([batch[i : i + 1] for i in range(len(batch))])
+    dataset = nncf.Dataset([feed(batch[i : i + 1]) for i in range(len(batch))])
     options: dict[str, Any] = {"overflow_fix": overflow_fix}
     if not smooth_quant:
         options["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=-1)
@@ -232,16 +234,18 @@ class OpenVINOBackend(BackendBase):
         self.request = self.compiled.create_infer_request()
         self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
-    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        if self.mode == "latency" or self.streams <= 1 or len(pixels) < 2:
-            self.request.infer({0: pixels})
+    def __call__(self, pixel_values: Any) -> np.ndarray:
+        """(N, 3, S, S) float32 pixels, or a ``NaFlexBatch`` for NaFlex models -> pooled (N, D)."""
+        inputs = model_inputs(self.config, pixel_values)
+        if self.mode == "latency" or self.streams <= 1 or len(inputs[0]) < 2:
+            self.request.infer(inputs)
             return self.request.get_output_tensor(0).data.copy()
-        return self._run_async(pixels)
+        return self._run_async(inputs)
 
-    def _run_async(self, pixels: np.ndarray) -> np.ndarray:
+    def _run_async(self, inputs: list[np.ndarray]) -> np.ndarray:
         ov = _openvino()
-        chunks = np.array_split(pixels, min(self.streams, len(pixels)))
+        bounds = np.array_split(np.arange(len(inputs[0])), min(self.streams, len(inputs[0])))
+        chunks = [[part[rows[0] : rows[-1] + 1] for part in inputs] for rows in bounds]
         results: list[np.ndarray | None] = [None] * len(chunks)
 
         def done(request, index):
@@ -250,7 +254,7 @@ class OpenVINOBackend(BackendBase):
         queue = ov.AsyncInferQueue(self.compiled, len(chunks))
         queue.set_callback(done)
         for index, chunk in enumerate(chunks):
-            queue.start_async({0: chunk}, index)
+            queue.start_async(chunk, index)
         queue.wait_all()
         return np.concatenate(results)
 

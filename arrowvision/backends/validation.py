@@ -81,17 +81,25 @@ def calibration_fingerprint(images: Sequence[Any] | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibration_pixels(config: VisionConfig, user_images: Sequence[Any] | None = None) -> np.ndarray:
+def preprocessor_for(config: VisionConfig) -> Any:
+    """The model's preprocessor; NaFlex models at the default patch budget (256)."""
+    from ..inputs.naflex import NaFlexPreprocessor
     from ..inputs.preprocess import Preprocessor
 
-    return Preprocessor.from_config(config).batch(calibration_images(user_images))
+    return NaFlexPreprocessor.from_config(config) if config.naflex else Preprocessor.from_config(config)
 
 
-def heldout_pixels(config: VisionConfig) -> dict[str, np.ndarray]:
-    """Preprocessed held-out images per kind; sketches go through ``normalize_sketch`` first."""
-    from ..inputs.preprocess import Preprocessor, normalize_sketch
+def calibration_pixels(config: VisionConfig, user_images: Sequence[Any] | None = None) -> Any:
+    """(N, 3, S, S) pixels, or a ``NaFlexBatch`` for NaFlex models."""
+    return preprocessor_for(config).batch(calibration_images(user_images))
 
-    preprocessor = Preprocessor.from_config(config)
+
+def heldout_pixels(config: VisionConfig) -> dict[str, Any]:
+    """Preprocessed held-out images per kind; sketches go through ``normalize_sketch`` first.
+    NaFlex models get each image at its own aspect ratio, at the default patch budget."""
+    from ..inputs.preprocess import normalize_sketch
+
+    preprocessor = preprocessor_for(config)
     pixels = {}
     for kind, files in heldout_files().items():
         images = [normalize_sketch(f) for f in files] if kind == "sketches" else files
@@ -99,12 +107,14 @@ def heldout_pixels(config: VisionConfig) -> dict[str, np.ndarray]:
     return pixels
 
 
-def reference_embeddings(model: Any, pixels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The fp32 torch reference (our ``VisionTransformer``) on each kind's pixels."""
+def reference_embeddings(model: Any, pixels: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The fp32 torch reference (our ``VisionTransformer`` / ``NaFlexVisionTransformer``) on each kind's inputs."""
     import torch
 
+    from .feeds import torch_inputs
+
     with torch.inference_mode():
-        return {kind: model(torch.from_numpy(batch)).pooled.float().numpy() for kind, batch in pixels.items()}
+        return {kind: model(*torch_inputs(model.config, batch)).pooled.float().numpy() for kind, batch in pixels.items()}
 
 
 def accuracy_by_kind(reference: dict[str, np.ndarray], run: Callable[[np.ndarray], np.ndarray],

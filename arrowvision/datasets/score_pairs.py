@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from .. import scoring
 from ..errors import ArrowVisionError, ImageError
+from ..inputs.naflex import stack_inputs
 from ..inputs.urlfetch import UrlFetcher, UrlPolicy, is_url
 from ..util.fsutil import atomic_output
 
@@ -95,7 +96,7 @@ def score_pairs(model: Any, pairs: str | os.PathLike, output: str | os.PathLike,
     fetcher = UrlFetcher(url_policy) if any(is_url(image) for image in images) else None
 
     def pixels_of(image: str) -> np.ndarray:
-        return model.vision.preprocessor(fetcher.fetch(image) if fetcher and is_url(image) else image)
+        return model.vision.preprocessor(fetcher.fetch(image) if fetcher and is_url(image) else image)  # NaFlex: a batch of one
 
     def attempt(row: int) -> np.ndarray | str:
         if images[row] is None:
@@ -117,7 +118,7 @@ def score_pairs(model: Any, pairs: str | os.PathLike, output: str | os.PathLike,
                     pixels.append(outcome)
                     rows.append(row)
             if rows:
-                image_embeddings = model.encode_images(np.stack(pixels), batch_size=batch_size)
+                image_embeddings = model.encode_images(stack_inputs(pixels), batch_size=batch_size)
                 all_logits = scoring.logits(image_embeddings, text_embeddings, model.logit_scale, model.logit_bias)
                 all_probs = scoring.probabilities(all_logits, model.family)
                 columns = np.array([text_index[texts[r]] for r in rows])

@@ -84,13 +84,13 @@ class EmbedActor:
         from ..util.similarity import l2_normalize
 
         began = time.time()
-        preprocess = self.encoder.preprocessor.pixels
+        preprocess = self.encoder.prepare  # uint8 rows, float32 pixels or NaFlex records, as run_prepared takes
         items = list(self.decoder.map(lambda p: _decode(str(p), preprocess, self.transform), batch["path"]))
         vectors = np.zeros((len(items), self.encoder.embedding_dim), np.float32)
         ok = [i for i, item in enumerate(items) if not item.error]
         if ok:
             start = time.perf_counter()
-            output = self.encoder.backend(np.stack([items[i].pixels for i in ok]))
+            output = self.encoder.run_prepared(np.stack([items[i].pixels for i in ok]))
             inference = time.perf_counter() - start
             vectors[ok] = l2_normalize(output) if self.normalize else output
         else:

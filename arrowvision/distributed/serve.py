@@ -30,6 +30,7 @@ import numpy as np
 from ray import serve
 
 from ..backends.base import BackendBase
+from ..backends.feeds import random_inputs
 from ..errors import ArrowVisionError
 from ..service.batching import QueueFull
 from ..service.config import ServiceConfig
@@ -100,8 +101,7 @@ class ArrowvisionModel:
         threads = _assigned_threads()
         options = {**options, **threads_option(backend, threads)}  # threads = the CPUs Ray gave this replica
         self.encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
-        size = self.encoder.config.image_size
-        warm = self.encoder.backend(np.zeros((1, self.encoder.config.num_channels, size, size), np.float32))
+        warm = self.encoder.backend(random_inputs(self.encoder.config, 1))  # NaFlex: a full patch budget
         if np.asarray(warm).shape != (1, self.encoder.embedding_dim):
             raise ArrowVisionError(f"warm-up produced shape {np.asarray(warm).shape}, expected (1, {self.encoder.embedding_dim})")
         self.embed.set_max_batch_size(max_batch)
@@ -119,7 +119,7 @@ class ArrowvisionModel:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, float, str, int]]:
         start = time.perf_counter()
-        outputs = await asyncio.get_running_loop().run_in_executor(self.runner, self.encoder.backend, np.stack(pixels))
+        outputs = await asyncio.get_running_loop().run_in_executor(self.runner, self.encoder.run_prepared, np.stack(pixels))
         seconds = time.perf_counter() - start
         self.batches += 1
         batch = f"{self.replica}/{self.batches}"

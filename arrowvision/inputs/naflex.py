@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -30,18 +30,30 @@ DEFAULT_MAX_PATCHES = 256  # what the published NaFlex checkpoints were trained 
 MIN_MAX_PATCHES, MAX_MAX_PATCHES = 64, 1024
 
 
-class NaFlexBatch(NamedTuple):
-    """The model input of a NaFlex tower (transformers' names)."""
+@dataclass(frozen=True)
+class NaFlexBatch:
+    """The model input of a NaFlex tower (transformers' names). Iterates over its three arrays;
+    ``len`` and slicing are by image, as for an (N, ...) pixel array."""
 
     pixel_values: np.ndarray  # (N, L, p*p*3) float32, zero at padded patches
     pixel_attention_mask: np.ndarray  # (N, L) int32, 1 for real patches
     spatial_shapes: np.ndarray  # (N, 2) int64, patch rows and columns of each image
 
-    def __len__(self) -> int:  # rows, as an (N, ...) pixel array has
+    NAMES: ClassVar[tuple[str, str, str]] = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter((self.pixel_values, self.pixel_attention_mask, self.spatial_shapes))
+
+    def __len__(self) -> int:
         return len(self.pixel_values)
 
+    def __getitem__(self, rows: slice) -> NaFlexBatch:
+        if not isinstance(rows, slice):
+            raise TypeError(f"NaFlexBatch rows are taken by slice, not {type(rows).__name__}")
+        return NaFlexBatch(*(part[rows] for part in self))
+
     def rows(self, start: int, stop: int) -> NaFlexBatch:
-        return NaFlexBatch(*(part[start:stop] for part in self))
+        return self[start:stop]
 
 
 def check_patch_budget(max_num_patches: object) -> int:
@@ -153,3 +165,9 @@ class NaFlexPreprocessor:
 def concatenate(batches: Sequence[NaFlexBatch]) -> NaFlexBatch:
     """Batches of one patch budget -> one batch."""
     return NaFlexBatch(*(np.concatenate(parts) for parts in zip(*batches)))
+
+
+def stack_inputs(items: Sequence[np.ndarray | NaFlexBatch]) -> np.ndarray | NaFlexBatch:
+    """Preprocessor outputs of single images -> one model input: stacked (3, S, S) pixels, or
+    the NaFlex batches of one concatenated."""
+    return concatenate(items) if items and isinstance(items[0], NaFlexBatch) else np.stack(items)

@@ -145,7 +145,12 @@ class VisionConfig:
         return self.projection_dim if self.family == "clip" and self.projection_dim else self.hidden_size
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; ``num_patches`` only for NaFlex models, so the cache keys (which hash this)
+        of fixed-resolution models stay what they were."""
+        fields = asdict(self)
+        if fields["num_patches"] is None:
+            del fields["num_patches"]
+        return fields
 
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any]) -> VisionConfig:

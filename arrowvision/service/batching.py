@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..backends.feeds import random_inputs
 from ..encoder import VisionEncoder
 from .config import ServiceConfig
 
@@ -127,8 +128,7 @@ class LocalModel:
     def _warm_up(self) -> None:
         """One inference on a blank image: /health says the model is loaded only once it has
         actually produced an embedding of the right size (and OpenVINO has compiled it)."""
-        size = self.encoder.config.image_size
-        output = np.asarray(self.encoder.backend(np.zeros((1, self.encoder.config.num_channels, size, size), np.float32)))
+        output = np.asarray(self.encoder.backend(random_inputs(self.encoder.config, 1)))  # NaFlex: a full patch budget
         if output.shape != (1, self.encoder.embedding_dim):
             raise ValueError(f"warm-up produced shape {output.shape}, expected (1, {self.encoder.embedding_dim})")
 
