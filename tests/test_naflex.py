@@ -192,8 +192,19 @@ def test_wrong_inputs_and_loaders_are_clear_errors(naflex_parquet):
     with pytest.raises(ModelError, match="NaFlex"):
         VisionTransformer.from_weights(WeightLoader(naflex_parquet))
     assert isinstance(load_vision_tower(WeightLoader(naflex_parquet)), NaFlexVisionTransformer)
-    with pytest.raises(BackendError, match="fp32"):
-        VisionEncoder.from_parquet(naflex_parquet, precision="bf16")
+    with pytest.raises(BackendError, match="not available on the torch backend"):
+        VisionEncoder.from_parquet(naflex_parquet, precision="int8")
+
+
+def test_torch_half_precision_is_validated_on_the_heldout_kinds(naflex_parquet, images, tmp_path):
+    from arrowvision.backends.validation import KINDS
+
+    half = VisionEncoder.from_parquet(naflex_parquet, precision="bf16", cache_dir=tmp_path)
+    assert set(half.backend.report["by_kind"]) == set(KINDS) and half.backend.report["min_cosine"] >= 0.99
+    cosines = (half.encode(images) * VisionEncoder.from_parquet(naflex_parquet).encode(images)).sum(axis=1)
+    assert cosines.min() >= 0.99
+    with pytest.raises(BackendError, match="too inaccurate"):
+        VisionEncoder.from_parquet(naflex_parquet, precision="bf16", cache_dir=tmp_path, min_cosine=0.9999999)
 
 
 def test_config_and_conversion_checks(naflex_checkpoint, tmp_path):

@@ -277,7 +277,7 @@ def _cache_file(key: str, cache_dir: str | os.PathLike | None):
         return None
 
 
-def validated_report(backend: TorchBackend, weights: WeightLoader, min_cosine: float,
+def validated_report(backend: Any, weights: WeightLoader, min_cosine: float,
                      cache_dir: str | os.PathLike | None) -> dict[str, Any]:
     """Min cosine per held-out kind of this half-precision model vs the fp32 reference, measured
     on the same device; refused below ``min_cosine``. Measured once per weights, precision,
@@ -306,21 +306,25 @@ def validated_report(backend: TorchBackend, weights: WeightLoader, min_cosine: f
     return report
 
 
-def _measure(backend: TorchBackend, weights: WeightLoader, min_cosine: float) -> dict[str, Any]:
-    from ..model.vision import VisionTransformer
+def _measure(backend: Any, weights: WeightLoader, min_cosine: float) -> dict[str, Any]:
+    """``backend``: a TorchBackend or a NaFlexTorchBackend (its ``model``, ``dtype``, ``device``)."""
+    from ..model.naflex import load_vision_tower
+    from .feeds import torch_inputs
     from .validation import heldout_pixels, validate_lossy
 
     torch = backend.torch
-    pixels = heldout_pixels(backend.config)
-    reference_model = VisionTransformer.from_weights(weights, dtype=torch.float32).to(backend.device)
+    config = backend.config
+    pixels = heldout_pixels(config)
+    reference_model = load_vision_tower(weights, dtype=torch.float32).to(backend.device)
     with torch.inference_mode():
-        reference = {kind: reference_model(torch.from_numpy(batch).to(backend.device)).pooled.float().cpu().numpy()
+        reference = {kind: reference_model(*torch_inputs(config, batch, backend.device)).pooled.float().cpu().numpy()
                      for kind, batch in pixels.items()}
     del reference_model
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: Any) -> np.ndarray:
+        inputs = [t.to(backend.dtype) if t.is_floating_point() else t for t in torch_inputs(config, batch, backend.device)]
         with torch.inference_mode():
-            return backend.model(torch.from_numpy(batch).to(backend.device, backend.dtype)).pooled.float().cpu().numpy()
+            return backend.model(*inputs).pooled.float().cpu().numpy()
 
     report = validate_lossy("torch", backend.precision, run, pixels, reference, min_cosine)
     return {"precision": backend.precision, **report}
