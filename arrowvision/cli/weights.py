@@ -18,12 +18,14 @@ from ._load import backend_options, check_backend_options, image_files, resolve_
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "convert", "convert a HF SigLIP/CLIP checkpoint to a Parquet weights file", cmd_convert)
-    p.add_argument("source", help="hub id (google/siglip-base-patch16-224), local folder, or .safetensors/.bin file")
+    p.add_argument("source", help="hub id (google/siglip-base-patch16-224), local folder (HF, or open_clip with "
+                   "open_clip_config.json), or .safetensors/.bin/.pt file")
     p.add_argument("output", help="output .parquet path")
     p.add_argument("--tower", choices=["vision", "text", "all"], default="vision", help="which tower(s) to keep")
     p.add_argument("--dtype", choices=["keep", "float32", "float16", "bfloat16"], default="keep", help="stored dtype")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--config", help="config.json for a single weights file (default: next to it)")
+    p.add_argument("--config", help="config.json for a single weights file (default: next to it); for an open_clip "
+                   "state dict, its model-config JSON (or open_clip_config.json)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Convert a Hugging Face SigLIP/CLIP checkpoint (hub id, folder or .safetensors file) to Parquet.
+"""Convert a Hugging Face SigLIP/CLIP checkpoint (hub id, folder or .safetensors file) to Parquet;
+open_clip checkpoints go through ``openclip`` (renamed to the HF CLIP layout) on the way.
 
 Checkpoint files are read with safetensors or ``torch.load(weights_only=True)``; never with
 unrestricted pickle.
@@ -21,6 +22,7 @@ from ..errors import ConversionError, FormatError
 from ..util.safejson import MAX_CONFIG_BYTES, load_json
 from ..weights.format import TOKENIZER_PREFIX
 from ..weights.writer import write_weights
+from . import openclip
 from .config import FAMILIES, VisionConfig, tensor_problems
 from .text_config import TextConfig
 
@@ -101,18 +103,24 @@ def _weight_files(folder: Path) -> list[Path]:
             return shards
         if (folder / single).is_file():
             return [folder / single]
-    raise ConversionError(f"no weights in {folder}: expected model.safetensors, a sharded index, or pytorch_model.bin")
+    for single in openclip.WEIGHT_FILES:
+        if (folder / single).is_file():
+            return [folder / single]
+    raise ConversionError(f"no weights in {folder}: expected model.safetensors, a sharded index, pytorch_model.bin "
+                          f"or open_clip's {' / '.join(openclip.WEIGHT_FILES)}")
 
 
 def resolve_checkpoint(source: str, *, revision: str | None = None, config_path: str | None = None) -> Checkpoint:
     """Turn a hub id, a local folder, or a single .safetensors file into a Checkpoint."""
     path = Path(source).expanduser()
     if path.is_dir():
-        config = _read_config(Path(config_path) if config_path else path / "config.json")
+        default = path / ("config.json" if (path / "config.json").is_file() or not (path / openclip.CONFIG_FILE).is_file()
+                          else openclip.CONFIG_FILE)
+        config = _read_config(Path(config_path) if config_path else default)
         return Checkpoint(config, _weight_files(path), {"type": "local", "path": str(path.resolve())}, path)
     if path.is_file():
-        if path.suffix not in (".safetensors", ".bin"):
-            raise ConversionError(f"{path}: expected a folder, a .safetensors or .bin file, or a hub id")
+        if path.suffix not in (".safetensors", ".bin", ".pt"):
+            raise ConversionError(f"{path}: expected a folder, a .safetensors, .bin or .pt file, or a hub id")
         config = _read_config(Path(config_path) if config_path else path.parent / "config.json")
         return Checkpoint(config, [path], {"type": "local", "path": str(path.resolve())}, path.parent)
     if source.count("/") > 1 or source.startswith((".", "/", "~")):
@@ -152,6 +160,8 @@ def _load_state_dict(files: list[Path]) -> Iterator[tuple[str, Any]]:
                         yield name, handle.get_tensor(name)
             else:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                    state = state["state_dict"]  # a training checkpoint (open_clip's epoch_N.pt)
                 if not isinstance(state, dict):
                     raise ConversionError(f"{file}: expected a state dict, got {type(state).__name__}")
                 yield from state.items()
@@ -213,6 +223,10 @@ def convert(
         raise ConversionError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPE_CHOICES)}")
     start = time.perf_counter()
     checkpoint = resolve_checkpoint(source, revision=revision, config_path=config_path)
+    tensors = _load_state_dict(checkpoint.weight_files)
+    if openclip.is_open_clip_config(checkpoint.config):  # renamed to the HF CLIP layout on the way
+        checkpoint.config = openclip.hf_config(checkpoint.config)
+        tensors = openclip.hf_tensors(tensors, tower)
     model_type = checkpoint.config.get("model_type")
     if model_type not in FAMILIES:
         raise ConversionError(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
@@ -223,7 +237,7 @@ def convert(
     if vision_only and tower == "text":
         raise ConversionError(f"{source} is a vision-only checkpoint ({model_type}); it has no text tower")
     prefixes = ("",) if vision_only else TOWER_PREFIXES[tower]
-    selected = [(n, t) for n, t in _load_state_dict(checkpoint.weight_files) if n.startswith(prefixes)]
+    selected = [(n, t) for n, t in tensors if n.startswith(prefixes)]
     selected = [(n, t) for n, t in selected if not n.endswith("position_ids")]  # non-persistent buffers
     if not selected:
         raise ConversionError(f"no {tower} tensors found in {source} (names should start with {' or '.join(prefixes)})")
