@@ -62,9 +62,38 @@ def test_unsupported_variants_are_refused(change, message, tmp_path):
     assert not (tmp_path / "out.parquet").exists()
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_text_tower_and_logit_scale_equal_open_clip(name, tmp_path):
+    """--tower all: the causal text tower pooled at the end-of-text token, and logit_scale."""
+    import torch
+
+    from arrowvision.model.text import TextTransformer
+
+    folder = FIXTURES / name
+    out = tmp_path / "all.parquet"
+    convert(str(folder), out, tower="all", progress=False)
+    weights = WeightLoader(out)
+    model = TextTransformer.from_weights(weights)
+    ids, expected = np.load(folder / "input_ids.npy"), np.load(folder / "text_features.npy")
+    with torch.no_grad():
+        got = model(torch.from_numpy(ids)).pooled.numpy()
+    assert np.abs(expected).max() > 0.1
+    assert np.abs(got - expected).max() <= 1e-4
+    stored, expected_scale = weights.tensor("logit_scale").reshape(-1), np.load(folder / "logit_scale.npy").reshape(-1)
+    assert stored.shape == (1,) and abs(float(stored[0]) - float(expected_scale[0])) <= 1e-6
+    image = VisionEncoder.from_parquet(out).encode(np.load(folder / "pixels.npy"), normalize=False)
+    assert np.abs(image - np.load(folder / "image_features.npy")).max() <= 1e-4  # the same file's vision tower
+
+
 def test_text_tower_and_mismatched_tensors_are_refused(tmp_path):
-    with pytest.raises(ConversionError, match="open_clip text towers do not convert yet"):
-        convert(str(FIXTURES / "tiny-vit-quickgelu"), tmp_path / "out.parquet", tower="all", progress=False)
+    folder = tmp_path / "hf_text"
+    shutil.copytree(FIXTURES / "tiny-vit-quickgelu", folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = "xlm-roberta-base"
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="hf_model_name='xlm-roberta-base' is not supported"):
+        convert(str(folder), tmp_path / "out.parquet", tower="all", progress=False)
+    convert(str(folder), tmp_path / "vision.parquet", progress=False)  # the vision tower still converts
     folder = tmp_path / "model"
     shutil.copytree(FIXTURES / "tiny-vit-quickgelu", folder)
     config = json.loads((folder / "open_clip_config.json").read_text())

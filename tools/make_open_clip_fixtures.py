@@ -54,6 +54,17 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
     assert not constant, constant
 
 
+def token_ids(rng: np.random.Generator, rows: int, length: int, vocab: int) -> np.ndarray:
+    """Shaped like open_clip's tokenizer output: start token, words, end-of-text (the largest id),
+    zero padding; texts of different lengths, one filling the context."""
+    ids = np.zeros((rows, length), np.int64)
+    for row, words in enumerate([3, 7, 1, length - 2][:rows]):
+        ids[row, 0] = vocab - 2
+        ids[row, 1 : 1 + words] = rng.integers(1, vocab - 2, words)
+        ids[row, 1 + words] = vocab - 1
+    return ids
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     configs = Path(tempfile.mkdtemp())
@@ -70,10 +81,16 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
         size = config["vision_cfg"]["image_size"]
         pixels = torch.from_numpy(np.random.default_rng(seed).standard_normal((3, 3, size, size), dtype=np.float32))
+        text = config["text_cfg"]
+        ids = token_ids(np.random.default_rng(100 + seed), 4, text["context_length"], text["vocab_size"])
         with torch.no_grad():
             features = model.encode_image(pixels)
+            text_features = model.encode_text(torch.from_numpy(ids))
         np.save(folder / "pixels.npy", pixels.numpy())
         np.save(folder / "image_features.npy", features.numpy())
+        np.save(folder / "input_ids.npy", ids)
+        np.save(folder / "text_features.npy", text_features.numpy())
+        np.save(folder / "logit_scale.npy", model.logit_scale.detach().numpy())
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, features {tuple(features.shape)}",
               file=sys.stderr)
     (OUT / "VERSIONS.txt").write_text(f"open_clip {open_clip.__version__}, torch {torch.__version__}\n")

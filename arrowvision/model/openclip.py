@@ -1,10 +1,13 @@
 """open_clip checkpoints -> the Hugging Face CLIP layout our converter and towers read.
 
-Supported: open_clip's OpenAI-style ``VisionTransformer`` (OpenAI CLIP in open_clip form, LAION,
-DFN, Marqo fine-tunes of those): class token, ``ln_pre``, blocks with a fused ``in_proj``,
-``ln_post`` on the class token, ``proj``; QuickGELU or GELU. The vision tower converts; everything
-else (text towers, timm trunks such as ``ViT-B-16-SigLIP``, ResNets, attentional pooling, layer
-scale, ...) is refused with a ConversionError naming what is missing.
+Supported: open_clip's OpenAI-style ``CLIP`` (OpenAI CLIP in open_clip form, LAION, DFN, Marqo
+fine-tunes of those): the ``VisionTransformer`` (class token, ``ln_pre``, blocks with a fused
+``in_proj``, ``ln_post`` on the class token, ``proj``) and the causal text ``Transformer`` pooled at
+the end-of-text token (the largest id, open_clip's ``argmax`` pooling), QuickGELU or GELU.
+Everything else (timm trunks such as ``ViT-B-16-SigLIP``, HF text towers, ResNets, attentional
+pooling, layer scale, ...) is refused with a ConversionError naming what is not supported.
+open_clip's own BPE tokenizer is not stored in its checkpoints: tokenizer files beside the weights
+(CLIP's ``vocab.json`` + ``merges.txt``) are kept, as for HF checkpoints.
 
 The model config is open_clip's: the ``model_cfg`` of an ``open_clip_config.json`` (what open_clip
 saves beside the weights on the hub) or a bare model-config JSON (``embed_dim``, ``vision_cfg``,
@@ -27,7 +30,13 @@ UNSUPPORTED_VISION = {
     "final_ln_after_pool": False, "pool_type": "tok", "pos_embed_type": "learnable", "act_kwargs": None,
     "norm_kwargs": None, "mlp_ratio": 4.0, "output_tokens": False,
 }
-_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.(.+)$")
+# text_cfg keys whose non-default value changes the architecture
+UNSUPPORTED_TEXT = {
+    "hf_model_name": None, "ls_init_value": None, "embed_cls": False, "pool_type": "argmax", "proj_type": "linear",
+    "proj_bias": False, "no_causal_mask": False, "final_ln_after_pool": False, "act_kwargs": None, "norm_kwargs": None,
+    "mlp_ratio": 4.0, "output_tokens": False, "pad_id": 0,
+}
+_BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 _BLOCK_PARTS = {
     "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
     "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
@@ -40,6 +49,11 @@ _TOP = {
     "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
     "visual.ln_post.weight": "vision_model.post_layernorm.weight",
     "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
 }
 
 
@@ -72,7 +86,8 @@ def hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
     width, head_width = vision.get("width", 768), vision.get("head_width", 64)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, head_width)):
         raise ConversionError(f"open_clip vision_cfg width / head_width: expected positive integers, got {width!r}, {head_width!r}")
-    return {
+    activation = "quick_gelu" if cfg.get("quick_gelu", False) else "gelu"
+    config = {
         "model_type": "clip",
         "projection_dim": cfg.get("embed_dim", 512),
         "vision_config": {
@@ -83,41 +98,77 @@ def hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
             "num_attention_heads": width // head_width,
             "intermediate_size": int(width * 4),
             "layer_norm_eps": 1e-5,
-            "hidden_act": "quick_gelu" if cfg.get("quick_gelu", False) else "gelu",
+            "hidden_act": activation,
         },
         "open_clip": {"model_cfg": dict(cfg)},  # provenance, kept in the file's config
     }
+    text = cfg.get("text_cfg")
+    if isinstance(text, Mapping):
+        config["text_config"] = _text_config(text, activation)
+    return config
 
 
-def hf_tensors(tensors: Iterator[tuple[str, Any]], tower: str) -> Iterator[tuple[str, Any]]:
-    """open_clip state-dict tensors -> HF CLIP vision names and layouts (``in_proj`` split into
-    q/k/v, ``proj`` transposed to a Linear weight); a text tower is refused."""
-    if tower != "vision":
-        raise ConversionError(f"--tower {tower}: open_clip text towers do not convert yet; convert with --tower vision")
+def _text_config(text: Mapping[str, Any], activation: str) -> dict[str, Any] | None:
+    """The HF ``CLIPTextConfig`` dict, or None for a text tower we cannot build (refused only if
+    the text tower is asked for, see ``hf_tensors``)."""
+    if any(key in text and text[key] != default for key, default in UNSUPPORTED_TEXT.items()):
+        return None
+    width = text.get("width", 512)
+    vocab = text.get("vocab_size", 49408)
+    return {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "num_hidden_layers": text.get("layers", 12),
+        "num_attention_heads": text.get("heads", 8),
+        "intermediate_size": int(width * 4) if isinstance(width, int) else width,
+        "max_position_embeddings": text.get("context_length", 77),
+        "layer_norm_eps": 1e-5,
+        "hidden_act": activation,
+        "eos_token_id": 2,  # HF's legacy value: pool at the largest id, as open_clip's argmax pooling
+        "bos_token_id": vocab - 2 if isinstance(vocab, int) else None,
+        "pad_token_id": 0,
+    }
+
+
+def unsupported_text(config: Mapping[str, Any]) -> str:
+    """Why the text tower of an open_clip model config does not convert ('' when it does)."""
+    text = model_config(config).get("text_cfg")
+    if not isinstance(text, Mapping):
+        return "the config has no text_cfg"
+    changed = [f"{k}={text[k]!r}" for k, default in UNSUPPORTED_TEXT.items() if k in text and text[k] != default]
+    return f"text_cfg {', '.join(changed)} is not supported" if changed else ""
+
+
+def hf_tensors(tensors: Iterator[tuple[str, Any]], config: Mapping[str, Any], tower: str) -> Iterator[tuple[str, Any]]:
+    """open_clip state-dict tensors -> HF CLIP names and layouts (``in_proj`` split into q/k/v,
+    ``proj`` / ``text_projection`` transposed to Linear weights). ``config``: the open_clip one."""
+    if tower in ("text", "all") and (reason := unsupported_text(config)):
+        raise ConversionError(f"--tower {tower}: this open_clip text tower does not convert ({reason}); "
+                              "convert with --tower vision")
     for name, tensor in tensors:
         name = name.removeprefix("module.")  # checkpoints saved from DistributedDataParallel
-        if not name.startswith("visual."):
+        if name in ("attn_mask", "visual.attn_mask"):  # the causal mask buffer of older checkpoints
             continue
         if name in _TOP:
             yield _TOP[name], tensor
-        elif name == "visual.proj":
-            yield "visual_projection.weight", tensor.t().contiguous()
+        elif name in ("visual.proj", "text_projection"):
+            yield ("visual_projection.weight" if name == "visual.proj" else "text_projection.weight"), tensor.t().contiguous()
         elif match := _BLOCK.match(name):
-            yield from _block(int(match.group(1)), match.group(2), tensor)
+            tower_prefix = "vision_model" if match.group(1) else "text_model"
+            yield from _block(f"{tower_prefix}.encoder.layers.{match.group(2)}.", match.group(3), tensor, name)
         else:
-            raise ConversionError(f"open_clip tensor {name!r} has no place in an OpenAI-style VisionTransformer")
+            raise ConversionError(f"open_clip tensor {name!r} has no place in an OpenAI-style CLIP model")
 
 
-def _block(index: int, part: str, tensor: Any) -> Iterator[tuple[str, Any]]:
-    prefix = f"vision_model.encoder.layers.{index}."
+def _block(prefix: str, part: str, tensor: Any, name: str) -> Iterator[tuple[str, Any]]:
     if part in ("attn.in_proj_weight", "attn.in_proj_bias"):
         kind = part.rsplit("_", 1)[1]  # weight | bias
-        if tensor.shape[0] % 3:
-            raise ConversionError(f"open_clip block {index} {part}: first dimension {tensor.shape[0]} is not 3 x width")
+        if tensor.ndim == 0 or tensor.shape[0] % 3:
+            raise ConversionError(f"open_clip tensor {name!r}: first dimension is not 3 x width")
         for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
             yield f"{prefix}self_attn.{projection}.{kind}", chunk.contiguous()
         return
     module, _, leaf = part.rpartition(".")
     if module not in _BLOCK_PARTS:
-        raise ConversionError(f"open_clip tensor visual.transformer.resblocks.{index}.{part} is not supported")
+        raise ConversionError(f"open_clip tensor {name!r} is not supported (layer scale, attention norms, ...)")
     yield f"{prefix}{_BLOCK_PARTS[module]}.{leaf}", tensor
