@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -187,8 +186,14 @@ def _weights_path(args: argparse.Namespace, *, demo_default: bool) -> str:
     return path
 
 
-def progress_enabled(args: argparse.Namespace) -> bool:
+def progress_wanted(args: argparse.Namespace) -> bool:
+    """The user did not turn progress off (``embed`` then reports plain lines into a log file)."""
     return not getattr(args, "no_progress", False)
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars: wanted, and stderr is a terminal (a file or a pipe gets no ``\\r`` redraws)."""
+    return progress_wanted(args) and sys.stderr.isatty()
 
 
 @contextlib.contextmanager
@@ -196,6 +201,9 @@ def elapsed_bar(description: str, enabled: bool) -> Iterator[None]:
     """A ticking 'description: 12s' line on stderr for steps with no countable progress."""
     from tqdm import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        print(f"{description} ...", file=sys.stderr, flush=True)
+        enabled = False
     bar = tqdm(desc=description, bar_format="{desc}: {elapsed}", disable=not enabled, file=sys.stderr)
     done = threading.Event()
 
@@ -251,112 +259,28 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
-def _portable_source(source: dict) -> dict:
-    """The conversion source without paths of temporary build folders."""
-    temp = Path(tempfile.gettempdir()).resolve()
-    path = source.get("path")
-    if isinstance(path, str) and (Path(path).resolve() == temp or temp in Path(path).resolve().parents):
-        return {k: v for k, v in source.items() if k != "path"}
-    return dict(source)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    from collections import Counter
+    from .describe import describe_weights, report_lines
 
-    from .config import VisionConfig
-    from .format import WeightLoader
-
-    path = _weights_path(args, demo_default=False)
-    start = time.perf_counter()
-    weights = WeightLoader(path, verify=args.verify)
-    elapsed = time.perf_counter() - start
-    dtypes = Counter(info.dtype for info in weights.tensors())
-    parameters = sum(math.prod(info.shape) for info in weights.tensors())
-    try:
-        vision: dict[str, Any] = VisionConfig.from_hf(weights.config).to_dict()
-    except ArrowVisionError as exc:
-        vision = {"error": str(exc)}
-    report = {
-        "path": str(weights.path),
-        "family": weights.family,
-        "tower": weights.tower,
-        "tensors": len(weights),
-        "parameters": parameters,
-        "bytes": weights.nbytes,
-        "dtypes": dict(dtypes),
-        "zero_copy": weights.zero_copy,
-        "weights_checksum": weights.checksum,
-        "checksums_verified": bool(args.verify),
-        "source": _portable_source(weights.source),
-        "vision_config": vision,
-        "auto_choice": _auto_choice(weights),
-        "exports": _export_summaries(weights),
-        "load_ms": round(elapsed * 1000, 2),
-    }
+    report = describe_weights(_weights_path(args, demo_default=False), verify=args.verify)
     if args.json:
         print_json(report)
         return EXIT_OK
-    source = report["source"]
-    lines = {
-        "path": report["path"],
-        "model": f"{weights.family or '?'} ({weights.tower or '?'} tower)",
-        "tensors": f"{len(weights)} ({', '.join(f'{count} {dtype}' for dtype, count in dtypes.most_common())})",
-        "parameters": f"{parameters:,}",
-        "size": f"{weights.nbytes / 2**20:.1f} MiB of tensors",
-        "zero-copy": "yes" if weights.zero_copy else "no (decoded with pyarrow)",
-        "checksum": weights.checksum,
-        "checksums": "verified" if args.verify else "not verified (use --verify)",
-        "source": " ".join(str(source[k]) for k in ("type", "repo_id", "revision", "path") if source.get(k)) or "unknown",
-        "vision": _describe_vision(vision),
-        "auto choice": report["auto_choice"],
-        "exports": report["exports"] or ["none cached"],
-        "load time": f"{report['load_ms']:.1f} ms",
-    }
-    for key, value in lines.items():
+    for key, value in report_lines(report).items():
         for index, item in enumerate(value if isinstance(value, list) else [value]):  # lists: one line per item
             print(f"{key if index == 0 else '':>11}{':' if index == 0 else ' '} {item}")
     return EXIT_OK
 
 
-def _auto_choice(weights) -> str:
-    """What ``--backend auto`` runs for this model on this CPU, if it was measured already."""
-    try:
-        from .backends.auto import remembered_choice
-
-        record = remembered_choice(weights)
-    except ArrowVisionError as exc:
-        return f"unknown ({exc})"
-    if record is None:
-        return "not measured on this CPU yet (the first --backend auto use measures it)"
-    return f"{record['backend']} {record['precision']} on {record['cpu']}"
-
-
-def _export_summaries(weights) -> list[str]:
-    """Cached exports of this model and their held-out accuracy per kind (min cosine vs fp32)."""
-    from .backends.artifacts import cached_exports
-
-    lines = []
-    for meta in cached_exports(weights.checksum):
-        kinds = meta.get("by_kind")
-        accuracy = (", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in kinds.items()) if kinds
-                    else f"max abs {meta['max_abs']:.1e}" if "max_abs" in meta else "exact (fp32)")
-        lines.append(f"{meta['format']} {meta['precision']}: {accuracy}")
-    return lines
-
-
-def _describe_vision(vision: dict[str, Any]) -> str:
-    if "error" in vision:
-        return f"not loadable: {vision['error']}"
-    text = (f"{vision['image_size']}px, patch {vision['patch_size']}, width {vision['hidden_size']}, "
-            f"{vision['num_layers']} layers, {vision['num_heads']} heads, mlp {vision['intermediate_size']}")
-    return text + (f", projection {vision['projection_dim']}" if vision.get("projection_dim") else "")
-
-
 # ----------------------------------------------------------------------------- backends
 
 
-def _backend_options(p: argparse.ArgumentParser, mode: str = "latency") -> None:
-    p.add_argument("--weights", help="Parquet weights (default: the bundled random-init demo model, with a warning)")
+TEXT_WEIGHTS_HELP = "Parquet weights converted with --tower all (required: the bundled demo model has no text tower)"
+
+
+def _backend_options(p: argparse.ArgumentParser, mode: str = "latency", weights_help: str | None = None) -> None:
+    p.add_argument("--weights", help=weights_help or "Parquet weights (default: the bundled random-init demo model, "
+                   "with a warning; --text needs weights converted with --tower all)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="default", help=BACKEND_HELP)
     p.add_argument("--precision", choices=PRECISIONS,
                    help="default fp32 (torch on CUDA: bf16, or fp16 where bf16 is missing); auto picks its own")
@@ -442,7 +366,7 @@ def load_encoder(args: argparse.Namespace, weights: str | None = None):
     device = str(args.device)
     if backend == "torch":
         device = "cpu" if device.upper() == "CPU" else device
-    first_use = _first_use(weights, backend, options) if progress_enabled(args) else ""
+    first_use = _first_use(weights, backend, options) if progress_wanted(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
         encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
     if backend == "auto":
@@ -501,7 +425,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     weights = _weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     start = time.perf_counter()
-    first_use = _first_use(weights, backend, {}) if progress_enabled(args) else ""
+    first_use = _first_use(weights, backend, {}) if progress_wanted(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
         encoder = VisionEncoder.from_parquet(weights, backend=backend)
     loaded = time.perf_counter()
@@ -631,6 +555,7 @@ def _ray_embed_options(p: argparse.ArgumentParser) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     from .pipeline import collect_inputs, embed_paths, input_root
     from .urlfetch import UrlPolicy
+    from .writer import dataset_text
 
     for option in ("address", "actors", "cpus_per_actor"):
         if args.engine == "local" and getattr(args, option) is not None:
@@ -657,7 +582,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             workers = default_workers() if on_gpu else 2
         stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size or (256 if on_gpu else 32),
                             chunk_size=args.chunk_size, workers=workers, sketch=args.sketch,
-                            progress=progress_enabled(args), root=input_root(args.inputs),
+                            progress=progress_wanted(args), root=input_root(args.inputs),
                             skip_failed=args.skip_failed, decode=args.decode,
                             url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
@@ -667,7 +592,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
         print(line)
     for _path, reason in stats.errors[:10]:
-        print(f"  failed: {reason}", file=sys.stderr)
+        print(f"  failed: {dataset_text(reason)}", file=sys.stderr)  # file names as the errors table spells them
     if len(stats.errors) > 10:
         print(f"  ... and {len(stats.errors) - 10} more (see {Path(args.output) / '_errors'})", file=sys.stderr)
     if stats.embedded:
@@ -701,6 +626,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .index import search_dataset
     from .pipeline import part_files
 
+    if args.text is None and args.query is None:
+        args.command_parser.error("search needs a query image or --text")
     part_files(args.embeddings)  # a missing dataset fails before the model loads
     if args.text is not None or args.query is None:
         return cmd_search_text(args)
@@ -717,10 +644,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def print_hits(args: argparse.Namespace, query: dict, hits: list) -> int:
-    """Search results as one JSON document (--json) or a ranked table; shared by image and text queries."""
+    """Search results as one JSON document (--json: ``results`` of ``path`` and ``score``, the cosine,
+    as ``POST /v1/search`` answers) or a ranked table; shared by image and text queries."""
     if args.json:
         print_json({"dataset": args.embeddings, **query, "k": args.top_k,
-                    "hits": [{"rank": rank, "cosine": score, "path": path} for rank, (score, path) in enumerate(hits, 1)]})
+                    "results": [{"rank": rank, "path": path, "score": score} for rank, (score, path) in enumerate(hits, 1)]})
         return EXIT_OK
     print(f"{'rank':>4}  {'cosine':>8}  path")
     for rank, (score, path) in enumerate(hits, 1):
@@ -941,6 +869,9 @@ def load_image_text(args: argparse.Namespace, weights: str | None = None):
     torch with torch, else OpenVINO). Text commands need real weights: no demo default."""
     from .image_text import ImageTextModel
 
+    if not (weights or args.weights or getattr(args, "weights_positional", None)):
+        args.command_parser.error("give --weights W.parquet converted with --tower all "
+                                  "(the bundled demo model has no text tower)")
     weights = weights or _weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     check_backend_options(args, backend)
@@ -965,9 +896,9 @@ def cmd_search_text(args: argparse.Namespace) -> int:
     from .search import require_model
 
     if args.text is None:
-        raise ArrowVisionError("search needs a query image or --text")
+        args.command_parser.error("search needs a query image or --text")
     if args.query is not None or args.sketch:
-        raise ArrowVisionError("give either a query image or --text, not both (--sketch applies to image queries)")
+        args.command_parser.error("give either a query image or --text, not both (--sketch applies to image queries)")
     model = load_image_text(args)
     require_model(args.embeddings, model.checksum)
     vector = model.encode_texts([args.text])[0]
@@ -980,7 +911,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "score", "CLIP score, logit and probability for each (image, text) row of a CSV/Parquet table", cmd_score)
     p.add_argument("pairs", help="CSV or Parquet with `image` (path, relative to the table, or http(s) URL) and `text` columns")
     p.add_argument("-o", "--output", required=True, help="output .csv or .parquet (input columns + scores + error)")
-    _backend_options(p)
+    _backend_options(p, weights_help=TEXT_WEIGHTS_HELP)
     p.add_argument("--batch-size", type=positive_int, default=32, help="images (and texts) per model call")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let http(s) images reach loopback, private and link-local hosts (intranet use)")
@@ -1004,7 +935,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", default="a photo of a {}.", help="prompt with {} for the label")
     p.add_argument("-k", "--top-k", type=positive_int, default=5, help="labels shown per image")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    _backend_options(p)
+    _backend_options(p, weights_help=TEXT_WEIGHTS_HELP)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -1084,14 +1015,30 @@ def _error(message: str) -> int:
     return EXIT_ERROR
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown option is the subcommand's usage error, pointing at its own --help (with
+    the closest option it has, for a typo)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = args.command_parser
+        options = [option for action in command._actions for option in action.option_strings]
+        guess = difflib.get_close_matches(unknown[0].split("=", 1)[0], options, n=1)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {guess[0]}?)" if guess else ""))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    args = parse_arguments(build_parser(), argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if hasattr(args, "precision") and hasattr(args, "backend"):  # usage errors before anything loads
         check_backend_options(args, resolve_backend(args.backend, getattr(args, "device", "cpu")))
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # a log line clears the progress bar and is printed above it, not glued to it
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

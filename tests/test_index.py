@@ -206,18 +206,18 @@ def test_index_command_search_uses_it_and_embed_keeps_it_current(tmp_path, photo
     assert json.loads(capsys.readouterr().out)["action"] == "unchanged"
     query = str(photo_set / "coffee.jpg")
     assert main(["search", str(out), query, "-k", "4", "--json", *base]) == 0
-    indexed = json.loads(capsys.readouterr().out)["hits"]
+    indexed = json.loads(capsys.readouterr().out)["results"]
     assert main(["search", str(out), query, "-k", "4", "--json", "--no-index", *base]) == 0
-    scanned = json.loads(capsys.readouterr().out)["hits"]
+    scanned = json.loads(capsys.readouterr().out)["results"]
     assert [h["path"] for h in indexed] == [h["path"] for h in scanned] and indexed[0]["path"] == query
-    np.testing.assert_allclose([h["cosine"] for h in indexed], [h["cosine"] for h in scanned], atol=1e-5)
+    np.testing.assert_allclose([h["score"] for h in indexed], [h["score"] for h in scanned], atol=1e-5)
     shutil.copy(SAMPLES / "camera.jpg", photo_set / "camera.jpg")  # embed adds a chunk: the index follows
     try:
         assert main(["embed", str(photo_set), "-o", str(out), *base]) == 0
         assert "index updated: 5 rows (exact)" in capsys.readouterr().err
         assert vindex.VectorIndex.open(out).rows == 5
         assert main(["search", str(out), str(photo_set / "camera.jpg"), "-k", "1", "--json", *base]) == 0
-        assert json.loads(capsys.readouterr().out)["hits"][0]["path"] == str(photo_set / "camera.jpg")
+        assert json.loads(capsys.readouterr().out)["results"][0]["path"] == str(photo_set / "camera.jpg")
     finally:
         (photo_set / "camera.jpg").unlink()
     assert main(["index", str(out), "--exact-below", "2", "--json", "--no-progress"]) == 0  # an option: a rebuild

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ArrowVisionError
-from ..pipeline import EmbedStats, _Item, identity, relpath_function, stop_on_signals
+from ..interrupts import stop_on_signals
+from ..pipeline import EmbedStats, _Item, identity, relpath_function
 from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 from . import connect, inference_threads, threads_option
 
