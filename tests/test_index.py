@@ -35,12 +35,12 @@ def clustered(rows: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np
 
 def write_parts(folder: Path, vectors: np.ndarray, chunk: int, start: int = 0, checksum: str = CHECKSUM) -> list[str]:
     """Rows written the way `embed` writes them (chunked part files), with made-up paths."""
-    writer = EmbeddingWriter(folder, vectors.shape[1], {"model_checksum": checksum, "family": "siglip",
-                                                        "dim": str(vectors.shape[1]), "sketch": "false", "normalized": "true"})
     paths = [f"/corpus/img-{start + i:06d}.jpg" for i in range(len(vectors))]
-    for s in range(0, len(vectors), chunk):
-        items = [_Item(p, None, 1, 1, "x", embedding=v) for p, v in zip(paths[s:s + chunk], vectors[s:s + chunk])]
-        writer.write(items, [], relpath=lambda p: p)
+    with EmbeddingWriter(folder, vectors.shape[1], {"model_checksum": checksum, "family": "siglip",
+                                                    "dim": str(vectors.shape[1]), "sketch": "false", "normalized": "true"}) as writer:
+        for s in range(0, len(vectors), chunk):
+            items = [_Item(p, None, 1, 1, "x", embedding=v) for p, v in zip(paths[s:s + chunk], vectors[s:s + chunk])]
+            writer.write(items, [], relpath=lambda p: p)
     return paths
 
 
@@ -157,6 +157,20 @@ def test_another_models_index_and_a_corrupt_one_are_refused(small):
     shutil.rmtree(vindex.index_folder(dataset))
     with pytest.raises(SearchIndexError, match="no index; build one"):
         vindex.VectorIndex.open(dataset)
+
+
+def test_the_sketch_flag_is_a_json_bool_and_the_old_string_form_still_reads(small):
+    dataset, _ = small
+    vindex.build(dataset)
+    meta_file = vindex.index_folder(dataset) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["sketch"] is False
+    meta_file.write_text(json.dumps({**meta, "sketch": "false"}))  # as indexes before this version stored it
+    assert vindex.VectorIndex.open(dataset, sketch=False).rows == 300
+    with pytest.raises(IndexMismatch, match="embedded with sketch=false, the query uses sketch=true"):
+        vindex.VectorIndex.open(dataset, sketch=True)
+    meta_file.write_text(json.dumps({**meta, "sketch": "true"}))
+    assert vindex.VectorIndex.open(dataset, sketch=True).rows == 300
 
 
 def test_query_checks(small):
