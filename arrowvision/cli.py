@@ -488,7 +488,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from .backends.onnx_export import save_onnx
 
-        with elapsed_bar(f"exporting to ONNX ({args.precision})", progress_enabled(args)):
+        with elapsed_bar(f"exporting to ONNX ({args.precision})", progress_wanted(args)):
             report = save_onnx(weights, args.output, args.precision, cache_dir=args.cache_dir, min_cosine=args.min_cosine,
                                force=args.force)
         print(f"{args.precision} ONNX: {args.output} ({time.perf_counter() - start:.1f} s)")
@@ -497,7 +497,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .backends.openvino_backend import export
 
         calibration = image_files(args.calibration) if args.calibration else None
-        with elapsed_bar(f"exporting to OpenVINO IR ({args.precision})", progress_enabled(args)):
+        with elapsed_bar(f"exporting to OpenVINO IR ({args.precision})", progress_wanted(args)):
             entry = export(weights, args.precision, cache_dir=args.cache_dir, calibration=calibration,
                            min_cosine=args.min_cosine, force=args.force)
         report = read_meta(entry)

@@ -75,11 +75,11 @@ def stop_on_signals(stop: threading.Event, say: Callable[[str], None] = _say_on_
     try:
         yield
     finally:
-        finished.set()
-        _active[0] = False
-        signal.set_wakeup_fd(previous_fd)
-        for sig, handler in previous.items():
+        for sig, handler in previous.items():  # from here on a signal acts as it did before
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(previous_fd)
+        _active[0] = False
+        finished.set()
         writer.close()  # the watcher's recv returns b"": it ends
         watcher.join(5)
         reader.close()
