@@ -33,7 +33,7 @@ from ..errors import ArrowVisionError
 from ..interrupts import stop_on_signals
 from ..pipeline import EmbedStats, _Item, identity, relpath_function
 from ..progress import progress_bar
-from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, dataset_text, plan
+from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 from . import connect, inference_threads, threads_option
 
 MAX_BLOCKS = 20_000  # blocks per run: bounds the driver's bookkeeping for very large corpora
@@ -88,7 +88,7 @@ class EmbedActor:
 
         began = time.time()
         preprocess = self.encoder.preprocessor.pixels
-        items = list(self.decoder.map(lambda p: _decode(os.fsdecode(p), preprocess, self.transform), batch["path"]))
+        items = list(self.decoder.map(lambda p: _decode(str(p), preprocess, self.transform), batch["path"]))
         vectors = np.zeros((len(items), self.encoder.embedding_dim), np.float32)
         ok = [i for i, item in enumerate(items) if not item.error]
         if ok:
@@ -100,12 +100,12 @@ class EmbedActor:
             inference = 0.0
         n = len(items)
         return {
-            "path": np.array([os.fsencode(item.path) for item in items], dtype=object),  # any file name: bytes
+            "path": np.array([item.path for item in items], dtype=object),
             "embedding": vectors,
             "width": np.array([item.width for item in items], np.int32),
             "height": np.array([item.height for item in items], np.int32),
             "sha256": np.array([item.digest for item in items], dtype=object),
-            "error": np.array([dataset_text(item.error) for item in items], dtype=object),
+            "error": np.array([item.error for item in items], dtype=object),
             "node": np.array([self.node] * n, dtype=object),
             "pid": np.full(n, self.pid, np.int64),
             "inference_seconds": np.full(n, inference / max(n, 1)),
@@ -209,7 +209,7 @@ def embed_paths_ray(
                     fresh = {row.path for row in good} | {row.path for row in bad}
                     for path, node, pid, seconds, load in zip(batch["path"], batch["node"], batch["pid"],
                                                               batch["inference_seconds"], batch["load_seconds"]):
-                        if os.fsdecode(path) in fresh:
+                        if path in fresh:
                             nodes[str(node)] += 1
                             workers[f"{node}/{pid}"] += 1
                             stats.inference_seconds += float(seconds)
@@ -244,8 +244,7 @@ def _paths_dataset(ray: Any, todo: list[str], batch_size: int, actors: int) -> A
     batches = math.ceil(len(todo) / batch_size)
     per_block = max(1, min(8, batches // (4 * actors)), math.ceil(batches / MAX_BLOCKS)) * batch_size
     blocks = math.ceil(len(todo) / per_block)
-    # bytes: a file name that is not UTF-8 (a str with lone surrogates) cannot be an Arrow string
-    return ray.data.from_items([{"path": os.fsencode(path)} for path in todo], override_num_blocks=blocks)
+    return ray.data.from_items([{"path": path} for path in todo], override_num_blocks=blocks)
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[_Item]:
@@ -253,8 +252,7 @@ def _rows(batch: dict[str, np.ndarray]) -> list[_Item]:
     rows = []
     for i, path in enumerate(batch["path"]):
         error = str(batch["error"][i] or "")
-        row = _Item(os.fsdecode(path), None, int(batch["width"][i]), int(batch["height"][i]), str(batch["sha256"][i] or ""),
-                    error)
+        row = _Item(str(path), None, int(batch["width"][i]), int(batch["height"][i]), str(batch["sha256"][i] or ""), error)
         row.embedding = None if error else batch["embedding"][i]
         rows.append(row)
     return rows
