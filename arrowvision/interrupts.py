@@ -68,7 +68,7 @@ def stop_on_signals(stop: threading.Event, say: Callable[[str], None] = _say_on_
             elif heard > 1:
                 say(STOPPED)
                 sys.stdout.flush()
-                os._exit(EXIT_INTERRUPTED)  # noqa: SLF001 - the user asked to stop now; finished chunks are whole
+                os._exit(EXIT_INTERRUPTED)  # the user asked to stop now; finished chunks are whole
 
     watcher = threading.Thread(target=watch, name="arrowvision-signals", daemon=True)
     watcher.start()
