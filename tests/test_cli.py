@@ -145,7 +145,7 @@ def test_serve_on_a_busy_port_is_one_error_line_exit_1(capsys):
 
 
 def test_serve_quiet_turns_the_access_log_off(capsys, monkeypatch):
-    import arrowvision.service as service
+    import arrowvision.service.app as service
 
     calls = []
     monkeypatch.setattr(service, "serve", lambda encoder, **kwargs: calls.append(kwargs))
@@ -174,7 +174,7 @@ def test_the_ir_made_by_export_is_the_one_embed_uses(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def tower_all(tmp_path_factory) -> Path:
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
 
     from .textkit import save_full_checkpoint
 
@@ -242,6 +242,7 @@ GLUED = """
 import logging, sys
 from tqdm import tqdm
 from arrowvision import cli
+from arrowvision.cli import weights
 
 def noisy_info(args):
     bar = tqdm(total=3, desc="working", file=sys.stderr)
@@ -251,7 +252,7 @@ def noisy_info(args):
     bar.close()
     return 0
 
-cli.cmd_info = noisy_info
+weights.cmd_info = noisy_info
 sys.exit(cli.main(["info", sys.argv[1]]))
 """
 
@@ -272,7 +273,6 @@ def test_passing_validations_and_auto_rows_are_info_a_failing_one_a_warning(capl
 
     import numpy as np
 
-    import arrowvision.backends as backends
     from arrowvision import BackendError
     from arrowvision.backends import auto
     from arrowvision.backends.validation import validate_lossy
@@ -291,15 +291,14 @@ def test_passing_validations_and_auto_rows_are_info_a_failing_one_a_warning(capl
         def __call__(self, pixels):
             return pixels.reshape(len(pixels), -1)[:, :8]
 
-    def create(name, weights, **options):
+    def build(name, weights, **options):
         if name == "onnxruntime":
             raise BackendError("onnxruntime is not installed")
         return Fast()
 
-    monkeypatch.setattr(backends, "create", create)
     monkeypatch.setattr(auto, "candidates", lambda cpu: [("torch", "fp32"), ("onnxruntime", "int8")])
     with caplog.at_level(logging.INFO, logger="arrowvision"):
-        record = auto.measure(WeightLoader(tiny_siglip_parquet), min_cosine=0.99, cache_dir=None)
+        record = auto.measure(WeightLoader(tiny_siglip_parquet), build=build, min_cosine=0.99, cache_dir=None)
     assert record["backend"] == "torch"
     rows = [r for r in caplog.records if r.getMessage().startswith("auto: ")]
     assert len(rows) == 2 and all(r.levelno == logging.INFO for r in rows)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from arrowvision.datasets.pipeline import read_embeddings
+from arrowvision.datasets.writer import OWNER_FILE, EmbeddingWriter
 from arrowvision.errors import OutputBusy
-from arrowvision.interrupts import ACKNOWLEDGED, STOPPED
-from arrowvision.pipeline import read_embeddings
-from arrowvision.writer import OWNER_FILE, EmbeddingWriter
+from arrowvision.util.interrupts import ACKNOWLEDGED, STOPPED
 
 from .test_pipeline import GATED_EMBED, cli
 
