@@ -23,6 +23,7 @@ from typing import Any
 
 from .backends import BACKEND_PRECISIONS, BACKENDS, PRECISIONS
 from .errors import ArrowVisionError
+from .service_security import add_access_arguments, security_from_args
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -100,16 +101,6 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
-
-
-def request_rate(text: str) -> float:
-    """``20/s``, ``600/min`` -> requests per second."""
-    from .service_security import parse_rate
-
-    try:
-        return parse_rate(text)
-    except ArrowVisionError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cosine_threshold(text: str) -> float:
@@ -491,6 +482,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", action="store_true", help="then serve the search page over the sample photos (Ctrl-C stops)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
     p.add_argument("--port", type=port_number, default=8000, help="--serve: port to listen on (0: any free port)")
+    add_access_arguments(p, when="--serve: ")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -500,6 +492,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     weights = _weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
+    security = security_from_args(args) if args.serve else None  # serve's access policy, refused before any work
     start = time.perf_counter()
     first_use = _first_use(weights, backend, {}) if progress_enabled(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
@@ -526,7 +519,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.serve:
         from .index_cli import serve_demo
 
-        serve_demo(weights, backend, SAMPLES_DIR, args.host, args.port, progress_enabled(args))
+        serve_demo(weights, backend, SAMPLES_DIR, args.host, args.port, progress_enabled(args), security=security)
     else:
         print("search page: `arrowvision demo --serve` (or `make demo-serve`) serves these photos at http://127.0.0.1:8000/")
     return EXIT_OK
@@ -851,14 +844,7 @@ def _add_serve_profiles_and_access(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach loopback, private and link-local hosts (intranet use)")
     p.add_argument("--url-timeout", type=positive_float, default=20.0, help="longest image-URL fetch, seconds")
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health "
-                   "(default: $ARROWVISION_API_KEY; prefer the variable, command lines are visible to other users)")
-    p.add_argument("--allow-unauthenticated", action="store_true",
-                   help="allow listening on a non-loopback address without an API key")
-    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
-                   help="allow browser calls from ORIGIN (repeat; * for any); CORS is off otherwise")
-    p.add_argument("--rate-limit", metavar="N/s", type=request_rate,
-                   help="requests per second (N/s) or minute (N/min) per client address (429 over it)")
+    add_access_arguments(p)  # the one access policy of every command that listens (docs/SECURITY.md)
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="log lines (each with the request id) as text or JSON documents")
 
@@ -875,15 +861,13 @@ def _ray_serve_options(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import ServiceConfig, listen, serve
     from .service_models import registry_from_profiles
-    from .service_security import security_from_options
+    from .service_security import security_from_args
 
     if args.profiles and (args.weights or getattr(args, "weights_positional", None)):
         args.command_parser.error("give either --weights or --model NAME=WEIGHTS profiles, not both")
     if not args.profiles and (args.default_model or args.max_loaded_models):
         args.command_parser.error("--default and --max-loaded-models apply to --model profiles")
-    security = security_from_options(args.host, args.api_key or os.environ.get("ARROWVISION_API_KEY"),
-                                     allow_unauthenticated=args.allow_unauthenticated, cors_origins=args.cors_origins,
-                                     rate_limit=args.rate_limit)
+    security = security_from_args(args)
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout,
                            allow_private_urls=args.allow_private_urls, url_timeout_s=args.url_timeout)
@@ -892,15 +876,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.profiles and args.index:
         args.command_parser.error("--index searches with one model: give --weights, not --model profiles")
     if args.engine == "ray":
-        local_only = {"--model": args.profiles, "--api-key / ARROWVISION_API_KEY": security.api_key,
-                      "--cors-origin": security.cors_origins, "--rate-limit": security.rate_limit,
-                      "--log-format json": args.log_format == "json"}
+        local_only = {"--model": args.profiles, "--log-format json": args.log_format == "json"}
         for option, value in local_only.items():
             if value:
                 args.command_parser.error(f"{option} applies to --engine local only (Ray Serve runs its own proxy)")
         from .distributed.serve import serve_from_cli
 
-        return serve_from_cli(args, config)
+        return serve_from_cli(args, config, security)
     for option in ("address", "replicas", "min_replicas", "max_replicas", "cpus_per_replica"):
         if getattr(args, option) is not None:
             args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")

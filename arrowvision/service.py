@@ -36,14 +36,14 @@ from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import tracing
 from .encoder import VisionEncoder, l2_normalize
 from .errors import ArrowVisionError, ImageError, ImageTooLarge
-from .service_http import Problem, install_problem_handler, parse_json_object
+from .service_batching import run_isolating_failures
+from .service_docs import add_docs_routes
+from .service_http import BodyDeadlineMiddleware, Problem, install_error_handlers, parse_json_object
 from .service_http import read_body as read_limited_body
 from .preprocess import MAX_PIXELS, load_image, normalize_sketch_image
 from .service_models import ModelRegistry, ModelUnavailable, ServedModel, UnknownModel
@@ -73,7 +73,7 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "requir
 RESPONSES = {status: {"description": text, "content": {"application/json": {"schema": _ERROR}}} for status, text in (
     (401, "API key missing or wrong"), (403, "image URL refused by the SSRF guard"), (404, "unknown model"),
     (413, "body, image count, pixels or fetched image over the limit"), (415, "unsupported content type"),
-    (422, "malformed request, undecodable image or unfetchable URL"), (429, "rate limit exceeded"),
+    (408, "request body not received in time"), (422, "malformed request, undecodable image or unfetchable URL"), (429, "rate limit exceeded"),
     (503, "queue full, model unavailable or shutting down"), (504, "timed out"))}
 
 
@@ -103,6 +103,7 @@ class ServiceConfig:
     max_pixels: int = MAX_PIXELS
     max_batch_items: int = 64  # images per /v1/embed/batch request
     request_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (408 after)
     decode_threads: int = 2
     max_texts: int = 64  # texts per /v1/embed/text or /v1/score request (413 above)
     max_text_chars: int = 1000  # characters per text (422 above)
@@ -173,19 +174,18 @@ class MicroBatcher:
                 continue
             self.in_flight = len(live)
             start = time.perf_counter()
-            try:
-                outputs = await loop.run_in_executor(self.executor, self.run, np.stack([p for p, _ in live]))
-            except Exception as exc:  # the model failed: every waiter gets the error
-                for _, future in live:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
+            try:  # a failing batch is bisected: one bad item fails only itself (service_batching)
+                outputs = await loop.run_in_executor(self.executor, run_isolating_failures, self.run, [p for p, _ in live])
             finally:
                 self.in_flight = 0
             seconds = time.perf_counter() - start
             self.on_batch(len(live), seconds)
             for (_, future), output in zip(live, outputs):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(output, Exception):
+                    future.set_exception(output)
+                else:
                     future.set_result((output, seconds))
 
     async def drain(self, timeout: float) -> None:
@@ -310,11 +310,12 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
         tracing.flush()
         decode_pool.shutdown(wait=False)
 
-    app = FastAPI(title="arrowvision", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="arrowvision", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="SigLIP/CLIP image embeddings with dynamic micro-batching.")
     app.state.models = models
+    add_docs_routes(app, "arrowvision")  # Swagger UI from the package, not a CDN (service_docs)
 
-    install_problem_handler(app)
+    install_error_handlers(app)  # every error body is {"error": ...} JSON, 500s included
 
     @app.exception_handler(MalformedRequest)
     async def malformed_handler(request: Request, exc: MalformedRequest):
@@ -327,14 +328,6 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     @app.exception_handler(ModelUnavailable)
     async def unavailable_handler(request: Request, exc: ModelUnavailable):
         return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_handler(request: Request, exc: StarletteHTTPException):  # 404, 405... in our shape
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_handler(request: Request, exc: RequestValidationError):
-        return JSONResponse({"error": "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request"}, status_code=422)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -430,7 +423,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
         return served.encoder.prepare(image)  # uint8 for backends that normalize on their device
 
     async def fetch(url: ImageUrl) -> bytes:
-        with tracing.span("fetch", **{"url.full": url}):
+        with tracing.span("fetch", **{"url.full": tracing.redact(url)}):
             try:
                 data = await state["fetcher"].fetch(url)
             except UrlError as exc:
@@ -507,6 +500,9 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
                 return {"error": problem.message, "status": problem.status}
             except Problem as problem:
                 return {"error": problem.message, "status": problem.status}
+            except Exception as exc:  # noqa: BLE001 - one item's crash fails that item only (logged)
+                log.exception("%s: embedding failed", name)
+                return {"error": f"internal error ({type(exc).__name__}); the server log has the details", "status": 500}
 
         async with models.use(model, request) as served:
             results = await asyncio.gather(*(one(served, name, data) for name, data in files))
@@ -568,6 +564,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=config.body_timeout_s)  # a slow body: 408
     add_security(app, security)
     app.add_middleware(RequestContextMiddleware)  # outermost: request id and span around everything
     return app
@@ -624,6 +621,8 @@ def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port:
     variables turn on tracing (see ``arrowvision.tracing``)."""
     import uvicorn
 
+    from .service_uvicorn import server_config
+
     config = config or ServiceConfig()
     sock = sock or listen(host, port)
     host, port = sock.getsockname()[:2]
@@ -638,8 +637,8 @@ def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port:
     if security and security.api_key:
         lines.append("API key required (Authorization: Bearer ...) on every endpoint but /health")
     app = create_app(encoder, config, text_model, index, security=security)
-    server = uvicorn.Server(uvicorn.Config(app, access_log=access_log, log_config=tracing.logging_config(log_format),
-                                           timeout_graceful_shutdown=int(config.request_timeout_s)))
+    server = uvicorn.Server(server_config(app, security=security, access_log=access_log, log_format=log_format,
+                                          graceful_shutdown_s=int(config.request_timeout_s)))
     for line in lines:  # JSON logs stay all JSON; text keeps the plain start-up line
         log.warning(line) if log_format == "json" else print(line, file=sys.stderr, flush=True)
     tracing.configure_from_environment()

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from .errors import ImageError
 from .service_models import ModelUnavailable, UnknownModel
-from .service_http import read_json_object
+from .service_http import read_json_object, unicode_problem
 from .urlfetch import is_url
 
 DATA_IMAGE = "data:image/"
@@ -83,6 +83,8 @@ def add_openai_routes(app: FastAPI, models: Any, config: Any, *, embed_image: Ca
             if not is_url(item) and not item.startswith(DATA_IMAGE) and len(item) > config.max_text_chars:
                 raise OpenAIError(400, f"input[{index}] has {len(item)} characters; the limit is {config.max_text_chars}",
                                   "input")
+            if reason := unicode_problem(item, f"input[{index}]"):
+                raise OpenAIError(400, reason, "input")
         return inputs
 
     async def embed_images(served: Any, images: dict[int, str]) -> dict[int, np.ndarray]:

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 
 from . import scoring, tracing
 from .errors import ArrowVisionError, ImageError
-from .service_http import Problem, read_json_object
+from .service_http import Problem, read_json_object, unicode_problem
 
 
 def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, recorders: dict[str, Any],
@@ -60,6 +60,9 @@ def add_text_routes(app: FastAPI, models: Any, config: Any, *, registry: Any, re
         too_long = [i for i, t in enumerate(texts) if len(t) > config.max_text_chars]
         if too_long:
             raise Problem(422, f"texts[{too_long[0]}] has {len(texts[too_long[0]])} characters; the limit is {config.max_text_chars}")
+        for index, text in enumerate(texts):
+            if reason := unicode_problem(text, f"texts[{index}]"):
+                raise Problem(422, reason)
         return texts
 
     def texts_of(value: dict[str, Any]) -> list[str]:

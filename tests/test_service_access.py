@@ -114,9 +114,13 @@ def test_non_loopback_without_a_key_is_refused_before_loading(capsys, monkeypatc
     with pytest.raises(SystemExit) as usage:
         main(["serve", "--rate-limit", "lots", "--port", "0"])
     assert usage.value.code == 2 and "expected N/s" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as usage:  # Ray Serve runs its own proxy: no silent loss of the key
-        main(["serve", "--engine", "ray", "--api-key", KEY, "--port", "0"])
-    assert usage.value.code == 2 and "--api-key / ARROWVISION_API_KEY applies to --engine local only" in capsys.readouterr().err
+    # one policy for every command that listens: Ray Serve and demo --serve refuse the same way, before any work
+    for command in (["serve", "--engine", "ray"], ["demo", "--serve"]):
+        assert main([*command, "--host", "0.0.0.0", "--port", "0"]) == 1, command
+        assert "refusing to listen on 0.0.0.0 without an API key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["demo", "--serve", "--forwarded-allow-ips", "proxy.example", "--port", "0"])
+    assert usage.value.code == 2 and "expected IP addresses or networks" in capsys.readouterr().err
 
 
 def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):

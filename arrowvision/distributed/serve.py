@@ -31,6 +31,8 @@ from ray import serve
 
 from ..errors import ArrowVisionError
 from ..service import ModelUnavailable, QueueFull, ServiceConfig
+from ..service_batching import ItemFailed, failure_of, run_isolating_failures
+from ..service_security import SecurityConfig
 from . import connect, inference_threads, threads_option
 
 APP_NAME = "arrowvision"
@@ -114,13 +116,17 @@ class ArrowvisionModel:
                 "device": str(getattr(backend, "device", "cpu")), "pid": os.getpid(), "threads": self.threads}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def embed(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, float, str, int]]:
+    async def embed(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, float, str, int] | ItemFailed]:
+        """One output per image, or an ``ItemFailed`` for an image that fails (only that one:
+        a failing batch is bisected, ``service_batching``)."""
         start = time.perf_counter()
-        outputs = await asyncio.get_running_loop().run_in_executor(self.runner, self.encoder.backend, np.stack(pixels))
+        outputs = await asyncio.get_running_loop().run_in_executor(self.runner, run_isolating_failures,
+                                                                   self.encoder.backend, pixels)
         seconds = time.perf_counter() - start
         self.batches += 1
         batch = f"{self.replica}/{self.batches}"
-        return [(np.asarray(output, np.float32), seconds, batch, len(pixels)) for output in outputs]
+        return [failure_of(output) if isinstance(output, Exception) else
+                (np.asarray(output, np.float32), seconds, batch, len(pixels)) for output in outputs]
 
 
 class ReplicaBackend:
@@ -157,7 +163,10 @@ class ServeModel:
 
         self.in_flight += 1
         try:
-            vector, seconds, batch, size = await self.handle.embed.remote(pixels)
+            result = await self.handle.embed.remote(pixels)
+            if isinstance(result, ItemFailed):  # this image failed in the replica; its batch-mates did not
+                raise result
+            vector, seconds, batch, size = result
         except BackPressureError:
             raise QueueFull from None
         except (RayError, RayServeException) as exc:  # the replica died or is gone: retry later
@@ -212,7 +221,7 @@ class _Ingress:
     images always go to the model replicas."""
 
     def __init__(self, model: Any, weights: str, config: ServiceConfig, replicas: Replicas, backend: str,
-                 device: str, options: dict[str, Any]):
+                 device: str, options: dict[str, Any], security: SecurityConfig | None = None):
         from ..config import VisionConfig
         from ..encoder import VisionEncoder
         from ..format import WeightLoader
@@ -224,7 +233,7 @@ class _Ingress:
             from ..image_text import ImageTextModel
 
             self.text_model = ImageTextModel.from_parquet(weights, backend=backend, device=device, **options)
-        self.model, self.config, self.replicas = model, config, replicas
+        self.model, self.config, self.replicas, self.security = model, config, replicas, security
 
     def __serve_build_asgi_app__(self):
         from ..service import create_app
@@ -232,15 +241,17 @@ class _Ingress:
         def serve_model(on_batch: Callable[[int, float], None]) -> ServeModel:
             return ServeModel(self.model, on_batch, self.encoder.backend, self.replicas, self.config)
 
-        return create_app(self.encoder, self.config, self.text_model, model=serve_model)
+        return create_app(self.encoder, self.config, self.text_model, model=serve_model, security=self.security)
 
 
 ArrowvisionIngress = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress()(_Ingress))
 
 
 def build_app(weights: str, *, backend: str = "openvino", device: str = "CPU", backend_options: dict | None = None,
-              config: ServiceConfig | None = None, replicas: Replicas | None = None) -> Any:
-    """The Serve application: the ingress bound to the model deployment."""
+              config: ServiceConfig | None = None, replicas: Replicas | None = None,
+              security: SecurityConfig | None = None) -> Any:
+    """The Serve application: the ingress bound to the model deployment; the ingress serves the
+    app of ``serve`` with the same access policy (``security``: key, CORS, rate limit)."""
     config = config or ServiceConfig()
     replicas = replicas or Replicas()
     weights = os.path.abspath(weights)
@@ -249,7 +260,7 @@ def build_app(weights: str, *, backend: str = "openvino", device: str = "CPU", b
     # the ingress parses and decodes; it reserves no CPU so that the model replicas get them all
     ingress = ArrowvisionIngress.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
                                          max_ongoing_requests=4 * config.max_queue)
-    return ingress.bind(model, weights, config, replicas, backend, device, backend_options or {})
+    return ingress.bind(model, weights, config, replicas, backend, device, backend_options or {}, security)
 
 
 def start(app: Any, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
@@ -265,14 +276,20 @@ def start(app: Any, host: str = "127.0.0.1", port: int = 8000, address: str | No
 
 
 def run_service(weights: str, *, host: str, port: int, address: str | None, backend: str, device: str,
-                backend_options: dict, config: ServiceConfig, replicas: Replicas) -> None:
-    """``arrowvision serve --engine ray``: deploy, then serve until SIGINT/SIGTERM, then tear down."""
+                backend_options: dict, config: ServiceConfig, replicas: Replicas,
+                security: SecurityConfig | None = None) -> None:
+    """``arrowvision serve --engine ray``: deploy, then serve until SIGINT/SIGTERM, then tear down.
+    Serve's proxy (uvicorn) reads ``FORWARDED_ALLOW_IPS``: on a cluster started here it inherits
+    ours, set to the proxies the user named (none by default; uvicorn's default trusts 127.0.0.1).
+    A joined cluster (``--address``) keeps its own setting: see docs/SECURITY.md."""
+    trusted = ",".join(security.forwarded_allow_ips) if security else ""
+    os.environ["FORWARDED_ALLOW_IPS"] = trusted or "none"  # a literal no peer address equals
     connect(address)  # first: ray.init installs signal handlers of its own, ours replace them
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         start(build_app(weights, backend=backend, device=device, backend_options=backend_options, config=config,
-                        replicas=replicas), host, port, address)
+                        replicas=replicas, security=security), host, port, address)
         print(f"arrowvision serving {weights} on Ray Serve ({replicas.describe()}, {backend}) at http://{host}:{port}",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):
@@ -288,7 +305,7 @@ def run_service(weights: str, *, host: str, port: int, address: str | None, back
             serve.shutdown()  # our own local cluster: stop the proxy and controller too
 
 
-def serve_from_cli(args: Any, config: ServiceConfig) -> int:
+def serve_from_cli(args: Any, config: ServiceConfig, security: SecurityConfig | None = None) -> int:
     """``arrowvision serve --engine ray``: the CLI's backend options, checked as for the local service."""
     from ..cli import _weights_path, backend_options, check_backend_options, resolve_backend
     from ..service import listen
@@ -302,5 +319,5 @@ def serve_from_cli(args: Any, config: ServiceConfig) -> int:
                         cpus=args.cpus_per_replica or 1.0)
     replicas.options(config.max_batch, config.max_queue)  # bad bounds fail before anything starts
     run_service(weights, host=args.host, port=args.port, address=args.address, backend=backend, device=device,
-                backend_options=backend_options(args, backend), config=config, replicas=replicas)
+                backend_options=backend_options(args, backend), config=config, replicas=replicas, security=security)
     return 0
