@@ -11,6 +11,7 @@ time a client may take to send its body (a slow-loris upload holds a connection 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -78,20 +79,35 @@ class BodyDeadlineMiddleware:
             await self.app(scope, receive, send)
             return
         deadline = time.monotonic() + self.timeout_s
-        complete = False
+        complete = timed_out = started = False
 
         async def receive_in_time() -> dict:
-            nonlocal complete
+            nonlocal complete, timed_out
             if complete:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
+                timed_out = True
                 raise BodyTimeout(f"request body not received within {self.timeout_s:g} s") from None
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        await self.app(scope, receive_in_time, send)
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_in_time, send_tracked)
+        except Exception:  # BodyTimeout as is, or wrapped by a middleware's task group on the way out
+            if not timed_out or started:
+                raise
+            body = json.dumps({"error": f"request body not received within {self.timeout_s:g} s"}).encode()
+            await send({"type": "http.response.start", "status": 408,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
 
 
 ProblemFactory = Callable[[int, str], Exception]
