@@ -149,6 +149,8 @@ def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
                 time.sleep(0.2)
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/v1/models?api_key={KEY}").status_code == 401  # refused, and not logged verbatim
+        assert httpx.get(f"{base}/v1/models?api_key={KEY}", headers=auth).status_code == 200
         listing = httpx.get(f"{base}/v1/models", headers=auth).json()
         assert listing["default"] == "again" and [m["id"] for m in listing["data"]] == ["fast", "again"]
         response = httpx.post(f"{base}/v1/embed", json={**IMAGE, "model": "fast"}, headers={**auth, "X-Request-ID": "trace-me-7"})
@@ -165,4 +167,22 @@ def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
     assert any("model again unloaded" in r["message"] for r in records)  # --max-loaded-models 1
     assert any(r["message"].startswith("arrowvision serving models fast, again (default)") for r in records)
     assert KEY not in err and KEY not in out
+    assert sum("/v1/models?api_key=REDACTED" in r["message"] for r in records if r["logger"] == "uvicorn.access") == 2
     assert '"name": "model call"' in out and "arrowvision-test" in out  # OTEL_TRACES_EXPORTER=console
+
+
+def test_demo_serve_takes_the_key_like_serve(monkeypatch, capsys):
+    """`demo --serve` builds its access policy with serve's code: --api-key or the variable, the
+    rate limit, the trusted proxies, all handed to the server it starts."""
+    from arrowvision import index_cli
+
+    given = {}
+    monkeypatch.setattr(index_cli, "serve_demo", lambda *args, security=None: given.update(security=security))
+    monkeypatch.setenv("ARROWVISION_API_KEY", KEY)
+    assert main(["demo", "--serve", "--host", "0.0.0.0", "--port", "0", "--rate-limit", "3/s",
+                 "--forwarded-allow-ips", "10.0.0.0/8"]) == 0
+    security = given["security"]
+    assert security.api_key == KEY and security.rate_limit == 3 and security.forwarded_allow_ips == ["10.0.0.0/8"]
+    monkeypatch.delenv("ARROWVISION_API_KEY")
+    assert main(["demo", "--serve", "--api-key", "other", "--port", "0"]) == 0 and given["security"].api_key == "other"
+    capsys.readouterr()
