@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +23,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import FormatError
 from .safejson import MAX_JSON_DEPTH, load_json
-
-log = logging.getLogger("arrowvision.service")
 
 
 class Problem(Exception):
