@@ -68,7 +68,8 @@ def test_fast_is_close_to_exact_on_the_bundled_photos(tmp_path):
     """Base-size demo model: as shipped (256 px, too small to reduce) fast is exact; re-encoded
     at 640x480 and 1280x960 it stays within the cosines documented in docs/GPU.md."""
     encoder = VisionEncoder.from_parquet(DEMO, backend="torch")
-    assert np.array_equal(encoder.encode(SAMPLES, decode="fast"), encoder.encode(SAMPLES))
+    # same pixels, so the same embeddings up to GEMM rounding (kernels differ between CPU kinds)
+    np.testing.assert_allclose(encoder.encode(SAMPLES, decode="fast"), encoder.encode(SAMPLES), rtol=0, atol=1e-6)
     for size in ((640, 480), (1280, 960)):
         paths = []
         for sample in SAMPLES:

@@ -201,6 +201,9 @@ class OpenVINOBackend:
         ov = _openvino()
         if mode not in ("latency", "throughput"):
             raise BackendError(f"unknown mode {mode!r}; choose latency or throughput")
+        reason = unsupported_reason(precision, device)
+        if reason:  # before the cache: a cache shared between machines may hold a bf16 IR this CPU cannot run
+            raise BackendError(reason)
         self.config = VisionConfig.from_weights(weights)
         self.precision = precision
         self.mode = mode

@@ -134,6 +134,9 @@ class OpenVINOTextBackend:
                  cache_dir: str | os.PathLike | None = None, min_cosine: float = DEFAULT_MIN_COSINE,
                  num_threads: int | None = None):
         ov = _openvino()
+        reason = unsupported_reason(precision, device)
+        if reason:  # before the cache, which may come from a machine with native bf16
+            raise BackendError(reason)
         self.precision = precision
         self.entry = cache_root(cache_dir) / "ir-text" / cache_key(weights, precision)
         self.cache_hit = is_complete(self.entry)
