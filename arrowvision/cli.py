@@ -493,6 +493,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     weights = _weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     security = security_from_args(args) if args.serve else None  # serve's access policy, refused before any work
+    access = {"api_key": "--api-key", "allow_unauthenticated": "--allow-unauthenticated", "cors_origins": "--cors-origin",
+              "rate_limit": "--rate-limit", "forwarded_allow_ips": "--forwarded-allow-ips"}
+    given = [flag for dest, flag in access.items() if getattr(args, dest)]
+    if given and not args.serve:
+        args.command_parser.error(f"{given[0]} applies with --serve")
     start = time.perf_counter()
     first_use = _first_use(weights, backend, {}) if progress_enabled(args) else ""
     with elapsed_bar(first_use, bool(first_use)):

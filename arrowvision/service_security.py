@@ -208,7 +208,7 @@ def _argument_type(parse: Any) -> Any:
 def add_access_arguments(parser: Any, when: str = "") -> None:
     """The access options of every command that listens (``when``: e.g. "--serve: ")."""
     group = parser.add_argument_group("access (see docs/SECURITY.md)")
-    group.add_argument("--api-key", help=f"{when}require Authorization: Bearer KEY on every endpoint but /health "
+    group.add_argument("--api-key", metavar="KEY", help=f"{when}require Authorization: Bearer KEY on every endpoint but /health "
                        "(default: $ARROWVISION_API_KEY; prefer the variable, command lines are visible to other users)")
     group.add_argument("--allow-unauthenticated", action="store_true",
                        help=f"{when}allow listening on a non-loopback address without an API key")

@@ -186,3 +186,6 @@ def test_demo_serve_takes_the_key_like_serve(monkeypatch, capsys):
     monkeypatch.delenv("ARROWVISION_API_KEY")
     assert main(["demo", "--serve", "--api-key", "other", "--port", "0"]) == 0 and given["security"].api_key == "other"
     capsys.readouterr()
+    with pytest.raises(SystemExit) as usage:  # not silently ignored without --serve
+        main(["demo", "--forwarded-allow-ips", "10.0.0.1"])
+    assert usage.value.code == 2 and "--forwarded-allow-ips applies with --serve" in capsys.readouterr().err
