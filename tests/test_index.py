@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arrowvision import index as vindex
 from arrowvision.cli import main
+from arrowvision.search import index as vindex
 from arrowvision.errors import (
     ArrowVisionError,
     IndexCorrupt,
     IndexMismatch,
     SearchIndexError,
 )
-from arrowvision.pipeline import EmbeddingWriter, _Item
-from arrowvision.search import top_k
+from arrowvision.datasets.pipeline import EmbeddingWriter, _Item
+from arrowvision.search.scan import top_k
 
 SAMPLES = Path(__file__).resolve().parents[1] / "arrowvision" / "samples"
 DEMO = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"

@@ -15,8 +15,8 @@ from arrowvision import BackendError, VisionEncoder, WeightLoader
 from arrowvision.backends.cpu import cpu_info
 from arrowvision.backends.openvino_backend import cache_key, export
 from arrowvision.backends.validation import KINDS, heldout_files, sample_photos
-from arrowvision.convert import convert
-from arrowvision.preprocess import normalize_sketch
+from arrowvision.inputs.preprocess import normalize_sketch
+from arrowvision.model.convert import convert
 
 from .conftest import BASE_SIGLIP, TINY_SIGLIP, save_checkpoint
 

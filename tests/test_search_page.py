@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 import arrowvision
-from arrowvision import index as vindex
-from arrowvision.convert import convert
-from arrowvision.pipeline import embed_paths
-from arrowvision.service import ServiceConfig, create_app
+from arrowvision.datasets.pipeline import embed_paths
+from arrowvision.model.convert import convert
+from arrowvision.search import index as vindex
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .textkit import save_full_checkpoint
 

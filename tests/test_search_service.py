@@ -16,14 +16,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import arrowvision
-from arrowvision import index as vindex
 from arrowvision.cli import main
-from arrowvision.convert import convert
+from arrowvision.datasets.pipeline import embed_paths
 from arrowvision.errors import IndexMismatch
-from arrowvision.pipeline import embed_paths
-from arrowvision.preprocess import normalize_sketch
-from arrowvision.service import ServiceConfig, create_app
-from arrowvision.service_search import read_thumbnail_source
+from arrowvision.inputs.preprocess import normalize_sketch
+from arrowvision.model.convert import convert
+from arrowvision.search import index as vindex
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
+from arrowvision.service.search import read_thumbnail_source
 
 from .textkit import save_full_checkpoint
 

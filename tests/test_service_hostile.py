@@ -21,14 +21,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 import arrowvision
-from arrowvision import index as vindex
-from arrowvision.convert import convert
-from arrowvision.pipeline import embed_paths
-from arrowvision.service import MicroBatcher, ServiceConfig, create_app
-from arrowvision.service_batching import ItemFailed, run_isolating_failures
-from arrowvision.service_security import SecurityConfig
-from arrowvision.service_uvicorn import JsonH11Protocol, server_config
-from arrowvision.tracing import RedactingFormatter, logging_config
+from arrowvision.datasets.pipeline import embed_paths
+from arrowvision.model.convert import convert
+from arrowvision.search import index as vindex
+from arrowvision.service.app import create_app
+from arrowvision.service.batching import ItemFailed, MicroBatcher, run_isolating_failures
+from arrowvision.service.config import ServiceConfig
+from arrowvision.service.security import SecurityConfig
+from arrowvision.service.server import JsonH11Protocol, server_config
+from arrowvision.service.tracing import RedactingFormatter, logging_config
 
 from .servers import PHOTOS, SAMPLES
 from .textkit import save_full_checkpoint
@@ -234,7 +235,7 @@ class Live:
     def __init__(self, app, **options):
         import uvicorn
 
-        from arrowvision.service import listen
+        from arrowvision.service.app import listen
 
         self.sock = listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]

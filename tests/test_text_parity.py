@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import arrowvision
-from arrowvision.convert import convert
+from arrowvision.model.convert import convert
 
 from .textkit import AWKWARD, SENTENCES, TINY_VISION, hf_tokenizer, save_full_checkpoint
 

@@ -12,7 +12,7 @@ import torch
 
 from arrowvision import BackendError, VisionEncoder, cli
 from arrowvision.backends import torch_backend
-from arrowvision.validate import validate
+from arrowvision.parity import validate
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "arrowvision" / "samples").glob("*.jpg"))
 
