@@ -288,7 +288,7 @@ def test_cli_serve_engine_ray_starts_a_cluster_and_stops_on_sigterm(tmp_path, mo
         time.sleep(1.5)  # the bucket refills
         statuses = [httpx.get(f"{base}/v1/models?api_key={key}", headers={**auth, "X-Forwarded-For": f"203.0.113.{i}"},
                               timeout=60).status_code for i in range(20)]
-        assert statuses.count(429) >= 10, statuses  # one client whatever it claims
+        assert statuses.count(429) >= 5, statuses  # one client whatever it claims (refills at 5/s)
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0]

