@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ._common import EXIT_OK, command, add_backend_options, batch_sizes, positive_int, print_json, progress_enabled
+from ._common import EXIT_OK, add_backend_options, batch_sizes, command, positive_int, print_json, progress_enabled
 from ._load import backend_summary, load_encoder
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, command, add_backend_options, positive_float,
+from ._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_float,
                       positive_int, progress_enabled, ray_group, weights_path)
 from ._load import backend_options, check_backend_options, load_encoder, resolve_backend
 

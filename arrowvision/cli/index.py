@@ -91,9 +91,8 @@ def serve_demo(weights: str, backend: str, samples: Path, host: str, port: int, 
     serve(encoder, sock=sock, model_name=weights, text_model=text_model, index=opened, access_log=False, security=security)
 
 
-
 def _add_index(sub: argparse._SubParsersAction) -> None:
-    p = command(sub, "index", "build or update the vector index (FAISS) that `search` and `serve --index` use", cmd_index)
+    p = command(sub, "index", "build or update the vector index (FAISS) that `search` and `serve --index` use", run_index)
     p.add_argument("embeddings", help="dataset folder written by `arrowvision embed`; the index goes in its _index/")
     p.add_argument("--exact-below", type=positive_int, help="exact search below this many rows, IVF above (default 50000)")
     p.add_argument("--nlist", type=positive_int, help="IVF lists (default: sqrt(rows))")
@@ -102,10 +101,6 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rebuild", action="store_true", help="build from scratch (implied by the three options above) "
                    "even if an index exists; without it new part files are added incrementally")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    return run_index(args)
 
 
 register = _add_index

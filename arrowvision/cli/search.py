@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ArrowVisionError
-from ._common import EXIT_OK, command, add_backend_options, positive_int, print_json, progress_enabled
+from ._common import EXIT_OK, add_backend_options, command, positive_int, print_json, progress_enabled
 from ._load import load_encoder, load_image_text
 
 

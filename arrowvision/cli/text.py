@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import ArrowVisionError
-from ._common import EXIT_OK, EXIT_PARTIAL, command, add_backend_options, positive_int, progress_enabled
+from ._common import EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_int, progress_enabled
 from ._load import load_image_text
 
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..backends.base import PRECISIONS
 from ..errors import ArrowVisionError
-from ._common import (EXIT_ERROR, EXIT_OK, SAMPLES_DIR, command, cosine_threshold, add_backend_options, add_weights_argument,
-                      elapsed_bar, non_negative_float, print_json, progress_enabled, weights_path)
+from ._common import (EXIT_ERROR, EXIT_OK, SAMPLES_DIR, add_backend_options, add_weights_argument, command,
+                      cosine_threshold, elapsed_bar, non_negative_float, print_json, progress_enabled, weights_path)
 from ._load import backend_options, check_backend_options, image_files, resolve_backend
 
 

@@ -65,7 +65,6 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
     app = FastAPI(title="arrowvision", version="0.1.0", lifespan=_lifespan(state, model), docs_url=None, redoc_url=None,
                   description="SigLIP/CLIP image embeddings with dynamic micro-batching.")
     app.state.service = state
-    app.state.models = models
     add_docs_routes(app, "arrowvision")  # Swagger UI from the package, not a CDN (docs)
     install_error_handlers(app)
     install_openai_error_handler(app)
