@@ -49,5 +49,9 @@ class IndexCorrupt(SearchIndexError):
     """An index folder is unreadable or inconsistent with itself; rebuild it."""
 
 
+class OutputBusy(ArrowVisionError):
+    """Another run is writing the same dataset folder (one writer per folder)."""
+
+
 class OptionError(ArrowVisionError):
     """A call option is out of its allowed range (e.g. a NaFlex ``max_num_patches`` budget)."""
