@@ -159,7 +159,7 @@ class LocalModel:
         self.batcher = MicroBatcher(encoder.run_prepared, config.max_batch, config.max_wait_ms, config.max_queue, on_batch)
 
     def _warm_up(self) -> None:
-        """One inference on a blank image: /health says the model is loaded only once it has
+        """One inference on random inputs of the model's kind: /health says the model is loaded only once it has
         actually produced an embedding of the right size (and OpenVINO has compiled it)."""
         output = np.asarray(self.encoder.backend(random_inputs(self.encoder.config, 1)))  # NaFlex: a full patch budget
         if output.shape != (1, self.encoder.embedding_dim):
