@@ -1,4 +1,4 @@
-"""open_clip checkpoints: converted files equal open_clip's own outputs (reference fixtures written
+"""open_clip checkpoints (OpenAI-style CLIP and timm-trunk SigLIP): converted files equal open_clip's own outputs (reference fixtures written
 by tools/make_open_clip_fixtures.py in a separate environment, every parameter perturbed), the
 state-dict + model-config form, and clear refusals of what does not convert yet."""
 
@@ -15,7 +15,7 @@ from arrowvision import ConversionError, VisionEncoder, WeightLoader
 from arrowvision.model.convert import convert
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "open_clip"
-MODELS = ["tiny-vit-quickgelu", "tiny-vit-gelu"]
+MODELS = ["tiny-vit-quickgelu", "tiny-vit-gelu", "tiny-siglip-timm"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -24,7 +24,8 @@ def test_converted_vision_tower_equals_open_clip(name, tmp_path):
     out = tmp_path / f"{name}.parquet"
     convert(str(folder), out, progress=False)
     weights = WeightLoader(out)
-    assert weights.family == "clip" and weights.config["open_clip"]["model_cfg"]["embed_dim"] == 24
+    assert weights.family == ("siglip" if "siglip" in name else "clip")
+    assert weights.config["open_clip"]["model_cfg"]["embed_dim"] in (24, 96)
     encoder = VisionEncoder.from_parquet(out)
     pixels, expected = np.load(folder / "pixels.npy"), np.load(folder / "image_features.npy")
     assert np.abs(expected).max() > 0.1  # a real signal
@@ -46,7 +47,9 @@ def test_state_dict_file_with_a_model_config_json(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"vision_cfg": {"image_size": 224, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map"}}, "timm trunk"),
+    ({"vision_cfg": {"image_size": 224, "timm_model_name": "vit_base_patch16_siglip_gap_224", "timm_pool": "avg",
+                     "timm_proj": "none"}}, "timm trunk 'vit_base_patch16_siglip_gap_224'"),
+    ({"vision_cfg": {"image_size": 224, "timm_model_name": "vit_base_patch16_224", "timm_pool": "map"}}, "does not convert"),
     ({"vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64}}, "ModifiedResNet"),
     ({"vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "attentional_pool": True}}, "attentional_pool=True"),
     ({"vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "ls_init_value": 0.1}}, "ls_init_value"),
@@ -81,6 +84,8 @@ def test_converted_text_tower_and_logit_scale_equal_open_clip(name, tmp_path):
     assert np.abs(got - expected).max() <= 1e-4
     stored, expected_scale = weights.tensor("logit_scale").reshape(-1), np.load(folder / "logit_scale.npy").reshape(-1)
     assert stored.shape == (1,) and abs(float(stored[0]) - float(expected_scale[0])) <= 1e-6
+    if "siglip" in name:
+        assert weights.tensor("logit_bias").reshape(-1)[0] != 0  # SigLIP's bias, perturbed
     image = VisionEncoder.from_parquet(out).encode(np.load(folder / "pixels.npy"), normalize=False)
     assert np.abs(image - np.load(folder / "image_features.npy")).max() <= 1e-4  # the same file's vision tower
 

@@ -40,7 +40,30 @@ MODELS = {
         "vision_cfg": {"image_size": 48, "layers": 2, "width": 48, "patch_size": 16, "head_width": 16},
         "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
     },
+    # ViT-B-16-SigLIP's layout: timm trunk (MAP pooling) + open_clip's bidirectional text tower with a
+    # biased projection, pooled at the last position. timm's vit_base_patch16_siglip_224 builder is
+    # shrunk (TIMM_SHRINK: depth, width, image size; its 12 heads kept) so that the fixture stays small.
+    "tiny-siglip-timm": {
+        "embed_dim": 96, "init_logit_bias": -10, "custom_text": True,
+        "vision_cfg": {"image_size": 64, "timm_model_name": "vit_base_patch16_siglip_224", "timm_model_pretrained": False,
+                       "timm_pool": "map", "timm_proj": "none"},
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1,
+                     "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
+    },
 }
+TIMM_SHRINK = {"depth": 2, "embed_dim": 96, "img_size": 64}
+
+
+def shrink_timm_trunks() -> None:
+    """open_clip passes no architecture arguments to timm: add TIMM_SHRINK to its timm.create_model."""
+    import open_clip.timm_model as timm_model
+
+    create = timm_model.timm.create_model
+
+    def shrunk(name, *args, **kwargs):
+        return create(name, *args, **{**kwargs, **TIMM_SHRINK})
+
+    timm_model.timm.create_model = shrunk
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
@@ -54,11 +77,15 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
     assert not constant, constant
 
 
-def token_ids(rng: np.random.Generator, rows: int, length: int, vocab: int) -> np.ndarray:
+def token_ids(rng: np.random.Generator, rows: int, length: int, vocab: int, pad: bool = False) -> np.ndarray:
     """Shaped like open_clip's tokenizer output: start token, words, end-of-text (the largest id),
-    zero padding; texts of different lengths, one filling the context."""
-    ids = np.zeros((rows, length), np.int64)
+    zero padding; texts of different lengths, one filling the context. ``pad``: SigLIP's layout
+    (words, end-of-text id 1, padding with id 1 to the full length, no start token)."""
+    ids = np.full((rows, length), 1 if pad else 0, np.int64)
     for row, words in enumerate([3, 7, 1, length - 2][:rows]):
+        if pad:
+            ids[row, :words] = rng.integers(2, vocab, words)
+            continue
         ids[row, 0] = vocab - 2
         ids[row, 1 : 1 + words] = rng.integers(1, vocab - 2, words)
         ids[row, 1 + words] = vocab - 1
@@ -71,6 +98,7 @@ def main() -> None:
     for seed, (name, config) in enumerate(MODELS.items()):
         (configs / f"{name}.json").write_text(json.dumps(config))
     open_clip.add_model_config(configs)
+    shrink_timm_trunks()
     for seed, (name, config) in enumerate(MODELS.items()):
         torch.manual_seed(seed)
         model = open_clip.create_model(name, pretrained=None).eval()
@@ -82,7 +110,8 @@ def main() -> None:
         size = config["vision_cfg"]["image_size"]
         pixels = torch.from_numpy(np.random.default_rng(seed).standard_normal((3, 3, size, size), dtype=np.float32))
         text = config["text_cfg"]
-        ids = token_ids(np.random.default_rng(100 + seed), 4, text["context_length"], text["vocab_size"])
+        ids = token_ids(np.random.default_rng(100 + seed), 4, text["context_length"], text["vocab_size"],
+                        pad=text.get("pool_type") == "last")
         with torch.no_grad():
             features = model.encode_image(pixels)
             text_features = model.encode_text(torch.from_numpy(ids))

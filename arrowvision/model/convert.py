@@ -225,8 +225,7 @@ def convert(
     checkpoint = resolve_checkpoint(source, revision=revision, config_path=config_path)
     tensors = _load_state_dict(checkpoint.weight_files)
     if openclip.is_open_clip_config(checkpoint.config):  # renamed to the HF CLIP layout on the way
-        tensors = openclip.hf_tensors(tensors, checkpoint.config, tower)
-        checkpoint.config = openclip.hf_config(checkpoint.config)
+        checkpoint.config, tensors = openclip.to_hf(checkpoint.config, tensors, tower)
     model_type = checkpoint.config.get("model_type")
     if model_type not in FAMILIES:
         raise ConversionError(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")

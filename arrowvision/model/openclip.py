@@ -1,11 +1,12 @@
 """open_clip checkpoints -> the Hugging Face CLIP layout our converter and towers read.
 
-Supported: open_clip's OpenAI-style ``CLIP`` (OpenAI CLIP in open_clip form, LAION, DFN, Marqo
+Supported here: open_clip's OpenAI-style ``CLIP`` (OpenAI CLIP in open_clip form, LAION, DFN, Marqo
 fine-tunes of those): the ``VisionTransformer`` (class token, ``ln_pre``, blocks with a fused
 ``in_proj``, ``ln_post`` on the class token, ``proj``) and the causal text ``Transformer`` pooled at
 the end-of-text token (the largest id, open_clip's ``argmax`` pooling), QuickGELU or GELU.
-Everything else (timm trunks such as ``ViT-B-16-SigLIP``, HF text towers, ResNets, attentional
-pooling, layer scale, ...) is refused with a ConversionError naming what is not supported.
+timm-trunk SigLIP models (``ViT-B-16-SigLIP`` ...) are ``openclip_timm``'s. Everything else (HF
+text towers, ResNets, attentional pooling, layer scale, other timm trunks, ...) is refused with a
+ConversionError naming what is not supported.
 open_clip's own BPE tokenizer is not stored in its checkpoints: tokenizer files beside the weights
 (CLIP's ``vocab.json`` + ``merges.txt``) are kept, as for HF checkpoints.
 
@@ -69,13 +70,25 @@ def model_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return cfg
 
 
+def to_hf(config: Mapping[str, Any], tensors: Iterator[tuple[str, Any]], tower: str) -> tuple[dict[str, Any], Iterator[tuple[str, Any]]]:
+    """(the HF config dict, the tensors renamed to its layout) of an open_clip checkpoint: OpenAI-style
+    CLIP here, timm-trunk SigLIP in ``openclip_timm``. Unsupported architectures are refused."""
+    cfg = model_config(config)
+    if cfg["vision_cfg"].get("timm_model_name"):
+        from . import openclip_timm
+
+        named = {name.removeprefix("module."): tensor for name, tensor in tensors}  # its sizes come from the shapes
+        hf = openclip_timm.hf_config(cfg, {name: tuple(tensor.shape) for name, tensor in named.items()})
+        return hf, openclip_timm.hf_tensors(named, cfg, tower)
+    return hf_config(config), hf_tensors(tensors, config, tower)
+
+
 def hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The HF ``CLIPConfig`` dict of an open_clip model config; refuses what we cannot build."""
+    """The HF ``CLIPConfig`` dict of an OpenAI-style open_clip model config; refuses what we cannot build."""
     cfg = model_config(config)
     vision = cfg["vision_cfg"]
     if vision.get("timm_model_name"):
-        raise ConversionError(f"open_clip model with a timm trunk ({vision['timm_model_name']}, e.g. ViT-B-16-SigLIP) "
-                              "does not convert yet; supported: OpenAI-style VisionTransformer models")
+        raise ConversionError(f"open_clip timm trunk {vision['timm_model_name']!r}: convert it through to_hf")
     if isinstance(vision.get("layers"), (list, tuple)):
         raise ConversionError("open_clip ModifiedResNet (RN50 ...) models are not supported; "
                               "supported: OpenAI-style VisionTransformer models")
