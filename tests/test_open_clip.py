@@ -1,6 +1,7 @@
-"""open_clip checkpoints (OpenAI-style CLIP and timm-trunk SigLIP): converted files equal open_clip's own outputs (reference fixtures written
-by tools/make_open_clip_fixtures.py in a separate environment, every parameter perturbed), the
-state-dict + model-config form, and clear refusals of what does not convert yet."""
+"""open_clip checkpoints (OpenAI-style CLIP, timm-trunk SigLIP): converted files equal open_clip's
+own outputs (reference fixtures written by tools/make_open_clip_fixtures.py in a separate
+environment, every parameter perturbed), the state-dict + model-config form, and clear refusals
+of what does not convert."""
 
 from __future__ import annotations
 
