@@ -314,3 +314,12 @@ def test_info_names_family_and_variant(naflex_parquet, tiny_siglip_parquet, caps
     assert report["variant"] == "naflex" and report["vision_config"]["num_patches"] == 16
     assert main(["info", str(tiny_siglip_parquet), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["variant"] == "fixed-32"
+
+
+def test_bench_command_runs_naflex_weights(naflex_parquet, capsys):
+    from arrowvision.cli import main
+
+    assert main(["bench", "--weights", str(naflex_parquet), "--backend", "torch", "--batch-sizes", "1 2", "--iters", "2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "NaFlex 256 patches" in out and "peak RSS" in out
