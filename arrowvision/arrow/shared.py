@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -19,8 +20,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..errors import ArrowVisionError
-from .columns import ColumnEmbeddings, embed_image_column, embed_text_column
+from ..errors import ArrowVisionError, ImageError
+from .columns import ColumnEmbeddings, embed_image_column, embed_text_column, errors_message
+
+log = logging.getLogger("arrowvision")
+ON_ERROR = ("null", "raise")
 
 _lock = threading.Lock()
 _models: dict[tuple, SharedModel] = {}
@@ -50,11 +54,24 @@ class SharedModel:
             return embed_text_column(self.encoder, column, model_lock=self.lock, **keep)
         return embed_image_column(self.encoder, column, model_lock=self.lock, **self.options)
 
-    def embed_arrow(self, column: pa.Array | pa.ChunkedArray) -> pa.FixedSizeListArray:
-        return self.embed(column).to_arrow()
+    def embed_arrow(self, column: pa.Array | pa.ChunkedArray, on_error: str = "null") -> pa.FixedSizeListArray:
+        """The column's embeddings for an engine: rows that fail are null and logged as a warning
+        (``on_error="null"``), or fail the call with every reason (``"raise"``)."""
+        result = self.embed(column)
+        if result.errors:
+            if on_error == "raise":
+                raise ImageError(errors_message(result.errors))
+            log.warning("arrowvision: %s", errors_message(result.errors))
+        return result.to_arrow()
 
 
 COLUMN_OPTIONS = ("batch_size", "workers", "decode", "normalize")
+
+
+def check_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise ArrowVisionError(f"on_error={on_error!r}: choose null (failed rows are null, logged) or raise")
+    return on_error
 
 
 def _key(weights: str | os.PathLike, tower: str, backend: str, device: str, options: dict[str, Any]) -> tuple:
