@@ -20,8 +20,10 @@ decoded give null rows too, and their reasons are in ``ColumnEmbeddings.errors``
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -154,7 +156,20 @@ def text_values(column: pa.Array | pa.ChunkedArray) -> list[str | None]:
 # ----------------------------------------------------------------------------- embedding
 
 
-def prepare_source(encoder: Any, source: memoryview | str, label: str, decode: str = "exact") -> np.ndarray:
+@dataclass
+class Prepared:
+    """One decoded row: the model's input row, or why there is none; the size and (if asked)
+    the SHA-256 of the bytes are what the ``embed`` dataset records."""
+
+    pixels: np.ndarray | None
+    error: str = ""
+    width: int = 0
+    height: int = 0
+    digest: str = ""
+
+
+def prepare_source(encoder: Any, source: memoryview | str, label: str, decode: str = "exact",
+                   digest: bool = False) -> Prepared:
     """One row -> the encoder's input row, decoded exactly as ``encoder.encode`` decodes it."""
     from ..decode import open_reduced, read_image_bytes
     from ..preprocess import load_image
@@ -162,54 +177,72 @@ def prepare_source(encoder: Any, source: memoryview | str, label: str, decode: s
     if isinstance(source, str):
         label, source = source, read_image_bytes(source)  # local, s3://..., or http(s) with the SSRF guard
     if decode == "fast":
-        return encoder.prepare(open_reduced(source, label, encoder.config.image_size)[0])
-    return encoder.prepare(load_image(source, name=label))
+        image, (width, height) = open_reduced(source, label, encoder.config.image_size)
+    else:
+        image = load_image(source, name=label)
+        width, height = image.size
+    sha256 = hashlib.sha256(source).hexdigest() if digest else ""
+    return Prepared(encoder.prepare(image), "", width, height, sha256)
 
 
-def _prepare_row(encoder: Any, source: memoryview | str, row: int, decode: str) -> tuple[np.ndarray | None, str]:
+def _prepare_row(encoder: Any, source: memoryview | str, label: str, decode: str, digest: bool) -> Prepared:
     """Every failure, of any type, is this row's error (a worker that raised would lose the batch)."""
-    label = f"row {row}"
     try:
-        return prepare_source(encoder, source, label, decode), ""
+        return prepare_source(encoder, source, label, decode, digest)
     except ImageError as exc:  # names the row (bytes) or the path
-        return None, str(exc)
+        return Prepared(None, str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the row's, not the column's
-        return None, f"{source if isinstance(source, str) else label}: {exc or type(exc).__name__}"
+        return Prepared(None, f"{source if isinstance(source, str) else label}: {exc or type(exc).__name__}")
 
 
-def embed_sources(encoder: Any, sources: Sequence[ImageSource], *, batch_size: int = 32, workers: int = 2,
-                  decode: str = "exact", normalize: bool = True, model_lock: threading.Lock | None = None,
-                  first_row: int = 0) -> ColumnEmbeddings:
-    """Decode in ``workers`` threads one batch ahead of the model; the model runs under
-    ``model_lock`` when one is given (a backend shared by an engine's threads)."""
+def embed_stream(encoder: Any, rows: Iterable[tuple[Any, memoryview | str, str]], *, batch_size: int = 32,
+                 workers: int = 2, decode: str = "exact", normalize: bool = True,
+                 model_lock: threading.Lock | None = None, digest: bool = False
+                 ) -> Iterator[tuple[list[Any], list[Prepared], np.ndarray]]:
+    """(key, source, label) rows -> per model batch: the keys, the decoded rows and the (ok, D)
+    embeddings of the rows that decoded, in order. Decoding runs in ``workers`` threads one
+    batch ahead of the model, across the whole stream; the model runs under ``model_lock``
+    when one is given (a backend shared by an engine's threads)."""
     from ..encoder import l2_normalize
 
     if batch_size < 1 or workers < 1:
         raise ArrowVisionError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
     if decode not in ("exact", "fast"):
         raise ArrowVisionError(f"decode={decode!r}: Arrow columns decode exact or fast")
-    result = ColumnEmbeddings(np.zeros((len(sources), encoder.embedding_dim), np.float32), np.zeros(len(sources), bool))
-    rows = [i for i, source in enumerate(sources) if source is not None]
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     lock = model_lock or nullcontext()
+    rows = iter(rows)
     with ThreadPoolExecutor(workers, thread_name_prefix="arrowvision-arrow") as pool:
 
-        def submit(batch: list[int]) -> list[Future]:
-            return [pool.submit(_prepare_row, encoder, sources[i], first_row + i, decode) for i in batch]
+        def submit() -> tuple[list[Any], list[Future]]:
+            batch = list(itertools.islice(rows, batch_size))
+            return [key for key, _, _ in batch], [pool.submit(_prepare_row, encoder, source, label, decode, digest)
+                                                  for _, source, label in batch]
 
-        pending = submit(batches[0]) if batches else []
-        for k, batch in enumerate(batches):
-            following = submit(batches[k + 1]) if k + 1 < len(batches) else []
+        keys, pending = submit()
+        while keys:
+            following = submit()  # decoded while the model runs this batch
             prepared = [future.result() for future in pending]
-            good = [i for i, (pixels, _) in zip(batch, prepared) if pixels is not None]
-            result.errors.update((i, error) for i, (pixels, error) in zip(batch, prepared) if pixels is None)
-            if good:
+            pixels = [row.pixels for row in prepared if row.pixels is not None]
+            vectors = np.zeros((0, encoder.embedding_dim), np.float32)
+            if pixels:
                 with lock:
-                    output = encoder.run_prepared(np.stack([pixels for pixels, _ in prepared if pixels is not None]))
-                output = output.astype(np.float32, copy=False)
-                result.vectors[good] = l2_normalize(output) if normalize else output
-                result.valid[good] = True
-            pending = following
+                    vectors = encoder.run_prepared(np.stack(pixels)).astype(np.float32, copy=False)
+                vectors = l2_normalize(vectors) if normalize else vectors
+            for row in prepared:
+                row.pixels = None  # the batch is embedded: free its pixels
+            yield keys, prepared, vectors
+            keys, pending = following
+
+
+def embed_sources(encoder: Any, sources: Sequence[ImageSource], **options: Any) -> ColumnEmbeddings:
+    """Every non-null source embedded (options: those of ``embed_stream``), into one buffer."""
+    result = ColumnEmbeddings(np.zeros((len(sources), encoder.embedding_dim), np.float32), np.zeros(len(sources), bool))
+    rows = ((i, source, f"row {i}") for i, source in enumerate(sources) if source is not None)
+    for keys, prepared, vectors in embed_stream(encoder, rows, **options):
+        good = [i for i, row in zip(keys, prepared) if not row.error]
+        result.errors.update((i, row.error) for i, row in zip(keys, prepared) if row.error)
+        result.vectors[good] = vectors  # one copy per model batch into the column's buffer
+        result.valid[good] = True
     return result
 
 
