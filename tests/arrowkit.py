@@ -1,5 +1,6 @@
-"""Shared inputs for the Arrow tests: JPEG bytes of real photos, a corrupt image, and the
-embeddings ``encode()`` gives for them (what every Arrow path must reproduce)."""
+"""Shared inputs for the Arrow tests: JPEG bytes of real photos, a corrupt image, a Parquet
+shard of them, and the embeddings ``encode()`` gives for them (what every Arrow path must
+reproduce). Test modules import the fixtures by name."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from arrowvision import VisionEncoder
+from arrowvision.arrow import shared
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"
 
@@ -35,3 +41,47 @@ def assert_rows_match(column: pa.Array, expected: np.ndarray, rows: list[int | N
             vector = np.asarray(value, np.float32)
             cosine = float(vector @ expected[row] / (np.linalg.norm(vector) * np.linalg.norm(expected[row])))
             assert cosine >= min_cosine, (row, cosine)
+
+
+# ----------------------------------------------------------------------------- fixtures (import them)
+
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+@pytest.fixture(scope="module")
+def weights(siglip_all_parquet):
+    return siglip_all_parquet  # both towers: embed_text too
+
+
+@pytest.fixture(scope="module")
+def images(photos):
+    return jpeg_bytes(photos)
+
+
+@pytest.fixture(scope="module")
+def expected(weights, images):
+    return VisionEncoder.from_parquet(weights, backend="torch").encode(images)
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory, images):
+    """A Parquet shard: ids, a caption, image bytes (one null, one corrupt) and the HF struct."""
+    column = images + [None, CORRUPT]
+    table = pa.table({
+        "id": pa.array(range(len(column)), pa.int64()),
+        "caption": [f"photo {i}" for i in range(len(column))],
+        "img": pa.array(column, pa.binary()),
+        "image": pa.array([None if b is None else {"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(column)], HF_IMAGE),
+    })
+    path = tmp_path_factory.mktemp("shard") / "shard.parquet"
+    pq.write_table(table, path, row_group_size=3)  # several row groups: the engines see several vectors
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_models():
+    shared.clear()
+    yield
+    shared.clear()
+
+

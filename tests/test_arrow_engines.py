@@ -7,57 +7,14 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
-from arrowvision import VisionEncoder
-from arrowvision.arrow import shared
 from arrowvision.errors import ArrowVisionError, ImageError
 
-from .arrowkit import CORRUPT, assert_rows_match, jpeg_bytes
-
-HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-
-
-@pytest.fixture(scope="module")
-def weights(siglip_all_parquet):
-    return siglip_all_parquet  # both towers: embed_text too
-
-
-@pytest.fixture(scope="module")
-def images(photos):
-    return jpeg_bytes(photos)
-
-
-@pytest.fixture(scope="module")
-def expected(weights, images):
-    return VisionEncoder.from_parquet(weights, backend="torch").encode(images)
-
-
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory, images):
-    """A Parquet shard: ids, a caption, image bytes (one null, one corrupt) and the HF struct."""
-    column = images + [None, CORRUPT]
-    table = pa.table({
-        "id": pa.array(range(len(column)), pa.int64()),
-        "caption": [f"photo {i}" for i in range(len(column))],
-        "img": pa.array(column, pa.binary()),
-        "image": pa.array([None if b is None else {"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(column)], HF_IMAGE),
-    })
-    path = tmp_path_factory.mktemp("shard") / "shard.parquet"
-    pq.write_table(table, path, row_group_size=3)  # several row groups: the engines see several vectors
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def fresh_models():
-    shared.clear()
-    yield
-    shared.clear()
-
+from .arrowkit import CORRUPT, HF_IMAGE, assert_rows_match
+from .arrowkit import expected, fresh_models, images, shard, weights  # noqa: F401 (fixtures)
 
 # ----------------------------------------------------------------------------- DuckDB
 

@@ -47,6 +47,12 @@ class ColumnEmbeddings:
     vectors: np.ndarray
     valid: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
+    sizes: np.ndarray | None = None  # (N, 2) int32 width, height of each decoded image (vision only)
+    digests: list[str] | None = None  # SHA-256 of each row's bytes, when asked for
+
+    @classmethod
+    def empty(cls, count: int, dim: int) -> ColumnEmbeddings:
+        return cls(np.zeros((count, dim), np.float32), np.zeros(count, bool))
 
     def to_arrow(self) -> pa.FixedSizeListArray:
         """``FixedSizeList<float32, D>`` over ``vectors`` itself (no copy), null where not valid."""
@@ -236,13 +242,18 @@ def embed_stream(encoder: Any, rows: Iterable[tuple[Any, memoryview | str, str]]
 
 def embed_sources(encoder: Any, sources: Sequence[ImageSource], **options: Any) -> ColumnEmbeddings:
     """Every non-null source embedded (options: those of ``embed_stream``), into one buffer."""
-    result = ColumnEmbeddings(np.zeros((len(sources), encoder.embedding_dim), np.float32), np.zeros(len(sources), bool))
+    result = ColumnEmbeddings.empty(len(sources), encoder.embedding_dim)
+    result.sizes = np.zeros((len(sources), 2), np.int32)
+    result.digests = [""] * len(sources)
     rows = ((i, source, f"row {i}") for i, source in enumerate(sources) if source is not None)
     for keys, prepared, vectors in embed_stream(encoder, rows, **options):
         good = [i for i, row in zip(keys, prepared) if not row.error]
         result.errors.update((i, row.error) for i, row in zip(keys, prepared) if row.error)
         result.vectors[good] = vectors  # one copy per model batch into the column's buffer
         result.valid[good] = True
+        for i, row in zip(keys, prepared):
+            result.sizes[i] = (row.width, row.height)
+            result.digests[i] = row.digest
     return result
 
 
@@ -255,7 +266,7 @@ def embed_text_column(encoder: Any, column: pa.Array | pa.ChunkedArray, *, batch
                       normalize: bool = True, model_lock: threading.Lock | None = None) -> ColumnEmbeddings:
     """A string column -> text embeddings (null rows stay null)."""
     texts = text_values(column)
-    result = ColumnEmbeddings(np.zeros((len(texts), encoder.embedding_dim), np.float32), np.zeros(len(texts), bool))
+    result = ColumnEmbeddings.empty(len(texts), encoder.embedding_dim)
     rows = [i for i, text in enumerate(texts) if text is not None]
     if rows:
         with model_lock or nullcontext():
