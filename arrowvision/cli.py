@@ -594,7 +594,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "embed", "embed a folder, glob or list of images into a Parquet dataset (resumable)", cmd_embed)
     p.add_argument("inputs", help="a folder (recursive), a quoted glob, or a .txt/.csv/.parquet list of paths or "
-                   "http(s) URLs (relative entries resolve against the list's folder)")
+                   "http(s) URLs (relative entries resolve against the list's folder); with --column, a Parquet "
+                   "table (file, folder or quoted glob)")
     p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, _errors/)")
     _backend_options(p, mode="throughput")
     p.add_argument("--batch-size", type=positive_int, help="images per model call (default 32; 256 on CUDA)")
@@ -610,6 +611,11 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    help="do not retry inputs that failed in an earlier run (they still count as failed)")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let http(s) inputs reach loopback, private and link-local hosts (intranet use; local engine)")
+    table = p.add_argument_group("a table's image column (docs/ARROW.md)")
+    table.add_argument("--column", help="embed this column of the Parquet table INPUTS: image bytes, a Hugging Face "
+                       "image struct<bytes, path>, or paths/URLs")
+    table.add_argument("--id-column", help="the rows' identity for resuming (default: file + row number); copied")
+    table.add_argument("--keep-columns", metavar="A,B", help="columns copied from the table to each embedded row")
     _ray_embed_options(p)
 
 
@@ -638,16 +644,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.engine == "ray" and (args.decode != "exact" or args.workers):
         flag = f"--decode {args.decode}" if args.decode != "exact" else "--workers"
         args.command_parser.error(f"{flag} applies to --engine local only (ray actors decode exactly, with their own CPUs)")
-    paths = collect_inputs(args.inputs)
-    if args.engine == "ray":
+    if args.column is None and (args.id_column or args.keep_columns):
+        args.command_parser.error("--id-column and --keep-columns apply to --column only")
+    if args.column is not None:  # a table's image column
+        from .arrow.table import embed_from_cli as embed_table_from_cli
+
+        stats, count = embed_table_from_cli(args, load_encoder)
+    elif args.engine == "ray":
         from .distributed.data import embed_from_cli
 
         if args.allow_private_urls:
             args.command_parser.error("--allow-private-urls applies to --engine local only (Ray workers keep the SSRF guard on)")
         args.batch_size = args.batch_size or 32
-        stats = embed_from_cli(args, paths, input_root(args.inputs))
+        paths = collect_inputs(args.inputs)
+        count, stats = len(paths), embed_from_cli(args, paths, input_root(args.inputs))
     else:
-        encoder = load_encoder(args)
+        paths = collect_inputs(args.inputs)
+        count, encoder = len(paths), load_encoder(args)
         on_gpu = str(getattr(encoder.backend, "device", "cpu")).startswith("cuda")
         if args.workers:
             workers = args.workers
@@ -662,7 +675,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                             url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")
-    print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
+    print(f"{count} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
           f"{rate} -> {args.output}")
     for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
         print(line)

@@ -68,7 +68,8 @@ class EmbeddingWriter:
     ``done`` holds the identities already embedded, ``failed`` those recorded as bad (with the
     latest reason); only ``done`` ones are skipped by a new run."""
 
-    def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str]):
+    def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str],
+                 extra_fields: Sequence[pa.Field] = ()):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ArrowVisionError(f"{self.folder}: exists and is not a folder; give a new or existing dataset folder")
@@ -86,9 +87,11 @@ class EmbeddingWriter:
                 pa.field("width", pa.int32()),
                 pa.field("height", pa.int32()),
                 pa.field("sha256", pa.string()),
+                *extra_fields,  # embed --column: the id and --keep-columns, from each row's ``extras``
             ],
             metadata=self.metadata,
         )
+        self.extra_fields = list(extra_fields)
         self.error_schema = pa.schema(
             [pa.field("path", pa.string(), nullable=False), pa.field("relpath", pa.string()), pa.field("error", pa.string())],
             metadata=self.metadata,
@@ -129,11 +132,12 @@ class EmbeddingWriter:
             table = pa.table(
                 {
                     "path": [r.path for r in good],
-                    "relpath": [relpath(r.path) for r in good],
+                    "relpath": [_relpath(r, relpath) for r in good],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim),
                     "width": pa.array([r.width for r in good], pa.int32()),
                     "height": pa.array([r.height for r in good], pa.int32()),
                     "sha256": [r.digest for r in good],
+                    **{f.name: pa.array([r.extras[f.name] for r in good], f.type) for f in self.extra_fields},
                 },
                 schema=self.schema,
             )
@@ -141,11 +145,16 @@ class EmbeddingWriter:
             self.next_index += 1
             self.done.update(r.path for r in good)
         if bad:
-            table = pa.table({"path": [r.path for r in bad], "relpath": [relpath(r.path) for r in bad],
+            table = pa.table({"path": [r.path for r in bad], "relpath": [_relpath(r, relpath) for r in bad],
                               "error": [r.error for r in bad]}, schema=self.error_schema)
             _atomic_write(table, self.folder / ERRORS_DIR / f"errors-{self.next_index:05d}.parquet")
             self.next_index += 1
             self.failed.update((r.path, r.error) for r in bad)
+
+
+def _relpath(row: Row, relpath: Callable[[str], str]) -> str:
+    """A row's own ``relpath`` (table rows: ``file#row``), else derived from its path."""
+    return getattr(row, "relpath", None) or relpath(row.path)
 
 
 @dataclass

@@ -23,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -191,8 +192,10 @@ def prepare_source(encoder: Any, source: memoryview | str, label: str, decode: s
     return Prepared(encoder.prepare(image), "", width, height, sha256)
 
 
-def _prepare_row(encoder: Any, source: memoryview | str, label: str, decode: str, digest: bool) -> Prepared:
+def _prepare_row(encoder: Any, source: memoryview | str | None, label: str, decode: str, digest: bool) -> Prepared:
     """Every failure, of any type, is this row's error (a worker that raised would lose the batch)."""
+    if source is None:
+        return Prepared(None, f"{label}: no image (null)")
     try:
         return prepare_source(encoder, source, label, decode, digest)
     except ImageError as exc:  # names the row (bytes) or the path
@@ -201,14 +204,15 @@ def _prepare_row(encoder: Any, source: memoryview | str, label: str, decode: str
         return Prepared(None, f"{source if isinstance(source, str) else label}: {exc or type(exc).__name__}")
 
 
-def embed_stream(encoder: Any, rows: Iterable[tuple[Any, memoryview | str, str]], *, batch_size: int = 32,
+def embed_stream(encoder: Any, rows: Iterable[tuple[Any, ImageSource, str]], *, batch_size: int = 32,
                  workers: int = 2, decode: str = "exact", normalize: bool = True,
-                 model_lock: threading.Lock | None = None, digest: bool = False
-                 ) -> Iterator[tuple[list[Any], list[Prepared], np.ndarray]]:
+                 model_lock: threading.Lock | None = None, digest: bool = False,
+                 on_model: Callable[[float], None] | None = None) -> Iterator[tuple[list[Any], list[Prepared], np.ndarray]]:
     """(key, source, label) rows -> per model batch: the keys, the decoded rows and the (ok, D)
     embeddings of the rows that decoded, in order. Decoding runs in ``workers`` threads one
     batch ahead of the model, across the whole stream; the model runs under ``model_lock``
-    when one is given (a backend shared by an engine's threads)."""
+    when one is given (a backend shared by an engine's threads); ``on_model`` hears each model
+    call's seconds."""
     from ..encoder import l2_normalize
 
     if batch_size < 1 or workers < 1:
@@ -232,7 +236,10 @@ def embed_stream(encoder: Any, rows: Iterable[tuple[Any, memoryview | str, str]]
             vectors = np.zeros((0, encoder.embedding_dim), np.float32)
             if pixels:
                 with lock:
+                    tick = time.perf_counter()
                     vectors = encoder.run_prepared(np.stack(pixels)).astype(np.float32, copy=False)
+                    if on_model is not None:
+                        on_model(time.perf_counter() - tick)
                 vectors = l2_normalize(vectors) if normalize else vectors
             for row in prepared:
                 row.pixels = None  # the batch is embedded: free its pixels

@@ -9,12 +9,14 @@ Each actor loads the model once (with as many inference threads as CPUs Ray gave
 every batch through ``encode_arrow``'s column code: bytes, paths/URLs or the Hugging Face struct,
 nulls and undecodable rows null, their reasons in ``error_column`` when one is named. The
 ``embed --column --engine ray`` command runs on it (``details=True`` adds what its dataset
-records: ``_width``, ``_height``, ``_sha256``).
+records: ``_width``, ``_height``, ``_sha256``; ``keep_input=False`` leaves the image column
+out of what travels back).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +29,7 @@ class ColumnEmbedder:
 
     def __init__(self, weights: str | os.PathLike, column: str = "image", output_column: str = "embedding",
                  error_column: str | None = None, backend: str = "default", device: str = "cpu",
-                 details: bool = False, **options: Any):
+                 details: bool = False, keep_input: bool = True, **options: Any):
         from . import threads_option
 
         backend = default_backend() if backend == "default" else backend
@@ -36,7 +38,7 @@ class ColumnEmbedder:
             options = {**threads_option(backend, threads), **options}
         self.model = shared_model(weights, backend=backend, device=device, **options)
         self.column, self.output_column, self.error_column = column, output_column, error_column
-        self.details = details
+        self.details, self.keep_input = details, keep_input
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.column not in batch.column_names:
@@ -47,7 +49,8 @@ class ColumnEmbedder:
 
         result = embed_sources(self.model.encoder, image_sources(batch.column(self.column)), model_lock=self.model.lock,
                                digest=self.details, **self.model.options)
-        out = batch.append_column(self.output_column, result.to_arrow())
+        out = batch if self.keep_input else batch.drop_columns([self.column])
+        out = out.append_column(self.output_column, result.to_arrow())
         if self.error_column:
             out = out.append_column(self.error_column, pa.array([result.errors.get(i) for i in range(len(batch))], pa.string()))
         if self.details:
@@ -67,3 +70,99 @@ def _assigned_cpus() -> int:
         return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     except Exception:  # noqa: BLE001 - not in a Ray worker: leave the backend's default
         return 0
+
+
+def _drop_done(batch: pa.Table, id_column: str, done: frozenset) -> pa.Table:
+    """Leave out the rows a previous run embedded (their ids are in ``done``)."""
+    import pyarrow.compute as pc
+
+    if not done or batch.num_rows == 0:
+        return batch
+    ids = pc.cast(batch.column(id_column), pa.string())
+    return batch.filter(pc.invert(pc.is_in(ids, value_set=pa.array(sorted(done), pa.string()))))
+
+
+def embed_table_ray(args: Any, files: list[str], keep: list[str]) -> Any:
+    """``embed TABLE --column C --id-column ID --engine ray``: Ray reads the row groups, an actor
+    pool of ``ColumnEmbedder`` embeds them, the driver writes the same dataset as the local
+    engine (resumable by either, keyed by the id column)."""
+    import threading
+    import time
+
+    from ..arrow.table import check_columns, total_rows
+    from ..cli import _weights_path, backend_options, check_backend_options, progress_enabled, resolve_backend
+    from ..pipeline import _progress_bar, stop_on_signals
+    from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata
+    from . import connect
+    from .data import RayEmbedStats, describe_model
+
+    copied = check_columns(files, args.column, args.id_column, keep)
+    backend = resolve_backend(args.backend)
+    check_backend_options(args, backend)
+    weights = str(Path(_weights_path(args, demo_default=True)).resolve())
+    model = describe_model(weights)
+    metadata = {**dataset_metadata(model, sketch=False, normalize=True), "source_column": args.column}
+    writer = EmbeddingWriter(args.output, model.embedding_dim, metadata, copied)
+    chunks = ChunkBuffer(writer, args.chunk_size, lambda path: path)
+    stats = RayEmbedStats()
+    done = frozenset(writer.done | (set(writer.failed) if args.skip_failed else set()))
+    ray = connect(args.address)
+    from ray.data import ActorPoolStrategy, DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # our own bar below, on the driver
+    context.print_on_execution_start = False
+    cpus = args.cpus_per_actor or 1.0
+    stats.actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    device = "cpu" if backend == "torch" and str(args.device).upper() == "CPU" else str(args.device)
+    embedder = dict(weights=weights, column=args.column, error_column="_error", details=True, keep_input=False,
+                    backend=backend, device=device, batch_size=args.batch_size or 32, **backend_options(args, backend))
+    dataset = (ray.data.read_parquet(files).select_columns(list(dict.fromkeys([args.column, *(f.name for f in copied)])))
+               .map_batches(_drop_done, fn_kwargs=dict(id_column=args.id_column, done=done), batch_format="pyarrow")
+               .map_batches(ColumnEmbedder, fn_constructor_kwargs=embedder, batch_format="pyarrow",
+                            compute=ActorPoolStrategy(size=stats.actors), num_cpus=cpus))
+    started, stop = time.perf_counter(), threading.Event()
+    bar = _progress_bar(total_rows(files) - len(done), progress_enabled(args))
+    try:
+        with stop_on_signals(stop):
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows = _table_rows(batch, args.id_column, copied)
+                good, bad = chunks.add(rows)
+                stats.embedded += len(good)
+                stats.failed += len(bad)
+                stats.errors += [(row.path, row.error) for row in bad]
+                bar.update(len(rows))
+                if stop.is_set():
+                    break
+            stats.interrupted = stop.is_set()
+            chunks.flush()
+    finally:
+        bar.close()
+    stats.skipped = len(writer.done & done)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _table_rows(batch: pa.Table, id_column: str, copied: list[pa.Field]) -> list[Any]:
+    """An embedded batch as the writer's rows (vectors are views into the batch's buffer)."""
+    import numpy as np
+
+    from ..arrow.table import TableRow
+
+    extras = batch.select([f.name for f in copied]).to_pylist()
+    embeddings = batch.column("embedding").combine_chunks()
+    dim = embeddings.type.list_size
+    flat = np.asarray(embeddings.values)[embeddings.offset * dim : (embeddings.offset + len(embeddings)) * dim]
+    vectors = flat.reshape(-1, dim)
+    present = embeddings.is_valid().to_pylist()
+    details = zip(*(batch.column(name).to_pylist() for name in ("_error", "_width", "_height", "_sha256")))
+    rows = []
+    for i, (error, width, height, digest) in enumerate(details):
+        value = extras[i][id_column]
+        identity = str(value) if value is not None else f"<null {id_column}: {digest or i}>"
+        if value is None:
+            error = f"{identity}: null {id_column!r}"
+        elif not error and not present[i]:
+            error = f"{identity}: no image (null)"
+        rows.append(TableRow(identity, identity, extras[i], width, height, digest, error, None if error else vectors[i]))
+    return rows
