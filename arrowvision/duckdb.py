@@ -30,7 +30,11 @@ def register(con: Any, weights: str | os.PathLike, name: str = "embed_image", te
     logged) or raise (the query fails naming the rows). ``options``: batch_size, workers, decode,
     normalize and the backend's own (precision, mode, cache_dir...)."""
     import duckdb
-    from duckdb.sqltypes import BLOB, FLOAT, VARCHAR
+
+    try:
+        from duckdb.sqltypes import BLOB, FLOAT, VARCHAR
+    except ImportError:  # duckdb < 1.4
+        from duckdb.typing import BLOB, FLOAT, VARCHAR
 
     check_on_error(on_error)
     vision = shared_model(weights, backend=backend, **options)

@@ -143,3 +143,14 @@ def test_shared_model_loads_once_across_threads(tiny_siglip_parquet, images, exp
     for out in outputs:
         assert_rows_match(out, expected, list(range(len(images))))
     clear()
+
+
+def test_import_stays_light():
+    """``import arrowvision`` (and the column core) pulls no engine, torch or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, arrowvision, arrowvision.arrow; "
+            "print(sorted(m for m in ('duckdb', 'polars', 'daft', 'lancedb', 'ray', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -153,3 +153,19 @@ def test_compute_large_binary_struct_and_reregistration(weights, images, expecte
         arrowvision.compute.register(weights, name="av_embed_large", backend="torch")
     with pytest.raises(ArrowVisionError, match="not ours"):
         arrowvision.compute.register(weights, name="sum", backend="torch")
+
+
+def test_docs_zero_shot_example_runs(weights, tmp_path, monkeypatch, module_cache, capsys):
+    """docs/ARROW.md's end-to-end DuckDB block, as written (default backend), on a two-tower model."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ARROW.md").read_text()
+    section = text.split("## Zero-shot search over a Parquet shard with DuckDB", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WEIGHTS", str(weights))
+    exec(compile(block, "docs/ARROW.md", "exec"), {})
+    ranked = eval(capsys.readouterr().out.strip())
+    assert len(ranked) == 3 and all(name != "camera" for name, _ in ranked)
+    assert ranked[0][1] >= ranked[1][1] >= ranked[2][1]
