@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from arrowvision.errors import ArrowVisionError
+
 from .arrowkit import CORRUPT, HF_IMAGE, assert_rows_match
 from .arrowkit import expected, fresh_models, images, shard, weights  # noqa: F401 (fixtures)
 from .raykit import ray_cluster  # noqa: F401 (fixture)
@@ -44,7 +46,9 @@ def test_column_embedder_on_hf_struct_and_large_binary_without_ray(weights, imag
     large = ColumnEmbedder(str(weights), column="b", backend="torch")(
         pa.table({"b": pa.chunked_array([pa.array(images[:2], pa.large_binary()), pa.array(images[2:3], pa.large_binary())])}))
     assert_rows_match(large.column("embedding").combine_chunks(), expected, [0, 1, 2])
-    with pytest.raises(Exception, match="no column 'missing'"):
+    empty = embedder(batch.slice(0, 0))
+    assert empty.num_rows == 0 and empty.column("embedding").type == pa.list_(pa.float32(), expected.shape[1])
+    with pytest.raises(ArrowVisionError, match="no column 'missing'"):
         ColumnEmbedder(str(weights), column="missing", backend="torch")(batch)
 
 
@@ -117,3 +121,7 @@ def test_lancedb_embedding_function_fills_vectors_and_answers_text_queries(weigh
     vectors = function.compute_source_embeddings(pa.array([images[0], None, CORRUPT], pa.large_binary()))
     assert vectors[1] is None and vectors[2] is None
     assert float(np.dot(vectors[0], expected[0])) > 0.99999
+    assert function.compute_source_embeddings(pa.array([], pa.binary())) == []
+    struct = pa.chunked_array([pa.array([{"bytes": images[4], "path": None}], HF_IMAGE), pa.array([None], HF_IMAGE)])
+    from_struct = function.compute_source_embeddings(struct)
+    assert from_struct[1] is None and float(np.dot(from_struct[0], expected[4])) > 0.99999
