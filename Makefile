@@ -31,7 +31,7 @@ bench: $(STAMP)
 
 # Mutation check (not in CI; see docs/TESTING.md): mutmut plants small bugs in model, preprocess,
 # config and format and runs the fast tests against each. Narrow it with e.g.
-# `make mutants MUTANTS='arrowvision.model*'`; `.venv/bin/mutmut browse` shows the survivors.
+# `make mutants MUTANTS='arrowvision.model.vision*'`; `.venv/bin/mutmut browse` shows the survivors.
 MUTANTS ?=
 mutants: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[mutation]"

@@ -4,7 +4,7 @@ Importing the package is cheap and never imports torch: the encoder and its back
 lazily, so the OpenVINO fast path stays torch-free.
 """
 
-from .config import VisionConfig
+from .model.config import VisionConfig
 from .errors import (
     ArrowVisionError,
     BackendError,
@@ -15,8 +15,8 @@ from .errors import (
     ModelError,
     TensorNotFound,
 )
-from .format import WeightLoader
-from .text_config import TextConfig
+from .model.text_config import TextConfig
+from .weights.format import WeightLoader
 
 __version__ = "0.1.0"
 __all__ = [

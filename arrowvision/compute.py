@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from .arrow.columns import embedding_type
-from .arrow.shared import SharedModel, check_on_error, shared_model
+from .engine_models import SharedModel, check_on_error, shared_model
 from .errors import ArrowVisionError
 
 _lock = threading.Lock()

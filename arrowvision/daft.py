@@ -7,7 +7,7 @@
 Over bytes (binary) or path/URL strings: Daft's own ``embed_image`` wants its decoded Image type
 and torch; this runs our decoder and model on the raw column, one batch of rows at a time
 (``daft.func.batch``). The function carries only the weights path and options, so it pickles
-to Daft's worker processes or Ray actors, each of which loads one model (``arrowvision.arrow.shared``).
+to Daft's worker processes or Ray actors, each of which loads one model (``arrowvision.engine_models``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any
 
-from .arrow.shared import check_on_error, shared_model
+from .engine_models import check_on_error, shared_model
 
 
 def _embed_batch(column: Any, weights: str, tower: str, backend: str, on_error: str, options: str) -> Any:
@@ -25,9 +25,9 @@ def _embed_batch(column: Any, weights: str, tower: str, backend: str, on_error: 
 
 
 def _dim(weights: str | os.PathLike, tower: str) -> int:
-    from .config import VisionConfig
-    from .format import WeightLoader
-    from .text_config import TextConfig
+    from .model.config import VisionConfig
+    from .model.text_config import TextConfig
+    from .weights.format import WeightLoader
 
     loader = WeightLoader(weights)
     config = TextConfig.from_weights(loader) if tower == "text" else VisionConfig.from_weights(loader)

@@ -9,7 +9,7 @@
 Registered functions: ``embed_image(BLOB)`` (image bytes; for a Hugging Face image struct pass
 ``image.bytes``), ``embed_image_path(VARCHAR)`` (paths, ``s3://`` URIs, http(s) URLs) and, when the
 weights hold a text tower, ``embed_text(VARCHAR)``. DuckDB hands each UDF a vector of rows at a
-time, from several threads: they share one model per process (``arrowvision.arrow.shared``).
+time, from several threads: they share one model per process (``arrowvision.engine_models``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .arrow.shared import check_on_error, has_text_tower, shared_model
+from .engine_models import check_on_error, has_text_tower, shared_model
 
 
 def register(con: Any, weights: str | os.PathLike, name: str = "embed_image", text_name: str | None = "embed_text",

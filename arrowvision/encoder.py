@@ -10,22 +10,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .backends import Backend
-from .backends import create as create_backend
-from .config import VisionConfig
+from .backends.base import Backend, as_backend
+from .backends.factory import create as create_backend
 from .errors import ArrowVisionError
-from .format import WeightLoader
-from .preprocess import ImageInput, Preprocessor, describe, load_image
-
-
-def l2_normalize(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
-    return (l2_normalize(a) * l2_normalize(b)).sum(axis=-1)
+from .inputs.preprocess import ImageInput, Preprocessor, describe, load_image
+from .model.config import VisionConfig
+from .util.similarity import l2_normalize
+from .weights.format import WeightLoader
 
 
 def is_pixel_batch(images: Any) -> bool:
@@ -59,6 +50,16 @@ class VisionEncoder:
         self.config = config
         self.preprocessor = Preprocessor.from_config(config)
 
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Any) -> None:
+        """Any backend (or a wrapper of one) becomes a full ``Backend``, so callers read its
+        attributes directly."""
+        self._backend = as_backend(backend)
+
     @classmethod
     def from_parquet(
         cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu", **options: Any
@@ -81,7 +82,7 @@ class VisionEncoder:
     def prepare(self, image: Image.Image) -> np.ndarray:
         """A decoded RGB image -> the backend's input row: (S, S, 3) uint8 for backends that
         normalize on their device (torch), else (3, S, S) float32."""
-        if getattr(self.backend, "accepts_uint8", False):
+        if self.backend.accepts_uint8:
             return self.preprocessor.resized(image)
         return self.preprocessor.pixels(image)
 
@@ -93,7 +94,7 @@ class VisionEncoder:
 
     def _prepare_input(self, image: ImageInput, decode: str) -> np.ndarray:
         if decode == "fast" and isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-            from .decode import open_reduced, read_image_bytes
+            from .inputs.decode import open_reduced, read_image_bytes
 
             data = read_image_bytes(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else bytes(image)
             return self.prepare(open_reduced(data, describe(image), self.config.image_size)[0])
@@ -117,7 +118,7 @@ class VisionEncoder:
         """Embed images: paths, bytes, PIL images, HWC uint8 arrays, or a preprocessed (N,3,H,W) batch.
 
         ``decode="fast"`` decodes JPEG files and bytes at a reduced size first (see
-        ``arrowvision.decode``); ``gpu`` decoding is for folders (``embed_paths``).
+        ``arrowvision.inputs.decode``); ``gpu`` decoding is for folders (``embed_paths``).
         Returns (N, D) float32, L2-normalized unless ``normalize=False``."""
         if batch_size < 1:
             raise ArrowVisionError(f"batch_size must be >= 1, got {batch_size}")
@@ -127,7 +128,7 @@ class VisionEncoder:
             pixels = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
             batches = (pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size))
             outputs = [self.backend(batch) for batch in batches]
-        elif getattr(self.backend, "accepts_uint8", False) or decode != "exact":
+        elif self.backend.accepts_uint8 or decode != "exact":
             items = as_image_list(images)
             outputs = [self.run_prepared(self._prepare_batch(items[i : i + batch_size], decode))
                        for i in range(0, len(items), batch_size)]

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from . import scoring
-from .backends import create as create_backend
+from .backends.factory import create as create_backend
 from .encoder import VisionEncoder
 from .errors import ArrowVisionError, ModelError
-from .format import WeightLoader
-from .text_config import CONVERT_HINT
+from .model.text_config import CONVERT_HINT
 from .text_encoder import TextEncoder
+from .weights.format import WeightLoader
 
 
 def _scalar(weights: WeightLoader, name: str, default: float | None) -> float:

@@ -27,7 +27,7 @@ from lancedb.embeddings import EmbeddingFunction, register
 from PIL import Image
 
 from .arrow.columns import as_array
-from .arrow.shared import SharedModel, has_text_tower, shared_model
+from .engine_models import SharedModel, has_text_tower, shared_model
 from .errors import ArrowVisionError
 
 
@@ -76,6 +76,6 @@ class ArrowVisionEmbeddings(EmbeddingFunction):
 
 
 def _looks_like_image(text: str) -> bool:
-    from .pipeline import IMAGE_EXTENSIONS
+    from .inputs.pathlists import IMAGE_EXTENSIONS
 
     return any(text.lower().split("?")[0].endswith(suffix) for suffix in IMAGE_EXTENSIONS)

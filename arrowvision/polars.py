@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .arrow.shared import SharedModel, check_on_error, shared_model
+from .engine_models import SharedModel, check_on_error, shared_model
 
 
 def _expression(expr: Any, model: SharedModel, on_error: str) -> Any:

@@ -1,6 +1,6 @@
 """``TextEncoder``: texts in, L2-normalized embeddings out; the text counterpart of ``VisionEncoder``.
 
-Tokenization sits in front (``arrowvision.tokenizer``, from the files stored in the weights file),
+Tokenization sits in front (``arrowvision.model.tokenizer``, from the files stored in the weights file),
 the text tower runs behind a backend that takes (N, L) int64 token ids and returns the pooled
 (N, D) float32 vectors.
 """
@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import ArrowVisionError, BackendError
-from .format import WeightLoader
-from .text_config import TextConfig
-from .tokenizer import Tokenizer, load_tokenizer
+from .model.text_config import TextConfig
+from .model.tokenizer import Tokenizer, load_tokenizer
+from .weights.format import WeightLoader
 
 TEXT_BACKENDS = ("torch", "openvino")
 
@@ -36,7 +36,7 @@ class TorchTextBackend:
         from .backends.torch_backend import import_torch
 
         self.torch = torch = import_torch()  # before .text_model, which imports torch
-        from .text_model import TextTransformer
+        from .model.text import TextTransformer
 
         self.device = torch.device(device.lower())
         self.model = TextTransformer.from_weights(weights).to(self.device)

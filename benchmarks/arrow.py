@@ -8,7 +8,7 @@ on the default backend (OpenVINO fp32, the exact path) and, with ``--auto``, on 
 
 Ours: ``embed`` over files (the baseline), ``encode_arrow``, DuckDB (``embed_image`` in SQL),
 polars (a lazy query), pyarrow compute (``pc.call_function``) and ``embed --column`` (its code,
-``arrowvision.arrow.table.embed_table``). Rounds interleave the paths; medians and p95 of img/s.
+``arrowvision.datasets.table.embed_table``). Rounds interleave the paths; medians and p95 of img/s.
 Peers, on ``--peer-rows`` rows: LanceDB's ``siglip`` embedding function and Daft's
 ``embed_image`` (transformers provider), each given the local model folder; a peer that cannot
 run here prints why. ``--rss-gb`` also runs ``arrowvision embed --column`` over a Parquet file of
@@ -46,7 +46,7 @@ def model_folder() -> tuple[Path, Path]:
     import torch
     import transformers as tf
 
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
     from tests.textkit import train_spiece
 
     folder, parquet = WORK / "siglip-base-full", WORK / "siglip-base-full.parquet"
@@ -108,9 +108,9 @@ def ours(args, parquet: Path, work: Path, table, files: list[str], backend: str)
     import arrowvision.duckdb
     import arrowvision.polars as avp
     from arrowvision import VisionEncoder
-    from arrowvision.arrow.shared import shared_model
-    from arrowvision.arrow.table import embed_table
-    from arrowvision.pipeline import embed_paths
+    from arrowvision.datasets.pipeline import embed_paths
+    from arrowvision.datasets.table import embed_table
+    from arrowvision.engine_models import shared_model
 
     options = dict(backend=backend, batch_size=args.batch_size)
     model = shared_model(parquet, **options)  # the adapters' model: the same one for all of them
@@ -262,7 +262,7 @@ def main() -> None:
             print(f"{name:32s} {statistics.median(rates):12.1f} {p95(rates):10.1f} {statistics.median(rates) / baseline:8.0%}")
         auto_rate = None
         if args.auto:
-            from arrowvision.arrow.shared import shared_model
+            from arrowvision.engine_models import shared_model
 
             model = shared_model(parquet, backend="auto")
             print(f"auto chose: {model.encoder.backend.name} {getattr(model.encoder.backend, 'precision', '')}")

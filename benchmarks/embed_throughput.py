@@ -54,7 +54,7 @@ def main() -> None:
     from latency import prepare
 
     from arrowvision import VisionEncoder
-    from arrowvision.pipeline import embed_paths
+    from arrowvision.datasets.pipeline import embed_paths
 
     paths_info = prepare()
     os.environ.setdefault("ARROWVISION_CACHE", str(HERE / ".cache" / "arrowvision-cache"))

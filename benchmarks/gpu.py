@@ -94,7 +94,7 @@ def machine(torch, device) -> dict:
 
 def make_weights(folder: Path, config: dict) -> tuple[Path, Path]:
     """HF checkpoint folder (save_pretrained) + our Parquet conversion of it."""
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
     from tests.checkpoints import save_checkpoint
 
     hf = save_checkpoint(folder / "hf", "siglip_vision", seed=0, **config)
@@ -207,7 +207,7 @@ def bundled_photo_folders(work: Path) -> dict[str, list[str]]:
 def decode_accuracy_section(torch, parquet, device, args) -> None:
     """Each decode mode's min cosine vs exact (same model, same device) on the bundled photos."""
     from arrowvision import VisionEncoder
-    from arrowvision.pipeline import embed_paths, read_embeddings
+    from arrowvision.datasets.pipeline import embed_paths, read_embeddings
 
     encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision="fp32")
     modes = ["exact", "fast"] + (["gpu"] if device.type == "cuda" else [])
@@ -317,7 +317,7 @@ def compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds) -
 
 def embed_row(encoder, paths, out: Path, label: str, batch: int, workers: int, mode: str, pool: str = "auto") -> tuple[dict, np.ndarray]:
     """One ``embed_paths`` run (after a warm-up run on two batches: cuDNN, pinned memory, forks)."""
-    from arrowvision.pipeline import embed_paths, read_embeddings
+    from arrowvision.datasets.pipeline import embed_paths, read_embeddings
 
     warm = out.parent / "warm"
     for folder in (out, warm):
@@ -341,12 +341,12 @@ def embed_row(encoder, paths, out: Path, label: str, batch: int, workers: int, m
 def decode_only(encoder, paths, mode: str, batch: int, workers: int, torch, device) -> float:
     """img/s of the feeder alone (worker processes; gpu: plus nvJPEG + resize on the device, with
     the share of JPEGs ``embed`` leaves to the workers), start-up included."""
-    from arrowvision.decode import gpu_cpu_share
-    from arrowvision.feeder import Feeder
+    from arrowvision.inputs.decode import gpu_cpu_share
+    from arrowvision.inputs.feeder import Feeder
 
     gpu = None
     if mode == "gpu":
-        from arrowvision.gpu_decode import GpuDecoder
+        from arrowvision.inputs.gpu_decode import GpuDecoder
 
         gpu = GpuDecoder(encoder.preprocessor, encoder.backend)
     feeder = Feeder(encoder.preprocessor, batch_size=batch, workers=workers, mode=mode, pool="process",

@@ -58,7 +58,7 @@ def prepare() -> dict[str, Path]:
     import torch
     import transformers as tf
 
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
 
     folder, parquet, onnx_path = WORK / "siglip-base-perturbed", WORK / "siglip-base-perturbed.parquet", WORK / "siglip-base-hf.onnx"
     ov_xml = WORK / "siglip-base-hf-ov" / "model.xml"

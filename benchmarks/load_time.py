@@ -48,7 +48,7 @@ def prepare(workdir: Path) -> dict[str, Path]:
         import torch
         import transformers as tf
 
-        from arrowvision.convert import convert
+        from arrowvision.model.convert import convert
 
         torch.manual_seed(0)
         model = tf.SiglipVisionModel(tf.SiglipVisionConfig(**BASE_SIGLIP)).eval()
@@ -81,7 +81,7 @@ def worker(method: str, path: str) -> None:
     import torch  # noqa: F401  (imported before timing for every method)
 
     import arrowvision
-    from arrowvision.model import VisionTransformer
+    from arrowvision.model.vision import VisionTransformer
 
     if method.startswith("safetensors"):
         import safetensors.numpy

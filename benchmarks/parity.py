@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from arrowvision import VisionEncoder, WeightLoader  # noqa: E402
-from arrowvision.convert import convert  # noqa: E402
-from arrowvision.model import VisionTransformer  # noqa: E402
-from arrowvision.validate import compare  # noqa: E402
+from arrowvision.model.convert import convert  # noqa: E402
+from arrowvision.model.vision import VisionTransformer  # noqa: E402
+from arrowvision.parity import compare  # noqa: E402
 from tests.conftest import hf_model, save_checkpoint  # noqa: E402
 from tests.test_parity import TINY_CONFIGS, hf_outputs  # noqa: E402
 

@@ -56,8 +56,8 @@ def default_weights() -> str:
 
 def bench_engines(weights: str, files: list[str], work: Path, batch_size: int, cpus: int) -> list[str]:
     from arrowvision import VisionEncoder
+    from arrowvision.datasets.pipeline import embed_paths
     from arrowvision.distributed.data import embed_paths_ray
-    from arrowvision.pipeline import embed_paths
 
     lines = []
     start = time.perf_counter()
@@ -188,7 +188,7 @@ def run_services(weights: str, payloads: list[bytes], requests: int, levels: lis
     from ray import serve
 
     from arrowvision.distributed.serve import Replicas, build_app, start
-    from arrowvision.service import ServiceConfig
+    from arrowvision.service.config import ServiceConfig
 
     def free_port() -> int:
         with socket.socket() as sock:

@@ -51,10 +51,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from arrowvision import index as vindex  # noqa: E402
 from arrowvision.backends.cpu import cpu_info  # noqa: E402
-from arrowvision.pipeline import META_PREFIX  # noqa: E402
-from arrowvision.search import top_k  # noqa: E402
+from arrowvision.datasets.pipeline import META_PREFIX  # noqa: E402
+from arrowvision.search import index as vindex  # noqa: E402
+from arrowvision.search.scan import top_k  # noqa: E402
 
 SPREAD_DIMS = 16
 

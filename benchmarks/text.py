@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from arrowvision import TextEncoder
-from arrowvision.convert import convert
+from arrowvision.model.convert import convert
 from tests.textkit import (
     SENTENCES,
     TINY_VISION,

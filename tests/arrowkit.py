@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from arrowvision import VisionEncoder
-from arrowvision.arrow import shared
+from arrowvision import engine_models as shared
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"
 

@@ -40,7 +40,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_siglip_parquet(tiny_siglip, tmp_path_factory) -> Path:
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
 
     out = tmp_path_factory.mktemp("pq") / "tiny_siglip.parquet"
     convert(str(tiny_siglip), out, progress=False)
@@ -49,7 +49,7 @@ def tiny_siglip_parquet(tiny_siglip, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip_parquet(tiny_clip, tmp_path_factory) -> Path:
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
 
     out = tmp_path_factory.mktemp("pq") / "tiny_clip.parquet"
     convert(str(tiny_clip), out, progress=False)
@@ -85,7 +85,7 @@ def module_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def siglip_all_parquet(tmp_path_factory) -> Path:
     """A tiny SigLIP with both towers (converted with --tower all), shared by the service tests."""
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
 
     from .textkit import save_full_checkpoint
 

@@ -121,7 +121,7 @@ class LiveService:
     def __init__(self, app, **config):
         import uvicorn
 
-        from arrowvision.service import listen
+        from arrowvision.service.app import listen
 
         self.sock = listen("127.0.0.1", 0)
         self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"

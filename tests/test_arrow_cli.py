@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from arrowvision.cli import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
-from arrowvision.pipeline import read_embeddings
+from arrowvision.datasets.pipeline import read_embeddings
 
 from .arrowkit import HF_IMAGE, assert_rows_match
 from .arrowkit import expected, fresh_models, images, shard, weights  # noqa: F401 (fixtures)

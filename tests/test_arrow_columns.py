@@ -10,7 +10,7 @@ import pytest
 
 from arrowvision import TextEncoder, VisionEncoder
 from arrowvision.arrow import columns
-from arrowvision.arrow.shared import clear, shared_model
+from arrowvision.engine_models import clear, shared_model
 from arrowvision.errors import ArrowVisionError, ColumnTypeError
 
 from .arrowkit import CORRUPT, assert_rows_match, jpeg_bytes

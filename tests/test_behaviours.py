@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from arrowvision import ArrowVisionError, VisionEncoder, WeightLoader
-from arrowvision.pipeline import embed_paths, read_embeddings
-from arrowvision.preprocess import normalize_sketch
-from arrowvision.search import top_k
+from arrowvision.datasets.pipeline import embed_paths, read_embeddings
+from arrowvision.inputs.preprocess import normalize_sketch
+from arrowvision.search.scan import top_k
 
 from .test_pipeline import DEMO, cli
 from .test_sketch import draw

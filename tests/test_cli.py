@@ -145,7 +145,7 @@ def test_serve_on_a_busy_port_is_one_error_line_exit_1(capsys):
 
 
 def test_serve_quiet_turns_the_access_log_off(capsys, monkeypatch):
-    import arrowvision.service as service
+    import arrowvision.service.app as service
 
     calls = []
     monkeypatch.setattr(service, "serve", lambda encoder, **kwargs: calls.append(kwargs))

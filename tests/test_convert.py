@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from arrowvision import ConversionError, WeightLoader
-from arrowvision.convert import convert
+from arrowvision.model.convert import convert
 
 from .conftest import TINY_CLIP, TINY_SIGLIP, hf_model, save_checkpoint
 

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
 
 from arrowvision import VisionEncoder
-from arrowvision.pipeline import embed_paths, read_embeddings
+from arrowvision.datasets.pipeline import embed_paths, read_embeddings
 
 needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision not installed")
 
@@ -92,8 +92,8 @@ def test_embed_on_cuda_every_decode_mode(tiny_siglip_parquet, reference, folder,
 
 @needs_torchvision
 def test_gpu_resize_matches_pillow(reference, folder):
-    from arrowvision.gpu_decode import resize_on_device
-    from arrowvision.preprocess import load_image
+    from arrowvision.inputs.gpu_decode import resize_on_device
+    from arrowvision.inputs.preprocess import load_image
 
     preprocessor = reference.preprocessor
     photos = [p for p in paths_of(folder) if "photo" in p]

@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arrowvision import FormatError, WeightLoader
-from arrowvision.convert import convert
 from arrowvision.errors import TensorNotFound
-from arrowvision.format import ALIGNMENT, SCHEMA, write_weights
+from arrowvision.model.convert import convert
+from arrowvision.weights.format import ALIGNMENT, SCHEMA
+from arrowvision.weights.writer import write_weights
 
 from .conftest import TINY_CLIP, TINY_SIGLIP, hf_model, save_checkpoint
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from arrowvision import FormatError, WeightLoader
-from arrowvision.format import SCHEMA
+from arrowvision.weights.format import SCHEMA
 
 
 def _rewrite(source, target, transform=lambda table: table, **write_options):

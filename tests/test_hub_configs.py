@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from arrowvision.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
+from arrowvision.model.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
 
 HUB_CONFIGS = {
     # google/siglip-base-patch16-224: the vision tower is all defaults except the patch size
@@ -173,7 +173,7 @@ def test_presets_equal_the_hub_configs(preset, hub):
 
 def test_config_errors_name_the_problem():
     from arrowvision import ConversionError
-    from arrowvision.config import vision_prefix
+    from arrowvision.model.config import vision_prefix
 
     with pytest.raises(ConversionError, match="unsupported model family 'bert'; supported: siglip, clip"):
         VisionConfig("bert")

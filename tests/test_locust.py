@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import arrowvision
-from arrowvision.service import ServiceConfig, create_app
-from arrowvision.service_security import SecurityConfig
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
+from arrowvision.service.security import SecurityConfig
 
 from .servers import LiveService
 

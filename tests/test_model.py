@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from arrowvision import ModelError, WeightLoader
-from arrowvision.format import write_weights
-from arrowvision.model import VisionTransformer, activation, hf_name
+from arrowvision.model.vision import VisionTransformer, activation, hf_name
+from arrowvision.weights.writer import write_weights
 
 
 def rewrite_weights(source: Path, target: Path, config: dict | None = None, drop: str | None = None) -> Path:
@@ -58,7 +58,7 @@ def test_weight_map_names():
 
 
 def test_loading_keeps_or_casts_the_file_dtype(tmp_path, tiny_siglip):
-    from arrowvision.convert import convert
+    from arrowvision.model.convert import convert
 
     half = tmp_path / "half.parquet"
     convert(str(tiny_siglip), half, dtype="bfloat16", progress=False)

@@ -15,8 +15,8 @@ from arrowvision import BackendError, VisionEncoder, WeightLoader
 from arrowvision.backends.cpu import cpu_info
 from arrowvision.backends.openvino_backend import cache_key, export
 from arrowvision.backends.validation import KINDS, heldout_files, sample_photos
-from arrowvision.convert import convert
-from arrowvision.preprocess import normalize_sketch
+from arrowvision.inputs.preprocess import normalize_sketch
+from arrowvision.model.convert import convert
 
 from .conftest import BASE_SIGLIP, TINY_SIGLIP, save_checkpoint
 
@@ -211,8 +211,12 @@ def test_bf16_runs_where_the_cpu_has_it(module_cache):
 
 
 def test_bf16_is_refused_up_front_without_native_bf16(module_cache, monkeypatch):
+    """Refused even when the cache already holds a bf16 IR (a cache shared with a bf16 machine)."""
     from arrowvision.backends import openvino_backend
 
+    if "BF16" in openvino_backend.cpu_capabilities():  # this CPU can build the bf16 entry the other one must refuse
+        openvino_backend.export(WeightLoader(DEMO), "bf16")
+        assert openvino_backend.OpenVINOBackend(WeightLoader(DEMO), precision="bf16").cache_hit
     monkeypatch.setattr(openvino_backend, "cpu_capabilities", lambda: ["FP32", "INT8", "BIN"])  # an AVX2-only CPU
     with pytest.raises(BackendError, match="native bf16.*AVX512-BF16"):
         VisionEncoder.from_parquet(DEMO, backend="openvino", precision="bf16")

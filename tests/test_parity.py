@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from arrowvision import VisionEncoder, WeightLoader
-from arrowvision.convert import convert
-from arrowvision.model import VisionTransformer
+from arrowvision.model.convert import convert
+from arrowvision.model.vision import VisionTransformer
 
 from .conftest import BASE_SIGLIP, hf_model, save_checkpoint
 

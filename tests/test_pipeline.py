@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from arrowvision import VisionEncoder
+from arrowvision.datasets.pipeline import collect_inputs, embed_paths, read_embeddings
 from arrowvision.errors import ArrowVisionError
-from arrowvision.pipeline import collect_inputs, embed_paths, read_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "weights" / "siglip-demo-random.parquet"

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from arrowvision import ImageError, ImageTooLarge
-from arrowvision.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
-from arrowvision.preprocess import Preprocessor, load_image
+from arrowvision.inputs.preprocess import Preprocessor, load_image
+from arrowvision.model.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from arrowvision import VisionEncoder
-from arrowvision.pipeline import collect_inputs, embed_paths, read_embeddings
+from arrowvision.datasets.pipeline import collect_inputs, embed_paths, read_embeddings
 
 from .raykit import ray_cluster  # noqa: F401 (fixture)
 
@@ -76,7 +76,7 @@ def rows(folder: Path) -> dict[str, dict]:
 def test_core_never_imports_ray():
     code = textwrap.dedent("""
         import sys
-        import arrowvision, arrowvision.cli, arrowvision.pipeline, arrowvision.writer, arrowvision.service
+        import arrowvision, arrowvision.cli, arrowvision.datasets.pipeline, arrowvision.datasets.writer, arrowvision.service.app
         from arrowvision.cli import build_parser
         build_parser().parse_args(["embed", "x", "-o", "y", "--engine", "ray"])
         loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith(("ray.", "arrowvision.distributed")))

@@ -24,8 +24,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from arrowvision import ImageTextModel, VisionEncoder
-from arrowvision.convert import convert
-from arrowvision.service import ServiceConfig, create_app
+from arrowvision.model.convert import convert
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .raykit import ray_cluster  # noqa: F401 (fixture)
 from .textkit import save_full_checkpoint

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 import arrowvision
-from arrowvision import index as vindex
-from arrowvision.convert import convert
-from arrowvision.pipeline import embed_paths
-from arrowvision.service import ServiceConfig, create_app
+from arrowvision.datasets.pipeline import embed_paths
+from arrowvision.model.convert import convert
+from arrowvision.search import index as vindex
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .textkit import save_full_checkpoint
 
@@ -71,7 +72,10 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; .ci/run does)")
+        reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; .ci/run does)"
+        if os.environ.get("ARROWVISION_REQUIRE_BROWSER") == "1":  # set by .ci/run: CI always runs these tests
+            pytest.fail(reason)
+        pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -16,13 +16,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import arrowvision
-from arrowvision import index as vindex
 from arrowvision.cli import main
-from arrowvision.convert import convert
+from arrowvision.datasets.pipeline import embed_paths
 from arrowvision.errors import IndexMismatch
-from arrowvision.pipeline import embed_paths
-from arrowvision.preprocess import normalize_sketch
-from arrowvision.service import ServiceConfig, create_app
+from arrowvision.inputs.preprocess import normalize_sketch
+from arrowvision.model.convert import convert
+from arrowvision.search import index as vindex
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .textkit import save_full_checkpoint
 
@@ -73,7 +74,7 @@ def test_an_indexed_photo_finds_itself_first_at_one(client, corpus):
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["query"] == "image" and len(body["results"]) == 3
-            assert body["results"][0] == {"path": image_path(corpus, name), "score": 1.0}
+            assert body["results"][0] == {"path": image_path(corpus, name), "score": pytest.approx(1.0, abs=1e-5)}
             assert body["results"][1]["score"] < 1.0
         assert by_form.json()["results"] == by_json.json()["results"]
 
@@ -198,7 +199,7 @@ def test_the_service_follows_index_updates_without_a_restart(client, corpus, mod
         vindex.update(corpus / "emb")
         assert client.get("/v1/search/info").json()["rows"] == len(NAMES) + 1
         found = client.post("/v1/search", files={"file": ("q.jpg", extra.read_bytes())}, data={"k": "1"}).json()
-        assert found["results"] == [{"path": str(extra.resolve()), "score": 1.0}]
+        assert found["results"] == [{"path": str(extra.resolve()), "score": pytest.approx(1.0, abs=1e-5)}]
         assert client.get("/v1/thumbnail", params={"path": str(extra.resolve())}).status_code == 200
     finally:
         extra.unlink()
@@ -258,7 +259,7 @@ def test_demo_serve_prints_the_url_and_serves_the_page(tmp_path):
         assert info["rows"] == len(list(SAMPLES.glob("*.jpg"))) and info["text"] is False  # the demo model is vision-only
         horse = SAMPLES / "horse.jpg"
         found = httpx.post(url + "v1/search", files={"file": ("horse.jpg", horse.read_bytes())}, data={"k": "2"}, timeout=30).json()
-        assert found["results"][0] == {"path": str(horse.resolve()), "score": 1.0}
+        assert found["results"][0] == {"path": str(horse.resolve()), "score": pytest.approx(1.0, abs=1e-5)}
         assert httpx.get(url + "v1/thumbnail", params={"path": str(horse.resolve())}).status_code == 200
     finally:
         process.send_signal(signal.SIGTERM)

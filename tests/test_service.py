@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from arrowvision import VisionEncoder
-from arrowvision.service import ServiceConfig, create_app
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "weights" / "siglip-demo-random.parquet"
@@ -64,7 +65,7 @@ def test_embed_multipart_and_json_match_direct_encode(client, encoder):
 
 
 def test_sketch_option(client, encoder):
-    from arrowvision.preprocess import normalize_sketch
+    from arrowvision.inputs.preprocess import normalize_sketch
 
     canvas = np.full((64, 64, 3), 0, np.uint8)
     canvas[20:40, 30:34] = 255  # a light stroke on dark
@@ -213,7 +214,7 @@ class _BrokenBackend:
 @pytest.mark.parametrize("max_batch,expected_sizes", [(8, [1, 7]), (3, [1, 3, 3, 1])])
 def test_requests_queued_while_the_model_runs_form_the_next_batches(max_batch, expected_sizes):
     """Deterministic batching: the first request holds the model until 7 more have queued."""
-    from arrowvision.service import MicroBatcher
+    from arrowvision.service.batching import MicroBatcher
 
     holding, release = threading.Event(), threading.Event()
     sizes: list[int] = []
@@ -351,7 +352,8 @@ def test_bad_inputs_against_real_server_then_clean_shutdown(server):
 GATED_SERVER = """
 import sys
 from arrowvision import VisionEncoder
-from arrowvision.service import ServiceConfig, serve
+from arrowvision.service.app import serve
+from arrowvision.service.config import ServiceConfig
 
 weights, gate, port = sys.argv[1:4]
 

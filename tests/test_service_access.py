@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from arrowvision import VisionEncoder
 from arrowvision.cli import main
-from arrowvision.service import create_app
-from arrowvision.service_security import RateLimitMiddleware, SecurityConfig, is_loopback_host, parse_rate
+from arrowvision.service.app import create_app
+from arrowvision.service.security import RateLimitMiddleware, SecurityConfig, is_loopback_host, parse_rate
 
 from .servers import PHOTOS, SAMPLES
 
@@ -122,7 +122,7 @@ def test_non_loopback_without_a_key_is_refused_before_loading(capsys, monkeypatc
 def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
     """`serve --model fast=... --model same=... --api-key (env) --log-format json`: /v1/models,
     the key, request ids in JSON log lines, the key never in the log, spans on the console."""
-    from arrowvision.service import listen
+    from arrowvision.service.app import listen
 
     probe = listen("127.0.0.1", 0)
     port = probe.getsockname()[1]

@@ -12,9 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 import arrowvision
-from arrowvision import VisionEncoder, tracing
-from arrowvision.service import ServiceConfig, create_app
-from arrowvision.service_security import SecurityConfig
+from arrowvision import VisionEncoder
+from arrowvision.service import tracing
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
+from arrowvision.service.security import SecurityConfig
 
 from .servers import PHOTOS, SAMPLES, LiveService, PhotoServer
 

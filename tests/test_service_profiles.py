@@ -14,10 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 import arrowvision
-from arrowvision import VisionEncoder, urlfetch
-from arrowvision.convert import convert
-from arrowvision.service import ServiceConfig, create_app
-from arrowvision.service_models import ModelRegistry, ModelSpec, describe_weights
+from arrowvision import VisionEncoder
+from arrowvision.inputs import urlfetch
+from arrowvision.model.convert import convert
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
+from arrowvision.service.profiles import ModelRegistry, ModelSpec, describe_weights
 
 from .servers import PHOTOS, SAMPLES, LiveService, PhotoServer
 from .textkit import save_full_checkpoint

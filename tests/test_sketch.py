@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from arrowvision import VisionEncoder
-from arrowvision.preprocess import normalize_sketch
+from arrowvision.inputs.preprocess import normalize_sketch
 
 DEMO = Path(__file__).resolve().parents[1] / "weights" / "siglip-demo-random.parquet"
 

@@ -11,7 +11,7 @@ import pytest
 
 import arrowvision
 from arrowvision.cli import main
-from arrowvision.convert import convert
+from arrowvision.model.convert import convert
 
 from .textkit import save_full_checkpoint
 

@@ -14,7 +14,7 @@ import pytest
 
 import arrowvision
 from arrowvision import BackendError
-from arrowvision.convert import convert
+from arrowvision.model.convert import convert
 
 from .textkit import AWKWARD, SENTENCES, save_full_checkpoint
 

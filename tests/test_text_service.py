@@ -13,8 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import arrowvision
-from arrowvision.convert import convert
-from arrowvision.service import ServiceConfig, create_app
+from arrowvision.model.convert import convert
+from arrowvision.service.app import create_app
+from arrowvision.service.config import ServiceConfig
 
 from .textkit import AWKWARD, SENTENCES, save_full_checkpoint
 

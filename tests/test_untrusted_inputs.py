@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from arrowvision import ArrowVisionError, VisionEncoder, cli, decode
-from arrowvision.pathlists import MAX_LINE_BYTES, read_path_list
-from arrowvision.pipeline import collect_inputs, embed_paths, read_embeddings
+from arrowvision import ArrowVisionError, VisionEncoder, cli
+from arrowvision.datasets.pipeline import collect_inputs, embed_paths, read_embeddings
+from arrowvision.inputs import decode
+from arrowvision.inputs.pathlists import MAX_LINE_BYTES, read_path_list
 
 from .test_pipeline import DEMO
 from .test_pipeline import cli as run_cli

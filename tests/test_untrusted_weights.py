@@ -19,12 +19,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from arrowvision import ConversionError, FormatError, ModelError, VisionConfig, WeightLoader
-from arrowvision import format as weights_format
-from arrowvision.config import ACTIVATIONS
-from arrowvision.convert import convert
-from arrowvision.format import SCHEMA, write_weights
-from arrowvision.model import VisionTransformer, activation
-from arrowvision.safejson import MAX_CONFIG_BYTES, json_depth, load_json
+from arrowvision.model.config import ACTIVATIONS
+from arrowvision.model.convert import convert
+from arrowvision.model.vision import VisionTransformer, activation
+from arrowvision.util.safejson import MAX_CONFIG_BYTES, json_depth, load_json
+from arrowvision.weights import format as weights_format
+from arrowvision.weights.format import SCHEMA
+from arrowvision.weights.writer import write_weights
 
 OUR_ERRORS = (FormatError, ConversionError, ModelError)
 SECONDS = 5.0  # generous bound per load; the failures measured here take milliseconds

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from arrowvision import urlfetch
-from arrowvision.urlfetch import AsyncUrlFetcher, UrlBlocked, UrlError, UrlFetcher, UrlPolicy, UrlTooLarge
+from arrowvision.inputs import urlfetch
+from arrowvision.inputs.urlfetch import AsyncUrlFetcher, UrlBlocked, UrlError, UrlFetcher, UrlPolicy, UrlTooLarge
 
 from .servers import PHOTOS, SAMPLES, PhotoServer
 
@@ -194,7 +194,7 @@ def image_text_model(siglip_all_parquet):
 def test_score_table_with_urls(photos, image_text_model, tmp_path):
     import pyarrow as pa
 
-    from arrowvision.score_pairs import score_pairs
+    from arrowvision.datasets.score_pairs import score_pairs
 
     local = tmp_path / SAMPLES[0].name
     local.write_bytes(PHOTOS[SAMPLES[0].name])
@@ -218,7 +218,7 @@ def test_score_table_with_urls(photos, image_text_model, tmp_path):
 
 def test_embed_list_with_urls(photos, tmp_path):
     from arrowvision import VisionEncoder
-    from arrowvision.pipeline import ERRORS_DIR, collect_inputs, embed_paths, read_embeddings
+    from arrowvision.datasets.pipeline import ERRORS_DIR, collect_inputs, embed_paths, read_embeddings
 
     encoder = VisionEncoder.from_parquet(SAMPLES[0].parents[2] / "weights" / "siglip-demo-random.parquet")
     listing = tmp_path / "inputs.csv"

@@ -63,7 +63,7 @@ def train_clip_bpe(folder: Path) -> Path:
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
 
-    from arrowvision.tokenizer import clip_bpe
+    from arrowvision.model.tokenizer import clip_bpe
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     base = Tokenizer(BPE(end_of_word_suffix="</w>"))

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 from skimage import data
 
-from arrowvision.convert import convert
+from arrowvision.model.convert import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

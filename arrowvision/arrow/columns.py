@@ -178,8 +178,8 @@ class Prepared:
 def prepare_source(encoder: Any, source: memoryview | str, label: str, decode: str = "exact",
                    digest: bool = False) -> Prepared:
     """One row -> the encoder's input row, decoded exactly as ``encoder.encode`` decodes it."""
-    from ..decode import open_reduced, read_image_bytes
-    from ..preprocess import load_image
+    from ..inputs.decode import open_reduced, read_image_bytes
+    from ..inputs.preprocess import load_image
 
     if isinstance(source, str):
         label, source = source, read_image_bytes(source)  # local, s3://..., or http(s) with the SSRF guard
@@ -213,7 +213,7 @@ def embed_stream(encoder: Any, rows: Iterable[tuple[Any, ImageSource, str]], *, 
     batch ahead of the model, across the whole stream; the model runs under ``model_lock``
     when one is given (a backend shared by an engine's threads); ``on_model`` hears each model
     call's seconds."""
-    from ..encoder import l2_normalize
+    from ..util.similarity import l2_normalize
 
     if batch_size < 1 or workers < 1:
         raise ArrowVisionError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")

@@ -1,53 +1,9 @@
 """Inference backends. Each takes preprocessed (N, 3, H, W) float32 pixels and returns the
 pooled (N, D) float32 embeddings, and knows nothing of images: ``torch`` is the reference,
 ``openvino`` and ``onnxruntime`` run exported graphs without torch, ``auto`` picks the fastest
-validated (backend, precision) for this CPU by measuring."""
+validated (backend, precision) for this CPU by measuring.
 
-from __future__ import annotations
-
-from typing import Any, Protocol
-
-import numpy as np
-
-from ..errors import BackendError
-from ..format import WeightLoader
-
-
-class Backend(Protocol):
-    name: str
-    precision: str
-
-    def __call__(self, pixel_values: np.ndarray) -> np.ndarray: ...
-
-
-BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8-weights", "int8")  # every precision some backend offers
-BACKEND_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "openvino": PRECISIONS, "onnxruntime": ("fp32", "int8")}
-
-
-def create(name: str, weights: WeightLoader, device: str = "cpu", **options: Any) -> Backend:
-    """Build backend ``name`` for ``weights``; options are the backend's own (precision, cache_dir, ...)."""
-    precision = options.get("precision", "fp32")
-    if name in BACKEND_PRECISIONS and precision not in BACKEND_PRECISIONS[name]:
-        raise BackendError(f"precision {precision!r} is not available on the {name} backend; "
-                           f"choose from {', '.join(BACKEND_PRECISIONS[name])}")
-    if name == "torch":
-        from .torch_backend import TorchBackend
-
-        unknown = set(options) - {"precision", "compile", "cuda_graphs", "min_cosine", "cache_dir"}
-        if unknown:
-            raise BackendError(f"option(s) {', '.join(sorted(unknown))} do not apply to the torch backend")
-        return TorchBackend(weights, device=device, **options)  # precision: fp32 on CPU, bf16/fp16 on CUDA
-    if name == "openvino":
-        from .openvino_backend import OpenVINOBackend
-
-        return OpenVINOBackend(weights, device=device, **options)
-    if name == "onnxruntime":
-        from .onnxruntime_backend import ONNXRuntimeBackend
-
-        return ONNXRuntimeBackend(weights, device=device, **options)
-    if name == "auto":
-        from .auto import create_auto
-
-        return create_auto(weights, device=device, **options)
-    raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+``base``: the ``Backend`` interface and its defaults; ``factory.create``: a backend by name;
+``artifacts``: the export cache; ``validation``: held-out accuracy checks; ``cpu``: what this
+CPU offers. Nothing here imports this package itself, so it imports nothing.
+"""

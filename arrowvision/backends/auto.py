@@ -14,14 +14,15 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import VisionConfig
 from ..errors import BackendError
-from ..format import WeightLoader
+from ..model.config import VisionConfig
+from ..weights.format import WeightLoader
 from .artifacts import cache_root, hash_key
 from .cpu import CPUInfo, cpu_info
 from .validation import DEFAULT_MIN_COSINE
@@ -29,6 +30,7 @@ from .validation import DEFAULT_MIN_COSINE
 log = logging.getLogger("arrowvision")
 
 AUTO_VERSION = "1"
+Build = Callable[..., Any]  # factory.create: (name, weights, **options) -> a backend
 
 
 def candidates(cpu: CPUInfo) -> list[tuple[str, str]]:
@@ -81,10 +83,9 @@ def _time(backend: Any, size: int, rounds: int = 3) -> tuple[float, float]:
     return 1000 * statistics.median(singles), 1000 * statistics.median(batches)
 
 
-def measure(weights: WeightLoader, *, min_cosine: float, cache_dir, calibration=None) -> dict[str, Any]:
-    """Export, validate and time every candidate; return the record with the fastest marked."""
-    from . import create
-
+def measure(weights: WeightLoader, *, build: Build, min_cosine: float, cache_dir, calibration=None) -> dict[str, Any]:
+    """Export, validate and time every candidate (each built by ``build``, ``factory.create``);
+    return the record with the fastest marked."""
     cpu = cpu_info()
     size = VisionConfig.from_weights(weights).image_size
     rows: list[dict[str, Any]] = []
@@ -94,7 +95,7 @@ def measure(weights: WeightLoader, *, min_cosine: float, cache_dir, calibration=
             options: dict[str, Any] = {"precision": precision, "cache_dir": cache_dir, "min_cosine": min_cosine}
             if name == "openvino" and precision == "int8" and calibration:
                 options["calibration"] = calibration
-            backend = create(name, weights, **options)
+            backend = build(name, weights, **options)
             row["b1_ms"], row["b8_ms_per_image"] = _time(backend, size)
             row["score"] = (row["b1_ms"] * row["b8_ms_per_image"]) ** 0.5  # geometric mean: latency and throughput
             row["min_cosine"] = backend.report.get("min_cosine", 1.0)
@@ -119,8 +120,8 @@ def remembered_choice(weights: WeightLoader, min_cosine: float = DEFAULT_MIN_COS
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def choose(weights: WeightLoader, *, min_cosine: float = DEFAULT_MIN_COSINE, cache_dir=None, calibration=None,
-           refresh: bool = False) -> dict[str, Any]:
+def choose(weights: WeightLoader, *, build: Build, min_cosine: float = DEFAULT_MIN_COSINE, cache_dir=None,
+           calibration=None, refresh: bool = False) -> dict[str, Any]:
     """The remembered choice for this model and CPU, measured (under a lock) if there is none."""
     from filelock import FileLock
 
@@ -130,28 +131,28 @@ def choose(weights: WeightLoader, *, min_cosine: float = DEFAULT_MIN_COSINE, cac
         if path.exists() and not refresh:
             return json.loads(path.read_text())
         log.warning("auto: first use of this model on this CPU: measuring candidate backends (once)")
-        record = measure(weights, min_cosine=min_cosine, cache_dir=cache_dir, calibration=calibration)
+        record = measure(weights, build=build, min_cosine=min_cosine, cache_dir=cache_dir, calibration=calibration)
         staging = path.with_suffix(".tmp")
         staging.write_text(json.dumps(record, indent=2))
         os.replace(staging, path)
     return record
 
 
-def create_auto(weights: WeightLoader, device: str = "CPU", *, min_cosine: float = DEFAULT_MIN_COSINE, cache_dir=None,
-                calibration=None, refresh: bool = False, **options: Any):
-    """Build the chosen backend; ``backend.choice`` holds the measurement record."""
-    from . import create
-
+def create_auto(weights: WeightLoader, device: str = "CPU", *, build: Build, min_cosine: float = DEFAULT_MIN_COSINE,
+                cache_dir=None, calibration=None, refresh: bool = False, **options: Any):
+    """Build the chosen backend with ``build`` (``factory.create``, passed in so that the factory
+    and this module do not import each other); ``backend.choice`` holds the measurement record."""
     if device.upper() != "CPU":
         raise BackendError(f"backend auto chooses among CPU backends; name a backend for device {device!r}")
     if options.get("precision") not in (None, "auto"):
         raise BackendError("backend auto chooses the precision itself; name a backend to fix the precision")
     options.pop("precision", None)
-    record = choose(weights, min_cosine=min_cosine, cache_dir=cache_dir, calibration=calibration, refresh=refresh)
+    record = choose(weights, build=build, min_cosine=min_cosine, cache_dir=cache_dir, calibration=calibration,
+                    refresh=refresh)
     if record["backend"] != "openvino":
         options.pop("mode", None)
     extra = {"calibration": calibration} if record["backend"] == "openvino" and record["precision"] == "int8" else {}
-    backend = create(record["backend"], weights, precision=record["precision"], cache_dir=cache_dir, min_cosine=min_cosine,
+    backend = build(record["backend"], weights, precision=record["precision"], cache_dir=cache_dir, min_cosine=min_cosine,
                      **extra, **options)
     backend.choice = record
     return backend

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VisionConfig
 from ..errors import BackendError
-from ..format import WeightLoader
+from ..model.config import VisionConfig
+from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, pooled_module, require_torch
 from .cpu import cpu_info
 from .validation import DEFAULT_MIN_COSINE, heldout_pixels, reference_embeddings, validate_lossy
@@ -77,7 +77,7 @@ def export_onnx(
 
 def save_onnx(weights: WeightLoader, output: str | os.PathLike, precision: str = "fp32", **options: Any) -> dict[str, Any]:
     """``arrowvision export --format onnx``: the validated model copied to ``output`` (atomically)."""
-    from ..fsutil import atomic_output
+    from ..util.fsutil import atomic_output
     from .artifacts import read_meta
 
     entry = export_onnx(weights, precision, **options)
@@ -89,7 +89,7 @@ def save_onnx(weights: WeightLoader, output: str | os.PathLike, precision: str =
 def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine: float, key: str) -> dict[str, Any]:
     torch = require_torch("ONNX model")
     ort = _onnxruntime()
-    from ..model import VisionTransformer
+    from ..model.vision import VisionTransformer
 
     start = time.perf_counter()
     model = VisionTransformer.from_weights(weights)

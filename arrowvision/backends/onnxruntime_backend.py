@@ -11,15 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VisionConfig
 from ..errors import BackendError
-from ..format import WeightLoader
+from ..model.config import VisionConfig
+from ..weights.format import WeightLoader
 from .artifacts import cache_root, is_complete, read_meta
+from .base import BackendBase
 from .onnx_export import _onnxruntime, cache_key, export_onnx
 from .validation import DEFAULT_MIN_COSINE, recheck
 
 
-class ONNXRuntimeBackend:
+class ONNXRuntimeBackend(BackendBase):
     name = "onnxruntime"
 
     def __init__(

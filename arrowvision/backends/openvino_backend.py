@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VisionConfig
 from ..errors import BackendError
-from ..format import WeightLoader
-from . import PRECISIONS
+from ..model.config import VisionConfig
+from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, is_complete, pooled_module, read_meta, require_torch
+from .base import PRECISIONS, BackendBase
 from .cpu import cpu_info
 from .validation import (
     DEFAULT_MIN_COSINE,
@@ -115,7 +115,7 @@ def export(
 def _export_into(folder: Path, weights: WeightLoader, precision: str, calibration, min_cosine: float, key: str) -> dict:
     ov = _openvino()
     torch = require_torch("OpenVINO IR")
-    from ..model import VisionTransformer
+    from ..model.vision import VisionTransformer
 
     start = time.perf_counter()
     model = VisionTransformer.from_weights(weights)
@@ -181,7 +181,7 @@ def nncf_quantize(ov_model, precision: str, samples, meta: dict, count_key: str,
                          ignored_scope=ignored, advanced_parameters=AdvancedQuantizationParameters(**options))
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(BackendBase):
     """Runs the cached IR. ``mode="latency"`` runs each batch as one inference request;
     ``mode="throughput"`` splits batches over OpenVINO's async infer queue (parallel streams)."""
 
@@ -201,6 +201,9 @@ class OpenVINOBackend:
         ov = _openvino()
         if mode not in ("latency", "throughput"):
             raise BackendError(f"unknown mode {mode!r}; choose latency or throughput")
+        reason = unsupported_reason(precision, device)
+        if reason:  # before the cache: a cache shared between machines may hold a bf16 IR this CPU cannot run
+            raise BackendError(reason)
         self.config = VisionConfig.from_weights(weights)
         self.precision = precision
         self.mode = mode
@@ -250,3 +253,10 @@ class OpenVINOBackend:
             queue.start_async({0: chunk}, index)
         queue.wait_all()
         return np.concatenate(results)
+
+    def inference_threads(self) -> int | None:
+        """The thread count the compiled model really uses (None if the plugin does not say)."""
+        try:
+            return int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        except Exception:  # noqa: BLE001 - a plugin without the property: unknown
+            return None

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError
-from ..format import WeightLoader
-from ..text_config import TextConfig
+from ..model.text_config import TextConfig
+from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, is_complete, read_meta, require_torch
 from .openvino_backend import _int8_saturates, _openvino, inference_hint, nncf_quantize, unsupported_reason
 from .validation import DEFAULT_MIN_COSINE, recheck, validate_lossy
@@ -93,7 +93,7 @@ def _pooled(model: Any):
 def _export_into(folder: Path, weights: WeightLoader, tokenizer: Any, precision: str, min_cosine: float, key: str) -> dict:
     ov = _openvino()
     torch = require_torch("OpenVINO text IR")
-    from ..text_model import TextTransformer
+    from ..model.text import TextTransformer
 
     start = time.perf_counter()
     model = TextTransformer.from_weights(weights)
@@ -134,6 +134,9 @@ class OpenVINOTextBackend:
                  cache_dir: str | os.PathLike | None = None, min_cosine: float = DEFAULT_MIN_COSINE,
                  num_threads: int | None = None):
         ov = _openvino()
+        reason = unsupported_reason(precision, device)
+        if reason:  # before the cache, which may come from a machine with native bf16
+            raise BackendError(reason)
         self.precision = precision
         self.entry = cache_root(cache_dir) / "ir-text" / cache_key(weights, precision)
         self.cache_hit = is_complete(self.entry)

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError
-from ..format import WeightLoader
+from ..weights.format import WeightLoader
+from .base import BackendBase
 
 HALF_PRECISIONS = ("bf16", "fp16")
 MAX_FIXED_BATCH = 1024  # larger batches run eagerly (no compile / graph of that size)
@@ -95,7 +96,7 @@ class Pending:
         return self.output.numpy()[: self.rows]
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     name = "torch"
     accepts_uint8 = True  # the pipeline may hand it decoded uint8 (N, S, S, 3) batches
 
@@ -103,7 +104,7 @@ class TorchBackend:
                  compile: bool = False, cuda_graphs: bool | None = None, min_cosine: float | None = None,
                  cache_dir: str | os.PathLike | None = None):
         self.torch = torch = import_torch()  # before ..model, which imports torch
-        from ..model import VisionTransformer
+        from ..model.vision import VisionTransformer
 
         self.device = torch_device(torch, device)
         self.precision = precision or default_precision(torch, self.device)
@@ -120,7 +121,7 @@ class TorchBackend:
             from .validation import DEFAULT_MIN_COSINE
 
             self.report = validated_report(self, weights, DEFAULT_MIN_COSINE if min_cosine is None else min_cosine, cache_dir)
-        from ..preprocess import Preprocessor
+        from ..inputs.preprocess import Preprocessor
 
         lut = Preprocessor.from_config(self.config).lut  # (3, 256) exact float32 normalization table
         self.lut = torch.from_numpy(lut.reshape(-1).copy()).to(self.device, self.dtype)
@@ -306,7 +307,7 @@ def validated_report(backend: TorchBackend, weights: WeightLoader, min_cosine: f
 
 
 def _measure(backend: TorchBackend, weights: WeightLoader, min_cosine: float) -> dict[str, Any]:
-    from ..model import VisionTransformer
+    from ..model.vision import VisionTransformer
     from .validation import heldout_pixels, validate_lossy
 
     torch = backend.torch

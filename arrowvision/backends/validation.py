@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import VisionConfig
-from ..encoder import row_cosines
 from ..errors import BackendError
+from ..model.config import VisionConfig
+from ..util.similarity import row_cosines
 
 PACKAGE = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = PACKAGE / "samples"
@@ -51,7 +51,7 @@ def _sketch_from_photo(path: Path) -> np.ndarray:
     """A pen drawing of a photo (its edges), the kind of input ``--sketch`` embeds."""
     import cv2
 
-    from ..preprocess import load_image
+    from ..inputs.preprocess import load_image
 
     gray = cv2.cvtColor(np.asarray(load_image(path)), cv2.COLOR_RGB2GRAY)
     blurred = cv2.GaussianBlur(gray, (5, 5), 1.5)
@@ -64,7 +64,7 @@ def calibration_images(user_images: Sequence[Any] | None = None) -> list[Any]:
     """The user's images if given, else the bundled photos plus grayscale and sketch renderings."""
     if user_images:
         return list(user_images)
-    from ..preprocess import load_image, normalize_sketch
+    from ..inputs.preprocess import load_image, normalize_sketch
 
     photos = sample_photos()
     grays = [np.asarray(load_image(p).convert("L").convert("RGB")) for p in photos]
@@ -82,14 +82,14 @@ def calibration_fingerprint(images: Sequence[Any] | None) -> str:
 
 
 def calibration_pixels(config: VisionConfig, user_images: Sequence[Any] | None = None) -> np.ndarray:
-    from ..preprocess import Preprocessor
+    from ..inputs.preprocess import Preprocessor
 
     return Preprocessor.from_config(config).batch(calibration_images(user_images))
 
 
 def heldout_pixels(config: VisionConfig) -> dict[str, np.ndarray]:
     """Preprocessed held-out images per kind; sketches go through ``normalize_sketch`` first."""
-    from ..preprocess import Preprocessor, normalize_sketch
+    from ..inputs.preprocess import Preprocessor, normalize_sketch
 
     preprocessor = Preprocessor.from_config(config)
     pixels = {}

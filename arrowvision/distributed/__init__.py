@@ -50,10 +50,3 @@ def threads_option(backend: str, cpus: int) -> dict[str, Any]:
     return {}
 
 
-def inference_threads(backend: Any) -> int | None:
-    """The thread count the compiled OpenVINO model really uses (None for other backends)."""
-    compiled = getattr(backend, "compiled", None)
-    try:
-        return int(compiled.get_property("INFERENCE_NUM_THREADS")) if compiled is not None else None
-    except Exception:  # noqa: BLE001 - a plugin without the property: unknown
-        return None

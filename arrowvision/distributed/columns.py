@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..arrow.shared import default_backend, shared_model
+from ..engine_models import default_backend, shared_model
 
 
 class ColumnEmbedder:
@@ -82,51 +82,50 @@ def _drop_done(batch: pa.Table, id_column: str, done: frozenset) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(ids, value_set=pa.array(sorted(done), pa.string()))))
 
 
-def embed_table_ray(args: Any, files: list[str], keep: list[str]) -> Any:
+def embed_table_ray(weights: str | os.PathLike, files: list[str], output: str | os.PathLike, *, column: str,
+                    id_column: str, keep_columns: list[str] = (), backend: str = "openvino", device: str = "cpu",
+                    backend_options: dict[str, Any] | None = None, batch_size: int = 32, chunk_size: int = 1024,
+                    actors: int | None = None, cpus_per_actor: float = 1.0, skip_failed: bool = False,
+                    progress: bool = True, address: str | None = None) -> Any:
     """``embed TABLE --column C --id-column ID --engine ray``: Ray reads the row groups, an actor
     pool of ``ColumnEmbedder`` embeds them, the driver writes the same dataset as the local
     engine (resumable by either, keyed by the id column)."""
     import threading
     import time
 
-    from ..arrow.table import check_columns, total_rows
-    from ..cli import _weights_path, backend_options, check_backend_options, progress_enabled, resolve_backend
-    from ..pipeline import _progress_bar, stop_on_signals
-    from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata
+    from ..datasets.pipeline import _progress_bar, stop_on_signals
+    from ..datasets.table import check_columns, total_rows
+    from ..datasets.writer import ChunkBuffer, EmbeddingWriter, dataset_metadata
     from . import connect
     from .data import RayEmbedStats, describe_model
 
-    copied = check_columns(files, args.column, args.id_column, keep)
-    backend = resolve_backend(args.backend)
-    check_backend_options(args, backend)
-    weights = str(Path(_weights_path(args, demo_default=True)).resolve())
+    copied = check_columns(files, column, id_column, keep_columns)
+    weights = str(Path(weights).resolve())
     model = describe_model(weights)
-    metadata = {**dataset_metadata(model, sketch=False, normalize=True), "source_column": args.column}
-    writer = EmbeddingWriter(args.output, model.embedding_dim, metadata, copied)
-    chunks = ChunkBuffer(writer, args.chunk_size, lambda path: path)
+    metadata = {**dataset_metadata(model, sketch=False, normalize=True), "source_column": column}
+    writer = EmbeddingWriter(output, model.embedding_dim, metadata, copied)
+    chunks = ChunkBuffer(writer, chunk_size, lambda path: path)
     stats = RayEmbedStats()
-    done = frozenset(writer.done | (set(writer.failed) if args.skip_failed else set()))
-    ray = connect(args.address)
+    done = frozenset(writer.done | (set(writer.failed) if skip_failed else set()))
+    ray = connect(address)
     from ray.data import ActorPoolStrategy, DataContext
 
     context = DataContext.get_current()
     context.enable_progress_bars = False  # our own bar below, on the driver
     context.print_on_execution_start = False
-    cpus = args.cpus_per_actor or 1.0
-    stats.actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
-    device = "cpu" if backend == "torch" and str(args.device).upper() == "CPU" else str(args.device)
-    embedder = dict(weights=weights, column=args.column, error_column="_error", details=True, keep_input=False,
-                    backend=backend, device=device, batch_size=args.batch_size or 32, **backend_options(args, backend))
-    dataset = (ray.data.read_parquet(files).select_columns(list(dict.fromkeys([args.column, *(f.name for f in copied)])))
-               .map_batches(_drop_done, fn_kwargs=dict(id_column=args.id_column, done=done), batch_format="pyarrow")
+    stats.actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
+    embedder = dict(weights=weights, column=column, error_column="_error", details=True, keep_input=False,
+                    backend=backend, device=device, batch_size=batch_size, **(backend_options or {}))
+    dataset = (ray.data.read_parquet(files).select_columns(list(dict.fromkeys([column, *(f.name for f in copied)])))
+               .map_batches(_drop_done, fn_kwargs=dict(id_column=id_column, done=done), batch_format="pyarrow")
                .map_batches(ColumnEmbedder, fn_constructor_kwargs=embedder, batch_format="pyarrow",
-                            compute=ActorPoolStrategy(size=stats.actors), num_cpus=cpus))
+                            compute=ActorPoolStrategy(size=stats.actors), num_cpus=cpus_per_actor))
     started, stop = time.perf_counter(), threading.Event()
-    bar = _progress_bar(total_rows(files) - len(done), progress_enabled(args))
+    bar = _progress_bar(total_rows(files) - len(done), progress)
     try:
         with stop_on_signals(stop):
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                rows = _table_rows(batch, args.id_column, copied)
+                rows = _table_rows(batch, id_column, copied)
                 good, bad = chunks.add(rows)
                 stats.embedded += len(good)
                 stats.failed += len(bad)
@@ -147,7 +146,7 @@ def _table_rows(batch: pa.Table, id_column: str, copied: list[pa.Field]) -> list
     """An embedded batch as the writer's rows (vectors are views into the batch's buffer)."""
     import numpy as np
 
-    from ..arrow.table import TableRow
+    from ..datasets.table import TableRow
 
     extras = batch.select([f.name for f in copied]).to_pylist()
     embeddings = batch.column("embedding").combine_chunks()

@@ -28,10 +28,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..datasets.pipeline import EmbedStats, _Item, identity, relpath_function, stop_on_signals
+from ..datasets.writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 from ..errors import ArrowVisionError
-from ..pipeline import EmbedStats, _Item, identity, relpath_function, stop_on_signals
-from ..writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
-from . import connect, inference_threads, threads_option
+from . import connect, threads_option
 
 MAX_BLOCKS = 20_000  # blocks per run: bounds the driver's bookkeeping for very large corpora
 
@@ -64,14 +64,14 @@ class EmbedActor:
         import ray
 
         from ..encoder import VisionEncoder
-        from ..preprocess import normalize_sketch_image
+        from ..inputs.preprocess import normalize_sketch_image
 
         started = time.perf_counter()
         context = ray.get_runtime_context()
         self.threads = max(1, int(context.get_assigned_resources().get("CPU", 1)))
         options = {**options, **threads_option(backend, self.threads)}  # threads = the CPUs Ray gave us
         self.encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
-        self.inference_threads = inference_threads(self.encoder.backend) or self.threads
+        self.inference_threads = self.encoder.backend.inference_threads() or self.threads
         self.transform = normalize_sketch_image if sketch else None
         self.normalize = normalize
         self.node = context.get_node_id()
@@ -80,8 +80,8 @@ class EmbedActor:
         self.load_seconds = time.perf_counter() - started
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..encoder import l2_normalize
-        from ..pipeline import _decode
+        from ..datasets.pipeline import _decode
+        from ..util.similarity import l2_normalize
 
         began = time.time()
         preprocess = self.encoder.preprocessor.pixels
@@ -115,8 +115,8 @@ class EmbedActor:
 
 def describe_model(weights: str) -> Any:
     """Checksum, config and dimension of ``weights`` without building a backend on the driver."""
-    from ..config import VisionConfig
-    from ..format import WeightLoader
+    from ..model.config import VisionConfig
+    from ..weights.format import WeightLoader
 
     loader = WeightLoader(weights)
     config = VisionConfig.from_weights(loader)
@@ -253,19 +253,3 @@ def _rows(batch: dict[str, np.ndarray]) -> list[_Item]:
         row.embedding = None if error else batch["embedding"][i]
         rows.append(row)
     return rows
-
-
-def embed_from_cli(args: Any, paths: list[str], root: str | os.PathLike) -> RayEmbedStats:
-    """``arrowvision embed --engine ray``: the CLI's backend options, checked as for the local engine."""
-    from ..cli import _weights_path, backend_options, check_backend_options, progress_enabled, resolve_backend
-
-    backend = resolve_backend(args.backend)
-    check_backend_options(args, backend)
-    device = str(args.device)
-    if backend == "torch" and device.upper() == "CPU":
-        device = "cpu"
-    return embed_paths_ray(_weights_path(args, demo_default=True), paths, args.output, backend=backend, device=device,
-                           backend_options=backend_options(args, backend), batch_size=args.batch_size,
-                           chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor or 1.0,
-                           sketch=args.sketch, root=root, skip_failed=args.skip_failed,
-                           progress=progress_enabled(args), address=args.address)

@@ -3,7 +3,7 @@
 Two deployments. ``ArrowvisionModel`` holds the model, in N replicas (or autoscaled between
 ``--min-replicas`` and ``--max-replicas``), each with as many inference threads as CPUs Ray gave
 it; ``@serve.batch`` groups concurrent requests into one model call. ``ArrowvisionIngress`` serves
-the very FastAPI app of ``arrowvision serve`` (``service.create_app``: every route, status code,
+the very FastAPI app of ``arrowvision serve`` (``service.app.create_app``: every route, status code,
 limit and metric name) with ``ServeModel`` as its image model: requests are parsed, size-checked
 and decoded in the ingress, and the preprocessed pixels go to a model replica.
 
@@ -29,9 +29,12 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from ..backends.base import BackendBase
 from ..errors import ArrowVisionError
-from ..service import ModelUnavailable, QueueFull, ServiceConfig
-from . import connect, inference_threads, threads_option
+from ..service.batching import QueueFull
+from ..service.config import ServiceConfig
+from ..service.profiles import ModelUnavailable
+from . import connect, threads_option
 
 APP_NAME = "arrowvision"
 MODEL_DEPLOYMENT = "ArrowvisionModel"
@@ -106,12 +109,12 @@ class ArrowvisionModel:
         self.runner = ThreadPoolExecutor(1, thread_name_prefix="arrowvision-infer")  # keeps the event loop free
         self.batches = 0
         self.replica = f"{os.getpid()}-{id(self):x}"
-        self.threads = inference_threads(self.encoder.backend) or threads
+        self.threads = self.encoder.backend.inference_threads() or threads
 
     def describe(self) -> dict[str, Any]:
         backend = self.encoder.backend
-        return {"backend": backend.name, "precision": getattr(backend, "precision", "fp32"),
-                "device": str(getattr(backend, "device", "cpu")), "pid": os.getpid(), "threads": self.threads}
+        return {"backend": backend.name, "precision": backend.precision,
+                "device": str(backend.device), "pid": os.getpid(), "threads": self.threads}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, float, str, int]]:
@@ -123,7 +126,7 @@ class ArrowvisionModel:
         return [(np.asarray(output, np.float32), seconds, batch, len(pixels)) for output in outputs]
 
 
-class ReplicaBackend:
+class ReplicaBackend(BackendBase):
     """What the ingress knows of the replicas' backend (for /health); it runs no model itself."""
 
     def __init__(self, name: str, precision: str | None, device: str):
@@ -161,7 +164,7 @@ class ServeModel:
         except BackPressureError:
             raise QueueFull from None
         except (RayError, RayServeException) as exc:  # the replica died or is gone: retry later
-            raise ModelUnavailable(f"{type(exc).__name__}; retry shortly") from None
+            raise ModelUnavailable(f"model unavailable: {type(exc).__name__}; retry shortly") from None
         finally:
             self.in_flight -= 1
         if batch not in self.recorded:  # every member of a batch says so; count it once
@@ -207,15 +210,15 @@ TEXT_TOWER = "text_model.embeddings.token_embedding.weight"
 
 
 class _Ingress:
-    """Serves ``service.create_app`` (built in the replica, with the model handle). Weights with
+    """Serves ``service.app.create_app`` (built in the replica, with the model handle). Weights with
     a text tower also get the text endpoints, whose (small) text model runs here in the ingress;
     images always go to the model replicas."""
 
     def __init__(self, model: Any, weights: str, config: ServiceConfig, replicas: Replicas, backend: str,
                  device: str, options: dict[str, Any]):
-        from ..config import VisionConfig
         from ..encoder import VisionEncoder
-        from ..format import WeightLoader
+        from ..model.config import VisionConfig
+        from ..weights.format import WeightLoader
 
         loader = WeightLoader(weights)
         self.encoder = VisionEncoder(loader, ReplicaBackend(backend, None, device), VisionConfig.from_weights(loader))
@@ -227,7 +230,7 @@ class _Ingress:
         self.model, self.config, self.replicas = model, config, replicas
 
     def __serve_build_asgi_app__(self):
-        from ..service import create_app
+        from ..service.app import create_app
 
         def serve_model(on_batch: Callable[[int, float], None]) -> ServeModel:
             return ServeModel(self.model, on_batch, self.encoder.backend, self.replicas, self.config)
@@ -286,21 +289,3 @@ def run_service(weights: str, *, host: str, port: int, address: str | None, back
             pass
         if address is None and not os.environ.get("RAY_ADDRESS"):
             serve.shutdown()  # our own local cluster: stop the proxy and controller too
-
-
-def serve_from_cli(args: Any, config: ServiceConfig) -> int:
-    """``arrowvision serve --engine ray``: the CLI's backend options, checked as for the local service."""
-    from ..cli import _weights_path, backend_options, check_backend_options, resolve_backend
-    from ..service import listen
-
-    listen(args.host, args.port).close()  # a busy port fails now, before anything deploys
-    weights = _weights_path(args, demo_default=True)
-    backend = resolve_backend(args.backend)
-    check_backend_options(args, backend)
-    device = "cpu" if backend == "torch" and str(args.device).upper() == "CPU" else str(args.device)
-    replicas = Replicas(count=args.replicas or 1, minimum=args.min_replicas, maximum=args.max_replicas,
-                        cpus=args.cpus_per_replica or 1.0)
-    replicas.options(config.max_batch, config.max_queue)  # bad bounds fail before anything starts
-    run_service(weights, host=args.host, port=args.port, address=args.address, backend=backend, device=device,
-                backend_options=backend_options(args, backend), config=config, replicas=replicas)
-    return 0

@@ -1,0 +1,1 @@
+"""Embeddings datasets: the resumable embed pipeline, its writer and pair scoring."""

@@ -1,0 +1,1 @@
+"""Getting images in: paths, lists, URIs and URLs, decoding and preprocessing."""

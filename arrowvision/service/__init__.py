@@ -1,0 +1,1 @@
+"""The HTTP service: app wiring, batching, routes, profiles, security and tracing."""

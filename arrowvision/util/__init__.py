@@ -1,0 +1,1 @@
+"""Small helpers every layer uses: atomic writes, bounded JSON, vector similarity."""

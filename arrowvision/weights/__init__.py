@@ -1,0 +1,1 @@
+"""The Parquet weights format: ``format`` (constants, checksums, the zero-copy reader) and ``writer``."""
