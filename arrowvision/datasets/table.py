@@ -1,9 +1,10 @@
 """``arrowvision embed TABLE --column image``: a Parquet table's image column -> the embeddings dataset.
 
 The table is one Parquet file, a folder of them (recursive; ``_``/``.`` names skipped, as dataset
-readers do) or a glob. Record batches are read one at a time (``read_rows`` rows) and flow into
-``embed_stream``, which decodes one model batch ahead, so memory holds a few batches whatever the
-table's size. The dataset is ``embed``'s (``writer``): resumable, chunked, atomic, errors in
+readers do) or a glob. Record batches are read one at a time (``read_rows`` rows, unbuffered
+reads) and flow into ``embed_stream``, which decodes one model batch ahead, so memory holds a few
+batches whatever the table's size, plus what Arrow's Parquet reader keeps of the current row group
+(measured: about its column chunk, ~1.2x; see benchmarks/arrow.py). The dataset is ``embed``'s (``writer``): resumable, chunked, atomic, errors in
 ``_errors/``. A row's identity is ``--id-column``'s value, else ``FILE#ROW`` (the resolved file
 and the row's number in it); the id column and ``--keep-columns`` are copied to each row.
 """
@@ -91,7 +92,7 @@ def read_rows(files: Sequence[str], column: str, id_column: str | None, copied: 
     for file in files:
         shown = relpath(file)
         start = 0
-        for batch in pq.ParquetFile(file, buffer_size=1 << 20).iter_batches(batch_size=read_rows, columns=names):
+        for batch in pq.ParquetFile(file, buffer_size=1 << 20, pre_buffer=False).iter_batches(batch_size=read_rows, columns=names):
             if stop is not None and stop.is_set():
                 return
             sources = image_sources(batch.column(column))
