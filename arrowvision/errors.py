@@ -51,3 +51,7 @@ class IndexMismatch(SearchIndexError):
 
 class IndexCorrupt(SearchIndexError):
     """An index folder is unreadable or inconsistent with itself; rebuild it."""
+
+
+class OutputBusy(ArrowVisionError):
+    """Another run is writing the same dataset folder (one writer per folder)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_float,
-                      positive_int, progress_enabled, ray_group, weights_path)
+                      positive_int, progress_enabled, progress_wanted, ray_group, weights_path)
 from ._load import backend_options, check_backend_options, load_encoder, resolve_backend
 
 
@@ -51,6 +51,7 @@ def _ray_embed_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from ..datasets.pipeline import collect_inputs, embed_paths, input_root
+    from ..datasets.writer import dataset_text, ensure_output_free
     from ..inputs.urlfetch import UrlPolicy
 
     for option in ("address", "actors", "cpus_per_actor"):
@@ -61,6 +62,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         args.command_parser.error(f"{flag} applies to --engine local only (ray actors decode exactly, with their own CPUs)")
     if args.column is None and (args.id_column or args.keep_columns):
         args.command_parser.error("--id-column and --keep-columns apply to --column only")
+    ensure_output_free(args.output)  # before the model loads: a refused run costs nothing
     if args.column is not None:  # a table's image column
         stats, count = embed_table_column(args)
     elif args.engine == "ray":
@@ -81,7 +83,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             workers = default_workers() if on_gpu else 2
         stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size or (256 if on_gpu else 32),
                             chunk_size=args.chunk_size, workers=workers, sketch=args.sketch,
-                            progress=progress_enabled(args), root=input_root(args.inputs),
+                            progress=progress_wanted(args), root=input_root(args.inputs),
                             skip_failed=args.skip_failed, decode=args.decode,
                             url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
@@ -91,7 +93,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
         print(line)
     for _path, reason in stats.errors[:10]:
-        print(f"  failed: {reason}", file=sys.stderr)
+        print(f"  failed: {dataset_text(reason)}", file=sys.stderr)  # file names as the errors table spells them
     if len(stats.errors) > 10:
         print(f"  ... and {len(stats.errors) - 10} more (see {Path(args.output) / '_errors'})", file=sys.stderr)
     if stats.embedded:
@@ -118,7 +120,7 @@ def embed_on_ray(args: argparse.Namespace, paths: list[str], root: str | os.Path
                            backend_options=backend_options(args, backend), batch_size=args.batch_size,
                            chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor or 1.0,
                            sketch=args.sketch, root=root, skip_failed=args.skip_failed,
-                           progress=progress_enabled(args), address=args.address)
+                           progress=progress_wanted(args), address=args.address)
 
 
 def embed_table_column(args: argparse.Namespace) -> tuple[Any, int]:
@@ -144,7 +146,7 @@ def embed_table_column(args: argparse.Namespace) -> tuple[Any, int]:
                                 id_column=args.id_column, keep_columns=keep, backend=backend, device=device,
                                 backend_options=backend_options(args, backend), batch_size=args.batch_size or 32,
                                 chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor or 1.0,
-                                skip_failed=args.skip_failed, progress=progress_enabled(args), address=args.address)
+                                skip_failed=args.skip_failed, progress=progress_wanted(args), address=args.address)
         return stats, total_rows(files)
     from ..inputs import decode as decoding
     from ..inputs.urlfetch import UrlPolicy
@@ -153,7 +155,7 @@ def embed_table_column(args: argparse.Namespace) -> tuple[Any, int]:
     stats = embed_table(load_encoder(args), args.inputs, args.output, column=args.column, id_column=args.id_column,
                         keep_columns=keep, batch_size=args.batch_size or 32, chunk_size=args.chunk_size,
                         workers=args.workers or 2, decode=args.decode, skip_failed=args.skip_failed,
-                        progress=progress_enabled(args))
+                        progress=progress_wanted(args))
     return stats, total_rows(files)
 
 

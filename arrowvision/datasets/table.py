@@ -125,7 +125,9 @@ def embed_table(encoder: Any, source: str, output: str | os.PathLike, *, column:
     """Embed ``column`` of the Parquet table ``source`` into the dataset folder ``output``,
     resuming where a previous run stopped. Returns ``pipeline.EmbedStats``."""
     from ..arrow.columns import embed_stream
-    from .pipeline import EmbedStats, _progress_bar, relpath_function, stop_on_signals
+    from ..util.interrupts import stop_on_signals
+    from ..util.progress import progress_bar
+    from .pipeline import EmbedStats, relpath_function
     from .writer import ChunkBuffer, EmbeddingWriter, dataset_metadata
 
     if batch_size < 1 or chunk_size < 1:
@@ -133,8 +135,6 @@ def embed_table(encoder: Any, source: str, output: str | os.PathLike, *, column:
     files = table_files(source)
     copied = check_columns(files, column, id_column, keep_columns)
     metadata = {**dataset_metadata(encoder, sketch=False, normalize=normalize), "source_column": column}
-    writer = EmbeddingWriter(output, encoder.embedding_dim, metadata, copied)
-    chunks = ChunkBuffer(writer, chunk_size, lambda path: path)
     stats, stop = EmbedStats(), stop or threading.Event()
     root = Path(source) if Path(source).is_dir() else Path(files[0]).parent
     relpath = relpath_function(root)
@@ -153,8 +153,10 @@ def embed_table(encoder: Any, source: str, output: str | os.PathLike, *, column:
         stats.inference_seconds += seconds
 
     rows = read_rows(files, column, id_column, copied, relpath, skip, stop=stop)
-    bar = _progress_bar(total_rows(files), progress)
+    bar = progress_bar(total_rows(files), progress, "embedding", "img")
     started = time.perf_counter()
+    writer = EmbeddingWriter(output, encoder.embedding_dim, metadata, copied)  # the folder is this run's until closed
+    chunks = ChunkBuffer(writer, chunk_size, lambda path: path)
     try:
         with stop_on_signals(stop):
             stream = embed_stream(encoder, rows, batch_size=batch_size, workers=workers, decode=decode,
@@ -176,6 +178,7 @@ def embed_table(encoder: Any, source: str, output: str | os.PathLike, *, column:
             chunks.flush()
     finally:
         bar.close()
+        writer.close()
     stats.seconds = time.perf_counter() - started
     return stats
 

@@ -93,7 +93,8 @@ def embed_table_ray(weights: str | os.PathLike, files: list[str], output: str | 
     import threading
     import time
 
-    from ..datasets.pipeline import _progress_bar, stop_on_signals
+    from ..util.interrupts import stop_on_signals
+    from ..util.progress import progress_bar
     from ..datasets.table import check_columns, total_rows
     from ..datasets.writer import ChunkBuffer, EmbeddingWriter, dataset_metadata
     from . import connect
@@ -103,40 +104,40 @@ def embed_table_ray(weights: str | os.PathLike, files: list[str], output: str | 
     weights = str(Path(weights).resolve())
     model = describe_model(weights)
     metadata = {**dataset_metadata(model, sketch=False, normalize=True), "source_column": column}
-    writer = EmbeddingWriter(output, model.embedding_dim, metadata, copied)
-    chunks = ChunkBuffer(writer, chunk_size, lambda path: path)
-    stats = RayEmbedStats()
-    done = frozenset(writer.done | (set(writer.failed) if skip_failed else set()))
-    ray = connect(address)
-    from ray.data import ActorPoolStrategy, DataContext
+    with EmbeddingWriter(output, model.embedding_dim, metadata, copied) as writer:  # the folder is this run's until it returns
+        chunks = ChunkBuffer(writer, chunk_size, lambda path: path)
+        stats = RayEmbedStats()
+        done = frozenset(writer.done | (set(writer.failed) if skip_failed else set()))
+        ray = connect(address)
+        from ray.data import ActorPoolStrategy, DataContext
 
-    context = DataContext.get_current()
-    context.enable_progress_bars = False  # our own bar below, on the driver
-    context.print_on_execution_start = False
-    stats.actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
-    embedder = dict(weights=weights, column=column, error_column="_error", details=True, keep_input=False,
-                    backend=backend, device=device, batch_size=batch_size, **(backend_options or {}))
-    dataset = (ray.data.read_parquet(files).select_columns(list(dict.fromkeys([column, *(f.name for f in copied)])))
-               .map_batches(_drop_done, fn_kwargs=dict(id_column=id_column, done=done), batch_format="pyarrow")
-               .map_batches(ColumnEmbedder, fn_constructor_kwargs=embedder, batch_format="pyarrow",
-                            compute=ActorPoolStrategy(size=stats.actors), num_cpus=cpus_per_actor))
-    started, stop = time.perf_counter(), threading.Event()
-    bar = _progress_bar(total_rows(files) - len(done), progress)
-    try:
-        with stop_on_signals(stop):
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                rows = _table_rows(batch, id_column, copied)
-                good, bad = chunks.add(rows)
-                stats.embedded += len(good)
-                stats.failed += len(bad)
-                stats.errors += [(row.path, row.error) for row in bad]
-                bar.update(len(rows))
-                if stop.is_set():
-                    break
-            stats.interrupted = stop.is_set()
-            chunks.flush()
-    finally:
-        bar.close()
+        context = DataContext.get_current()
+        context.enable_progress_bars = False  # our own bar below, on the driver
+        context.print_on_execution_start = False
+        stats.actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
+        embedder = dict(weights=weights, column=column, error_column="_error", details=True, keep_input=False,
+                        backend=backend, device=device, batch_size=batch_size, **(backend_options or {}))
+        dataset = (ray.data.read_parquet(files).select_columns(list(dict.fromkeys([column, *(f.name for f in copied)])))
+                   .map_batches(_drop_done, fn_kwargs=dict(id_column=id_column, done=done), batch_format="pyarrow")
+                   .map_batches(ColumnEmbedder, fn_constructor_kwargs=embedder, batch_format="pyarrow",
+                                compute=ActorPoolStrategy(size=stats.actors), num_cpus=cpus_per_actor))
+        started, stop = time.perf_counter(), threading.Event()
+        bar = progress_bar(total_rows(files) - len(done), progress, "embedding (ray)", "img")
+        try:
+            with stop_on_signals(stop):
+                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    rows = _table_rows(batch, id_column, copied)
+                    good, bad = chunks.add(rows)
+                    stats.embedded += len(good)
+                    stats.failed += len(bad)
+                    stats.errors += [(row.path, row.error) for row in bad]
+                    bar.update(len(rows))
+                    if stop.is_set():
+                        break
+                stats.interrupted = stop.is_set()
+                chunks.flush()
+        finally:
+            bar.close()
     stats.skipped = len(writer.done & done)
     stats.seconds = time.perf_counter() - started
     return stats
