@@ -50,8 +50,10 @@ class ImageTextModel:
 
     @classmethod
     def from_parquet(cls, path: str | os.PathLike, backend: str = "torch", device: str = "cpu",
-                     text_backend: str | None = None, text_precision: str = "fp32", **options: Any) -> ImageTextModel:
-        """``backend`` and ``options`` are the image tower's (see ``VisionEncoder.from_parquet``).
+                     text_backend: str | None = None, text_precision: str = "fp32", max_num_patches: int | None = None,
+                     **options: Any) -> ImageTextModel:
+        """``backend``, ``max_num_patches`` (NaFlex) and ``options`` are the image tower's (see
+        ``VisionEncoder.from_parquet``).
         The text tower runs on ``text_backend`` (default: torch with torch, else openvino) at
         ``text_precision``; it shares ``cache_dir`` and ``min_cosine`` with the image tower."""
         weights = WeightLoader(path)
@@ -67,7 +69,8 @@ class ImageTextModel:
         logit_scale = _scalar(weights, "logit_scale", None)
         logit_bias = _scalar(weights, "logit_bias", None if text.config.family == "siglip" else 0.0)
         impl = create_backend(backend, weights, device=device, **options)
-        return cls(VisionEncoder(weights, impl, impl.config), text, logit_scale, logit_bias)
+        vision = VisionEncoder(weights, impl, impl.config, max_num_patches=max_num_patches)
+        return cls(vision, text, logit_scale, logit_bias)
 
     @property
     def checksum(self) -> str:

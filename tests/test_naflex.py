@@ -282,6 +282,9 @@ def naflex_pair(tmp_path_factory):
     import arrowvision
 
     ours = arrowvision.ImageTextModel.from_parquet(folder / "all.parquet")
+    with pytest.raises(OptionError, match="out of range"):  # the image tower's budget, checked here too
+        arrowvision.ImageTextModel.from_parquet(folder / "all.parquet", max_num_patches=32)
+    assert arrowvision.ImageTextModel.from_parquet(folder / "all.parquet", max_num_patches=64).vision.max_num_patches == 64
     return ours, tf.Siglip2Model.from_pretrained(folder).eval(), hf_tokenizer(folder)
 
 
@@ -323,3 +326,24 @@ def test_bench_command_runs_naflex_weights(naflex_parquet, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "NaFlex 256 patches" in out and "peak RSS" in out
+
+
+def test_arrow_column_embeds_naflex_images_and_refuses_fast_decode(naflex_parquet, images):
+    import io
+
+    import pyarrow as pa
+
+    encoder = VisionEncoder.from_parquet(naflex_parquet)
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        blobs.append(buffer.getvalue())
+    column = pa.array(blobs + [None, b"not an image"], pa.binary())
+    errors: dict[int, str] = {}
+    vectors = encoder.encode_arrow(column, batch_size=3, errors=errors)
+    got = np.stack(vectors.to_numpy(zero_copy_only=False)[: len(images)])
+    assert np.abs(got - encoder.encode(images)).max() < 1e-5
+    assert vectors[len(images)].as_py() is None and set(errors) == {len(images) + 1}
+    with pytest.raises(ArrowVisionError, match="decode images exactly"):
+        encoder.encode_arrow(column, decode="fast")

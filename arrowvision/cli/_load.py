@@ -147,7 +147,8 @@ def load_image_text(args: argparse.Namespace, weights: str | None = None):
     device = str(args.device)
     if backend == "torch":
         device = "cpu" if device.upper() == "CPU" else device
-    return ImageTextModel.from_parquet(weights, backend=backend, device=device, **backend_options(args, backend))
+    return ImageTextModel.from_parquet(weights, backend=backend, device=device, **backend_options(args, backend),
+                                       max_num_patches=getattr(args, "max_num_patches", None))
 
 
 def load_text_model_if_any(args: argparse.Namespace, weights: str):

@@ -70,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.profiles and args.index:
         args.command_parser.error("--index searches with one model: give --weights, not --model profiles")
     if args.engine == "ray":
-        local_only = {"--model": args.profiles, "--log-format json": args.log_format == "json"}
+        local_only = {"--model": args.profiles, "--log-format json": args.log_format == "json",
+                      "--max-num-patches": args.max_num_patches is not None}  # replicas use the default (256)
         for option, value in local_only.items():
             if value:
                 args.command_parser.error(f"{option} applies to --engine local only (Ray Serve runs its own proxy)")

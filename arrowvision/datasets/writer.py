@@ -61,7 +61,7 @@ class OutputLock:
     however it ends, so the lock of a crashed or killed run is simply free for the next one; the
     owner file beside it only names the holder in the refusal message."""
 
-    def __init__(self, folder: Path, run_id: str):
+    def __init__(self, folder: Path, run_id: str, *, write_owner: bool = True):
         from filelock import FileLock, Timeout
 
         self.folder = folder
@@ -71,10 +71,12 @@ class OutputLock:
         except Timeout:
             raise OutputBusy(f"{folder} is being written by another arrowvision run{self._holder()}; wait for it "
                              "to finish or write to another folder (one writer per output folder)") from None
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with atomic_output(folder / OWNER_FILE) as tmp:
-            Path(tmp).write_text(json.dumps(owner))
+        self._owns_file = write_owner
+        if write_owner:
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            with atomic_output(folder / OWNER_FILE) as tmp:
+                Path(tmp).write_text(json.dumps(owner))
 
     def _holder(self) -> str:
         try:
@@ -85,8 +87,17 @@ class OutputLock:
 
     def release(self) -> None:
         if self._lock.is_locked:
-            (self.folder / OWNER_FILE).unlink(missing_ok=True)
+            if self._owns_file:
+                (self.folder / OWNER_FILE).unlink(missing_ok=True)
             self._lock.release()
+
+
+def ensure_output_free(folder: str | os.PathLike) -> None:
+    """Refuse at once (``OutputBusy``) if another run holds ``folder``: checked before the model
+    loads, so a refused run costs nothing. The writer still takes the lock for the run itself."""
+    folder = Path(folder)
+    if folder.is_dir():
+        OutputLock(folder, run_id="probe", write_owner=False).release()
 
 
 class Row(Protocol):
@@ -138,7 +149,8 @@ class EmbeddingWriter:
     until ``close`` (or the end of a ``with`` block): a second writer is refused with
     ``OutputBusy``. Error rows carry this run's ``run_id`` and the time they were written."""
 
-    def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str]):
+    def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str],
+                 extra_fields: Sequence[pa.Field] = ()):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ArrowVisionError(f"{self.folder}: exists and is not a folder; give a new or existing dataset folder")
@@ -149,7 +161,7 @@ class EmbeddingWriter:
         self.run_id = uuid.uuid4().hex[:12]
         self._lock = OutputLock(self.folder, self.run_id)
         try:
-            self._open(dim, metadata)
+            self._open(dim, metadata, extra_fields)
         except BaseException:
             self.close()
             raise
@@ -164,7 +176,7 @@ class EmbeddingWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _open(self, dim: int, metadata: dict[str, str]) -> None:
+    def _open(self, dim: int, metadata: dict[str, str], extra_fields: Sequence[pa.Field]) -> None:
         self.dim = dim
         self.metadata = {META_PREFIX + k.encode(): v.encode() for k, v in metadata.items()}
         self.schema = pa.schema(
@@ -175,9 +187,11 @@ class EmbeddingWriter:
                 pa.field("width", pa.int32()),
                 pa.field("height", pa.int32()),
                 pa.field("sha256", pa.string()),
+                *extra_fields,  # embed --column: the id and --keep-columns, from each row's ``extras``
             ],
             metadata=self.metadata,
         )
+        self.extra_fields = list(extra_fields)
         self.error_schema = pa.schema(
             [pa.field("path", pa.string(), nullable=False), pa.field("relpath", pa.string()), pa.field("error", pa.string()),
              pa.field("run_id", pa.string()), pa.field("time", pa.timestamp("ms", tz="UTC"))],
@@ -221,11 +235,12 @@ class EmbeddingWriter:
             table = pa.table(
                 {
                     "path": [dataset_text(r.path) for r in good],
-                    "relpath": [dataset_text(relpath(r.path)) for r in good],
+                    "relpath": [dataset_text(_relpath(r, relpath)) for r in good],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim),
                     "width": pa.array([r.width for r in good], pa.int32()),
                     "height": pa.array([r.height for r in good], pa.int32()),
                     "sha256": [r.digest for r in good],
+                    **{f.name: pa.array([r.extras[f.name] for r in good], f.type) for f in self.extra_fields},
                 },
                 schema=self.schema,
             )
@@ -234,12 +249,17 @@ class EmbeddingWriter:
             self.done.update(table.column("path").to_pylist())
         if bad:
             now_ms = time.time_ns() // 1_000_000
-            table = pa.table({"path": [dataset_text(r.path) for r in bad], "relpath": [dataset_text(relpath(r.path)) for r in bad],
+            table = pa.table({"path": [dataset_text(r.path) for r in bad], "relpath": [dataset_text(_relpath(r, relpath)) for r in bad],
                               "error": [dataset_text(r.error) for r in bad], "run_id": [self.run_id] * len(bad),
                               "time": pa.array([now_ms] * len(bad), pa.timestamp("ms", tz="UTC"))}, schema=self.error_schema)
             _atomic_write(table, self.folder / ERRORS_DIR / f"errors-{self.next_index:05d}.parquet")
             self.next_index += 1
             self.failed.update(zip(table.column("path").to_pylist(), table.column("error").to_pylist()))
+
+
+def _relpath(row: Row, relpath: Callable[[str], str]) -> str:
+    """A row's own ``relpath`` (table rows: ``file#row``), else derived from its path."""
+    return getattr(row, "relpath", None) or relpath(row.path)
 
 
 @dataclass

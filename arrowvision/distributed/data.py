@@ -121,9 +121,12 @@ def describe_model(weights: str) -> Any:
     from ..model.config import VisionConfig
     from ..weights.format import WeightLoader
 
+    from ..inputs.naflex import DEFAULT_MAX_PATCHES
+
     loader = WeightLoader(weights)
     config = VisionConfig.from_weights(loader)
-    return SimpleNamespace(checksum=loader.checksum, config=config, embedding_dim=config.embedding_dim)
+    budget = DEFAULT_MAX_PATCHES if config.naflex else None  # what the actors' encoders use
+    return SimpleNamespace(checksum=loader.checksum, config=config, embedding_dim=config.embedding_dim, max_num_patches=budget)
 
 
 def embed_paths_ray(
