@@ -12,6 +12,7 @@ from PIL import Image
 
 from .backends.base import Backend, as_backend
 from .backends.factory import create as create_backend
+from .bundle.manifest import BundleSource
 from .errors import ArrowVisionError
 from .inputs.preprocess import ImageInput, Preprocessor, describe, load_image
 from .model.config import VisionConfig
@@ -44,7 +45,7 @@ class VisionEncoder:
     (2, 768)
     """
 
-    def __init__(self, weights: WeightLoader, backend: Backend, config: VisionConfig):
+    def __init__(self, weights: WeightLoader | BundleSource, backend: Backend, config: VisionConfig):
         self.weights = weights
         self.backend = backend
         self.config = config
@@ -70,6 +71,17 @@ class VisionEncoder:
         weights = WeightLoader(path)
         impl = create_backend(backend, weights, device=device, **options)
         return cls(weights, impl, impl.config)
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, mode: str = "latency", num_threads: int | None = None,
+                    min_cosine: float | None = None) -> VisionEncoder:
+        """The image tower of a bundle (``arrowvision bundle``): runs with the runtime install alone.
+        ``min_cosine`` holds a lossy artifact to a stricter threshold than the bundle was made with."""
+        from .bundle.runtime import open_bundle
+
+        bundle = open_bundle(path)
+        backend = bundle.vision_backend(mode=mode, num_threads=num_threads, min_cosine=min_cosine)
+        return cls(bundle.source, backend, bundle.vision_config)
 
     @property
     def embedding_dim(self) -> int:

@@ -47,3 +47,7 @@ class IndexMismatch(SearchIndexError):
 
 class IndexCorrupt(SearchIndexError):
     """An index folder is unreadable or inconsistent with itself; rebuild it."""
+
+
+class BundleError(ArrowVisionError):
+    """A model bundle (``arrowvision bundle``) is missing, incomplete, tampered with or unusable here."""

@@ -1,0 +1,113 @@
+"""A bundle's ``manifest.json``: what the folder holds, where and how it was made, and the
+SHA-256 of every file, so that a missing, truncated or edited file is our error at load time, not
+a crash inside a runtime.
+
+Layout of a bundle (``DIR``)::
+
+    manifest.json                this file's subject; written last
+    config.json                  the towers' configs, logit scale and bias
+    vision/model.xml|.bin|.onnx  the image tower's artifact
+    vision-fp32/                 an exact fallback, when the image artifact is lossy
+    text/, text-fp32/            the same for the text tower (--tower all)
+    tokenizer/                   the tokenizer files stored in the weights
+    reference/vision.npz, text.npz  fp32 reference embeddings of the held-out sets (re-validation)
+    cache/                       OpenVINO's compiled models (not checksummed: the runtime writes it)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BundleError
+
+FORMAT = "arrowvision-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CACHE = "cache"
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class BundleSource:
+    """Where a bundled encoder came from: what ``VisionEncoder.weights`` is for a Parquet file.
+    ``checksum`` is the weights' own, so datasets and indexes made with either match."""
+
+    path: Path
+    checksum: str
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def describe_files(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {sha256, bytes}}`` of every file but the manifest and the compiled cache."""
+    found = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        if relative == MANIFEST or relative.startswith(CACHE + "/"):
+            continue
+        found[relative] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    return found
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Checksum the folder's files into ``manifest`` and write it (temp + rename)."""
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": describe_files(root)}
+    staging = root / (MANIFEST + ".tmp")
+    staging.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(staging, root / MANIFEST)
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of bundle ``root``, its format checked (not yet its files: ``verify_files``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle folder (make one with `arrowvision bundle --weights W -o {root}`)")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{root} is not an arrowvision bundle: it has no {MANIFEST} (make one with `arrowvision bundle`)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} is {path.stat().st_size} bytes; a bundle manifest is at most {MAX_MANIFEST_BYTES}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}): the bundle is damaged; rebuild it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not an arrowvision bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{root}: bundle format version {manifest.get('format_version')!r}; this arrowvision reads "
+                          f"version {FORMAT_VERSION}: rebuild the bundle with this release")
+    for key in ("files", "vision", "cpu", "weights"):
+        if not isinstance(manifest.get(key), dict):
+            raise BundleError(f"{path} lacks its {key!r} section: the bundle is damaged; rebuild it")
+    return manifest
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there with its size and SHA-256; nothing else is."""
+    listed = manifest["files"]
+    for relative, expected in listed.items():
+        path = root / relative
+        if ".." in Path(relative).parts or Path(relative).is_absolute():
+            raise BundleError(f"{root / MANIFEST} names a file outside the bundle: {relative!r}")
+        if not path.is_file():
+            raise BundleError(f"bundle {root} is incomplete: {relative} is missing; rebuild it")
+        if path.stat().st_size != expected.get("bytes") or file_sha256(path) != expected.get("sha256"):
+            raise BundleError(f"bundle {root}: {relative} does not match its checksum in {MANIFEST} "
+                              "(changed or corrupted since it was made); rebuild the bundle")
+    extra = sorted(set(describe_paths(root)) - set(listed))
+    if extra:
+        raise BundleError(f"bundle {root} holds files its manifest does not list: {', '.join(extra[:4])}; rebuild it")
+
+
+def describe_paths(root: Path) -> list[str]:
+    """The relative paths ``describe_files`` would checksum, without reading them."""
+    return [p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and p.name != MANIFEST and not p.relative_to(root).as_posix().startswith(CACHE + "/")]
