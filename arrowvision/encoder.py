@@ -73,13 +73,14 @@ class VisionEncoder:
         return cls(weights, impl, impl.config)
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, mode: str = "latency", num_threads: int | None = None,
+    def from_bundle(cls, path: str | os.PathLike | Any, mode: str = "latency", num_threads: int | None = None,
                     min_cosine: float | None = None) -> VisionEncoder:
-        """The image tower of a bundle (``arrowvision bundle``): runs with the runtime install alone.
+        """The image tower of a bundle folder (``arrowvision bundle``; or an opened ``Bundle``), with
+        the runtime install alone.
         ``min_cosine`` holds a lossy artifact to a stricter threshold than the bundle was made with."""
-        from .bundle.runtime import open_bundle
+        from .bundle.runtime import Bundle, open_bundle
 
-        bundle = open_bundle(path)
+        bundle = path if isinstance(path, Bundle) else open_bundle(path)
         backend = bundle.vision_backend(mode=mode, num_threads=num_threads, min_cosine=min_cosine)
         return cls(bundle.source, backend, bundle.vision_config)
 

@@ -70,12 +70,12 @@ class ImageTextModel:
         return cls(VisionEncoder(weights, impl, impl.config), text, logit_scale, logit_bias)
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, mode: str = "latency", num_threads: int | None = None,
+    def from_bundle(cls, path: str | os.PathLike | Any, mode: str = "latency", num_threads: int | None = None,
                     min_cosine: float | None = None) -> ImageTextModel:
         """Both towers of a bundle made with ``--tower all``, with the runtime install alone."""
-        from .bundle.runtime import open_bundle
+        from .bundle.runtime import Bundle, open_bundle
 
-        bundle = open_bundle(path)
+        bundle = path if isinstance(path, Bundle) else open_bundle(path)
         text_backend = bundle.text_backend(num_threads=num_threads, min_cosine=min_cosine)  # image-only bundles fail here
         text = TextEncoder(bundle.source, text_backend, bundle.text_config, bundle.tokenizer())
         vision_backend = bundle.vision_backend(mode=mode, num_threads=num_threads, min_cosine=min_cosine)

@@ -89,11 +89,11 @@ class TextEncoder:
         return cls.from_weights(WeightLoader(path), backend=backend, device=device, **options)
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, num_threads: int | None = None, min_cosine: float | None = None) -> TextEncoder:
+    def from_bundle(cls, path: str | os.PathLike | Any, num_threads: int | None = None, min_cosine: float | None = None) -> TextEncoder:
         """The text tower of a bundle made with ``--tower all``, with the runtime install alone."""
-        from .bundle.runtime import open_bundle
+        from .bundle.runtime import Bundle, open_bundle
 
-        bundle = open_bundle(path)
+        bundle = path if isinstance(path, Bundle) else open_bundle(path)
         backend = bundle.text_backend(num_threads=num_threads, min_cosine=min_cosine)
         return cls(bundle.source, backend, bundle.text_config, bundle.tokenizer())
 

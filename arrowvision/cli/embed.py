@@ -11,6 +11,7 @@ from typing import Any
 
 from ._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_float,
                       positive_int, progress_enabled, ray_group, weights_path)
+from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 from ._load import backend_options, check_backend_options, load_encoder, resolve_backend
 
 
@@ -20,6 +21,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    "http(s) URLs (relative entries resolve against the list's folder)")
     p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, _errors/)")
     add_backend_options(p, mode="throughput")
+    add_bundle_option(p)
     p.add_argument("--batch-size", type=positive_int, help="images per model call (default 32; 256 on CUDA)")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per atomically written part file")
     p.add_argument("--workers", type=positive_int,
@@ -47,6 +49,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ..datasets.pipeline import collect_inputs, embed_paths, input_root
     from ..inputs.urlfetch import UrlPolicy
 
+    if args.bundle:
+        check_bundle_options(args)  # before anything else: the bundle fixes weights, backend, engine
     for option in ("address", "actors", "cpus_per_actor"):
         if args.engine == "local" and getattr(args, option) is not None:
             args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
@@ -60,7 +64,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         args.batch_size = args.batch_size or 32
         stats = embed_on_ray(args, paths, input_root(args.inputs))
     else:
-        encoder = load_encoder(args)
+        encoder = load_from_bundle(args)[0] if args.bundle else load_encoder(args)
         on_gpu = str(encoder.backend.device).startswith("cuda")
         if args.workers:
             workers = args.workers
