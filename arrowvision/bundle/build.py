@@ -33,13 +33,11 @@ from .manifest import MANIFEST, write_manifest
 
 BUNDLE_BACKENDS = ("openvino", "onnxruntime", "auto")
 FP32_MIN_COSINE = 0.9999  # an fp32 artifact is exact up to float rounding
-VERSIONED = ("openvino", "onnxruntime", "numpy", "torch", "nncf", "tokenizers", "sentencepiece")
+VERSIONED = ("arrowvision", "openvino", "onnxruntime", "numpy", "torch", "nncf", "tokenizers", "sentencepiece")
 
 
 def versions() -> dict[str, str | None]:
-    from .. import __version__
-
-    found: dict[str, str | None] = {"arrowvision": __version__, "python": platform.python_version()}
+    found: dict[str, str | None] = {"python": platform.python_version()}
     for package in VERSIONED:
         try:
             found[package] = metadata.version(package)
