@@ -267,21 +267,33 @@ def test_autoscaling_options_become_serves_autoscaling_config():
 
 
 def test_cli_serve_engine_ray_starts_a_cluster_and_stops_on_sigterm(tmp_path, module_cache):
+    """Also serve's access policy on Ray Serve: the key (from the environment), the rate limit,
+    X-Forwarded-For not believed from a loopback peer (Serve's proxy included), no key in the output."""
     port = free_port()
+    key = "ray-k3y-for-tests"
     proc = subprocess.Popen([sys.executable, "-m", "arrowvision", "serve", "--engine", "ray", "--weights", str(DEMO),
-                             "--port", str(port), "--min-replicas", "1", "--max-replicas", "2", "--no-progress"],
+                             "--port", str(port), "--min-replicas", "1", "--max-replicas", "2", "--no-progress",
+                             "--rate-limit", "5/s"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+                            env={**os.environ, "RAY_ADDRESS": "", "ARROWVISION_API_KEY": key})
     base = f"http://127.0.0.1:{port}"
     try:
         health = wait_for_health(base, 240)
         assert health["replicas"]["target"] == "1..2" and health["replicas"]["running"] >= 1
         data = SAMPLES[0].read_bytes()
-        assert httpx.post(f"{base}/v1/embed", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=60).status_code == 200
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.post(f"{base}/v1/embed", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=60).status_code == 401
+        assert httpx.post(f"{base}/v1/embed", files={"file": ("a.jpg", data, "image/jpeg")}, headers=auth,
+                          timeout=60).status_code == 200
+        time.sleep(1.5)  # the bucket refills
+        statuses = [httpx.get(f"{base}/v1/models?api_key={key}", headers={**auth, "X-Forwarded-For": f"203.0.113.{i}"},
+                              timeout=60).status_code for i in range(20)]
+        assert statuses.count(429) >= 5, statuses  # one client whatever it claims (refills at 5/s)
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output[-3000:]
+    assert key not in output
     assert re.search(r"arrowvision serving \S+siglip-demo-random.parquet on Ray Serve \(1\.\.2 replicas \(autoscaling\), openvino\)",
                      output), output[-3000:]
 

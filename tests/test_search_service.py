@@ -24,6 +24,7 @@ from arrowvision.model.convert import convert
 from arrowvision.search import index as vindex
 from arrowvision.service.app import create_app
 from arrowvision.service.config import ServiceConfig
+from arrowvision.service.search import read_thumbnail_source
 
 from .textkit import save_full_checkpoint
 
@@ -144,6 +145,62 @@ def test_thumbnail_serves_indexed_images_only(client, corpus):
     raw = client.get("/v1/thumbnail?path=" + str(images) + "/%2e%2e/secret.png")  # encoded by hand
     assert raw.status_code == 404
     assert client.get("/v1/thumbnail").status_code == 404
+
+
+FLIPPER = """
+import os, sys, time
+images, real, outside, stop = sys.argv[1:]
+flips = 0
+while not os.path.exists(stop):
+    os.replace(images, real)
+    os.symlink(outside, images)
+    time.sleep(0.0002)
+    os.unlink(images)
+    os.replace(real, images)
+    flips += 1
+    time.sleep(0.0002)
+print(flips)
+"""
+
+
+def test_thumbnail_cannot_leave_the_index_while_a_folder_flips_to_a_symlink(client, corpus, tmp_path):
+    """Another process flips the indexed folder between the real folder and a symlink to a
+    look-alike folder outside the index (same names, other pictures) during 200 requests: every
+    thumbnail served is the indexed picture's, none is from outside (404 while the link is there)."""
+    import subprocess
+    import sys
+
+    images = corpus / "images"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in NAMES:
+        Image.new("RGB", (64, 48), (0, 255, 0)).save(outside / f"{name}.jpg")  # green: never indexed
+    path = image_path(corpus, "coffee")
+    real = client.get("/v1/thumbnail", params={"path": path})
+    assert real.status_code == 200
+    stop = tmp_path / "stop"
+    flipper = subprocess.Popen([sys.executable, "-c", FLIPPER, str(images), str(corpus / "images-real"), str(outside),
+                                str(stop)], stdout=subprocess.PIPE, text=True)
+    statuses, original, read = [], Path(path).read_bytes(), {"ok": 0, "refused": 0}
+    try:
+        for _ in range(200):
+            response = client.get("/v1/thumbnail", params={"path": path})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                assert response.content == real.content, "a thumbnail from outside the index was served"
+            else:
+                assert response.status_code == 404 and response.json() == {"error": "no such indexed image"}
+        for _ in range(3000):  # the source reads alone, many more of them: the window between check and open
+            try:
+                assert read_thumbnail_source(path)[0] == original, "bytes from outside the index were read"
+                read["ok"] += 1
+            except OSError:
+                read["refused"] += 1
+    finally:
+        stop.touch()
+        flips = int(flipper.communicate(timeout=30)[0] or 0)
+    assert images.is_dir() and not images.is_symlink()
+    assert flips > 10 and statuses.count(200) > 0 and read["ok"] > 0 and read["refused"] > 0, (flips, statuses, read)
 
 
 def test_thumbnail_refuses_a_symlink_or_fifo_planted_in_place_of_an_indexed_image(client, corpus):

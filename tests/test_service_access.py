@@ -114,9 +114,13 @@ def test_non_loopback_without_a_key_is_refused_before_loading(capsys, monkeypatc
     with pytest.raises(SystemExit) as usage:
         main(["serve", "--rate-limit", "lots", "--port", "0"])
     assert usage.value.code == 2 and "expected N/s" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as usage:  # Ray Serve runs its own proxy: no silent loss of the key
-        main(["serve", "--engine", "ray", "--api-key", KEY, "--port", "0"])
-    assert usage.value.code == 2 and "--api-key / ARROWVISION_API_KEY applies to --engine local only" in capsys.readouterr().err
+    # one policy for every command that listens: Ray Serve and demo --serve refuse the same way, before any work
+    for command in (["serve", "--engine", "ray"], ["demo", "--serve"]):
+        assert main([*command, "--host", "0.0.0.0", "--port", "0"]) == 1, command
+        assert "refusing to listen on 0.0.0.0 without an API key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["demo", "--serve", "--forwarded-allow-ips", "proxy.example", "--port", "0"])
+    assert usage.value.code == 2 and "expected IP addresses or networks" in capsys.readouterr().err
 
 
 def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
@@ -145,6 +149,8 @@ def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
                 time.sleep(0.2)
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/v1/models?api_key={KEY}").status_code == 401  # refused, and not logged verbatim
+        assert httpx.get(f"{base}/v1/models?api_key={KEY}", headers=auth).status_code == 200
         listing = httpx.get(f"{base}/v1/models", headers=auth).json()
         assert listing["default"] == "again" and [m["id"] for m in listing["data"]] == ["fast", "again"]
         response = httpx.post(f"{base}/v1/embed", json={**IMAGE, "model": "fast"}, headers={**auth, "X-Request-ID": "trace-me-7"})
@@ -161,4 +167,25 @@ def test_serve_profiles_with_key_and_json_logs_as_a_process(tmp_path):
     assert any("model again unloaded" in r["message"] for r in records)  # --max-loaded-models 1
     assert any(r["message"].startswith("arrowvision serving models fast, again (default)") for r in records)
     assert KEY not in err and KEY not in out
+    assert sum("/v1/models?api_key=REDACTED" in r["message"] for r in records if r["logger"] == "uvicorn.access") == 2
     assert '"name": "model call"' in out and "arrowvision-test" in out  # OTEL_TRACES_EXPORTER=console
+
+
+def test_demo_serve_takes_the_key_like_serve(monkeypatch, capsys):
+    """`demo --serve` builds its access policy with serve's code: --api-key or the variable, the
+    rate limit, the trusted proxies, all handed to the server it starts."""
+    from arrowvision.cli import index as index_cli
+
+    given = {}
+    monkeypatch.setattr(index_cli, "serve_demo", lambda *args, security=None: given.update(security=security))
+    monkeypatch.setenv("ARROWVISION_API_KEY", KEY)
+    assert main(["demo", "--serve", "--host", "0.0.0.0", "--port", "0", "--rate-limit", "3/s",
+                 "--forwarded-allow-ips", "10.0.0.0/8"]) == 0
+    security = given["security"]
+    assert security.api_key == KEY and security.rate_limit == 3 and security.forwarded_allow_ips == ["10.0.0.0/8"]
+    monkeypatch.delenv("ARROWVISION_API_KEY")
+    assert main(["demo", "--serve", "--api-key", "other", "--port", "0"]) == 0 and given["security"].api_key == "other"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as usage:  # not silently ignored without --serve
+        main(["demo", "--forwarded-allow-ips", "10.0.0.1"])
+    assert usage.value.code == 2 and "--forwarded-allow-ips applies with --serve" in capsys.readouterr().err

@@ -4,6 +4,7 @@ byte cap, timeouts of a trickling server, and URLs in `score` tables and `embed`
 from __future__ import annotations
 
 import asyncio
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -88,6 +89,32 @@ def test_guard_refuses_internal_addresses(photos, get, url, reason):
         get(url, UrlPolicy())
     assert info.value.status == 403 and "--allow-private-urls" in str(info.value)
     assert len(photos.server.hits) == before  # refused before connecting
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("2002:7f00:1::1", "loopback IPv4 in IPv6 (6to4 of 127.0.0.1)"),
+    ("2002:a9fe:a9fe::1", "link-local IPv4 in IPv6 (6to4 of 169.254.169.254)"),
+    ("2002:c0a8:101::", "private IPv4 in IPv6 (6to4 of 192.168.1.1)"),
+    ("64:ff9b::7f00:1", "loopback IPv4 in IPv6 (NAT64 of 127.0.0.1)"),
+    ("64:ff9b::a9fe:a9fe", "link-local IPv4 in IPv6 (NAT64 of 169.254.169.254)"),
+    ("64:ff9b::a00:1", "private IPv4 in IPv6 (NAT64 of 10.0.0.1)"),
+    ("64:ff9b:1::808:808", "local-use NAT64 (64:ff9b:1::/48)"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "private IPv4 in IPv6 (Teredo of 192.0.2.45)"),  # RFC 4380's example
+    ("2001:0:808:808::80ff:fffe", "loopback IPv4 in IPv6 (Teredo of 127.0.0.1)"),  # the client is stored inverted
+])
+def test_guard_refuses_ipv4_carried_in_ipv6(address, reason, photos):
+    """6to4, NAT64 and Teredo addresses reach the IPv4 host they embed: refused when that host
+    is internal (offline: the guard refuses before any connection)."""
+    assert urlfetch.refused_reason(address) == reason
+    before = len(photos.server.hits)
+    with pytest.raises(UrlBlocked, match=re.escape(f"a {reason} address")):
+        fetch(f"http://[{address}]:{photos.port}/photos/x.jpg", UrlPolicy())
+    assert len(photos.server.hits) == before
+
+
+def test_guard_passes_ipv6_transition_addresses_of_public_hosts():
+    for address in ("2002:808:808::1", "64:ff9b::808:808", "2606:4700:4700::1111", "8.8.8.8", "::ffff:8.8.8.8"):
+        assert urlfetch.refused_reason(address) is None, address
 
 
 @pytest.mark.parametrize("get", [fetch, afetch], ids=["sync", "async"])

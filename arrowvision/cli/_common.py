@@ -83,16 +83,6 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def request_rate(text: str) -> float:
-    """``20/s``, ``600/min`` -> requests per second."""
-    from ..service.security import parse_rate
-
-    try:
-        return parse_rate(text)
-    except ArrowVisionError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def cosine_threshold(text: str) -> float:
     value = finite_float(text)
     if not 0 < value <= 1:

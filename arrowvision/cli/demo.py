@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..service.security import add_access_arguments, security_from_args
 from ._common import (BACKEND_CHOICES, BACKEND_HELP, DEFAULT_WEIGHTS, EXIT_OK, SAMPLES_DIR, command, elapsed_bar,
                       port_number, progress_enabled, weights_path)
 from ._load import first_use_note, resolve_backend
@@ -18,6 +19,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve", action="store_true", help="then serve the search page over the sample photos (Ctrl-C stops)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
     p.add_argument("--port", type=port_number, default=8000, help="--serve: port to listen on (0: any free port)")
+    add_access_arguments(p, when="--serve: ")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -27,6 +29,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     weights = weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
+    security = security_from_args(args) if args.serve else None  # serve's access policy, refused before any work
+    access = {"api_key": "--api-key", "allow_unauthenticated": "--allow-unauthenticated", "cors_origins": "--cors-origin",
+              "rate_limit": "--rate-limit", "forwarded_allow_ips": "--forwarded-allow-ips"}
+    given = [flag for dest, flag in access.items() if getattr(args, dest)]
+    if given and not args.serve:
+        args.command_parser.error(f"{given[0]} applies with --serve")
     start = time.perf_counter()
     first_use = first_use_note(weights, backend, {}) if progress_enabled(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
@@ -53,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.serve:
         from .index import serve_demo
 
-        serve_demo(weights, backend, SAMPLES_DIR, args.host, args.port, progress_enabled(args))
+        serve_demo(weights, backend, SAMPLES_DIR, args.host, args.port, progress_enabled(args), security=security)
     else:
         print("search page: `arrowvision demo --serve` (or `make demo-serve`) serves these photos at http://127.0.0.1:8000/")
     return EXIT_OK

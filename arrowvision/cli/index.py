@@ -63,8 +63,10 @@ def open_index_for_serving(dataset: str, model_checksum: str, progress: bool) ->
     return index.VectorIndex.open(dataset, model_checksum=model_checksum, mmap=False)  # in RAM: every query is fast
 
 
-def serve_demo(weights: str, backend: str, samples: Path, host: str, port: int, progress: bool) -> None:
-    """Embed the sample photos (once, in the cache), index them and serve the search page."""
+def serve_demo(weights: str, backend: str, samples: Path, host: str, port: int, progress: bool,
+               security: Any = None) -> None:
+    """Embed the sample photos (once, in the cache), index them and serve the search page under
+    ``security`` (a ``SecurityConfig``: ``serve``'s access policy)."""
     from ..backends.artifacts import cache_root
     from ..datasets.pipeline import embed_paths
     from ..image_text import ImageTextModel
@@ -86,7 +88,7 @@ def serve_demo(weights: str, backend: str, samples: Path, host: str, port: int, 
     opened = open_index_for_serving(str(dataset), encoder.checksum, progress)
     bound_host, bound_port = sock.getsockname()[:2]
     print(f"\nsearch page: http://{bound_host}:{bound_port}/  ({opened.rows} sample photos; Ctrl-C stops)", flush=True)
-    serve(encoder, sock=sock, model_name=weights, text_model=text_model, index=opened, access_log=False)
+    serve(encoder, sock=sock, model_name=weights, text_model=text_model, index=opened, access_log=False, security=security)
 
 
 def _add_index(sub: argparse._SubParsersAction) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
+from ..service.security import add_access_arguments, security_from_args
 from ._common import (EXIT_OK, add_backend_options, command, non_negative_float, port_number, positive_float,
-                      positive_int, progress_enabled, ray_group, request_rate, weights_path)
+                      positive_int, progress_enabled, ray_group, weights_path)
 from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 from ._load import backend_options, check_backend_options, load_encoder, load_text_model_if_any, resolve_backend
 
@@ -41,14 +41,7 @@ def _add_serve_profiles_and_access(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach loopback, private and link-local hosts (intranet use)")
     p.add_argument("--url-timeout", type=positive_float, default=20.0, help="longest image-URL fetch, seconds")
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every endpoint but /health "
-                   "(default: $ARROWVISION_API_KEY; prefer the variable, command lines are visible to other users)")
-    p.add_argument("--allow-unauthenticated", action="store_true",
-                   help="allow listening on a non-loopback address without an API key")
-    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
-                   help="allow browser calls from ORIGIN (repeat; * for any); CORS is off otherwise")
-    p.add_argument("--rate-limit", metavar="N/s", type=request_rate,
-                   help="requests per second (N/s) or minute (N/min) per client address (429 over it)")
+    add_access_arguments(p)  # the one access policy of every command that listens (docs/SECURITY.md)
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="log lines (each with the request id) as text or JSON documents")
 
@@ -66,7 +59,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..service.app import listen, serve
     from ..service.config import ServiceConfig
     from ..service.profiles import registry_from_profiles
-    from ..service.security import security_from_options
 
     if args.bundle:
         check_bundle_options(args)  # before anything else: the bundle fixes weights, backend, engine
@@ -74,9 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.command_parser.error("give either --weights or --model NAME=WEIGHTS profiles, not both")
     if not args.profiles and (args.default_model or args.max_loaded_models):
         args.command_parser.error("--default and --max-loaded-models apply to --model profiles")
-    security = security_from_options(args.host, args.api_key or os.environ.get("ARROWVISION_API_KEY"),
-                                     allow_unauthenticated=args.allow_unauthenticated, cors_origins=args.cors_origins,
-                                     rate_limit=args.rate_limit)
+    security = security_from_args(args)
     config = ServiceConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout_s=args.timeout,
                            allow_private_urls=args.allow_private_urls, url_timeout_s=args.url_timeout)
@@ -85,13 +75,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.profiles and args.index:
         args.command_parser.error("--index searches with one model: give --weights, not --model profiles")
     if args.engine == "ray":
-        local_only = {"--model": args.profiles, "--api-key / ARROWVISION_API_KEY": security.api_key,
-                      "--cors-origin": security.cors_origins, "--rate-limit": security.rate_limit,
-                      "--log-format json": args.log_format == "json"}
+        local_only = {"--model": args.profiles, "--log-format json": args.log_format == "json"}
         for option, value in local_only.items():
             if value:
                 args.command_parser.error(f"{option} applies to --engine local only (Ray Serve runs its own proxy)")
-        return serve_on_ray(args, config)
+        return serve_on_ray(args, config, security)
     for option in ("address", "replicas", "min_replicas", "max_replicas", "cpus_per_replica"):
         if getattr(args, option) is not None:
             args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
@@ -126,8 +114,9 @@ def _index(args: argparse.Namespace, encoder: Any) -> Any:
     return open_index_for_serving(args.index, encoder.checksum, progress_enabled(args))
 
 
-def serve_on_ray(args: argparse.Namespace, config: Any) -> int:
-    """``arrowvision serve --engine ray``: the CLI's backend options, checked as for the local service."""
+def serve_on_ray(args: argparse.Namespace, config: Any, security: Any = None) -> int:
+    """``arrowvision serve --engine ray``: the CLI's backend options, checked as for the local
+    service; ``security``: the same access policy (a ``SecurityConfig``)."""
     from ..distributed.serve import Replicas, run_service
     from ..service.app import listen
 
@@ -140,7 +129,7 @@ def serve_on_ray(args: argparse.Namespace, config: Any) -> int:
                         cpus=args.cpus_per_replica or 1.0)
     replicas.options(config.max_batch, config.max_queue)  # bad bounds fail before anything starts
     run_service(weights, host=args.host, port=args.port, address=args.address, backend=backend, device=device,
-                backend_options=backend_options(args, backend), config=config, replicas=replicas)
+                backend_options=backend_options(args, backend), config=config, replicas=replicas, security=security)
     return 0
 
 

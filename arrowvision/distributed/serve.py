@@ -31,9 +31,10 @@ from ray import serve
 
 from ..backends.base import BackendBase
 from ..errors import ArrowVisionError
-from ..service.batching import QueueFull
+from ..service.batching import ItemFailed, QueueFull, failure_of, run_isolating_failures
 from ..service.config import ServiceConfig
 from ..service.profiles import ModelUnavailable
+from ..service.security import SecurityConfig
 from . import connect, threads_option
 
 APP_NAME = "arrowvision"
@@ -117,13 +118,17 @@ class ArrowvisionModel:
                 "device": str(backend.device), "pid": os.getpid(), "threads": self.threads}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def embed(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, float, str, int]]:
+    async def embed(self, pixels: list[np.ndarray]) -> list[tuple[np.ndarray, float, str, int] | ItemFailed]:
+        """One output per image, or an ``ItemFailed`` for an image that fails (only that one:
+        a failing batch is bisected, ``service.batching``)."""
         start = time.perf_counter()
-        outputs = await asyncio.get_running_loop().run_in_executor(self.runner, self.encoder.backend, np.stack(pixels))
+        outputs = await asyncio.get_running_loop().run_in_executor(self.runner, run_isolating_failures,
+                                                                   self.encoder.backend, pixels)
         seconds = time.perf_counter() - start
         self.batches += 1
         batch = f"{self.replica}/{self.batches}"
-        return [(np.asarray(output, np.float32), seconds, batch, len(pixels)) for output in outputs]
+        return [failure_of(output) if isinstance(output, Exception) else
+                (np.asarray(output, np.float32), seconds, batch, len(pixels)) for output in outputs]
 
 
 class ReplicaBackend(BackendBase):
@@ -160,7 +165,10 @@ class ServeModel:
 
         self.in_flight += 1
         try:
-            vector, seconds, batch, size = await self.handle.embed.remote(pixels)
+            result = await self.handle.embed.remote(pixels)
+            if isinstance(result, ItemFailed):  # this image failed in the replica; its batch-mates did not
+                raise result
+            vector, seconds, batch, size = result
         except BackPressureError:
             raise QueueFull from None
         except (RayError, RayServeException) as exc:  # the replica died or is gone: retry later
@@ -215,7 +223,7 @@ class _Ingress:
     images always go to the model replicas."""
 
     def __init__(self, model: Any, weights: str, config: ServiceConfig, replicas: Replicas, backend: str,
-                 device: str, options: dict[str, Any]):
+                 device: str, options: dict[str, Any], security: SecurityConfig | None = None):
         from ..encoder import VisionEncoder
         from ..model.config import VisionConfig
         from ..weights.format import WeightLoader
@@ -227,7 +235,7 @@ class _Ingress:
             from ..image_text import ImageTextModel
 
             self.text_model = ImageTextModel.from_parquet(weights, backend=backend, device=device, **options)
-        self.model, self.config, self.replicas = model, config, replicas
+        self.model, self.config, self.replicas, self.security = model, config, replicas, security
 
     def __serve_build_asgi_app__(self):
         from ..service.app import create_app
@@ -235,15 +243,17 @@ class _Ingress:
         def serve_model(on_batch: Callable[[int, float], None]) -> ServeModel:
             return ServeModel(self.model, on_batch, self.encoder.backend, self.replicas, self.config)
 
-        return create_app(self.encoder, self.config, self.text_model, model=serve_model)
+        return create_app(self.encoder, self.config, self.text_model, model=serve_model, security=self.security)
 
 
 ArrowvisionIngress = serve.deployment(name=INGRESS_DEPLOYMENT)(serve.ingress()(_Ingress))
 
 
 def build_app(weights: str, *, backend: str = "openvino", device: str = "CPU", backend_options: dict | None = None,
-              config: ServiceConfig | None = None, replicas: Replicas | None = None) -> Any:
-    """The Serve application: the ingress bound to the model deployment."""
+              config: ServiceConfig | None = None, replicas: Replicas | None = None,
+              security: SecurityConfig | None = None) -> Any:
+    """The Serve application: the ingress bound to the model deployment; the ingress serves the
+    app of ``serve`` with the same access policy (``security``: key, CORS, rate limit)."""
     config = config or ServiceConfig()
     replicas = replicas or Replicas()
     weights = os.path.abspath(weights)
@@ -252,7 +262,7 @@ def build_app(weights: str, *, backend: str = "openvino", device: str = "CPU", b
     # the ingress parses and decodes; it reserves no CPU so that the model replicas get them all
     ingress = ArrowvisionIngress.options(num_replicas=1, ray_actor_options={"num_cpus": 0},
                                          max_ongoing_requests=4 * config.max_queue)
-    return ingress.bind(model, weights, config, replicas, backend, device, backend_options or {})
+    return ingress.bind(model, weights, config, replicas, backend, device, backend_options or {}, security)
 
 
 def start(app: Any, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
@@ -268,14 +278,20 @@ def start(app: Any, host: str = "127.0.0.1", port: int = 8000, address: str | No
 
 
 def run_service(weights: str, *, host: str, port: int, address: str | None, backend: str, device: str,
-                backend_options: dict, config: ServiceConfig, replicas: Replicas) -> None:
-    """``arrowvision serve --engine ray``: deploy, then serve until SIGINT/SIGTERM, then tear down."""
+                backend_options: dict, config: ServiceConfig, replicas: Replicas,
+                security: SecurityConfig | None = None) -> None:
+    """``arrowvision serve --engine ray``: deploy, then serve until SIGINT/SIGTERM, then tear down.
+    Serve's proxy (uvicorn) reads ``FORWARDED_ALLOW_IPS``: on a cluster started here it inherits
+    ours, set to the proxies the user named (none by default; uvicorn's default trusts 127.0.0.1).
+    A joined cluster (``--address``) keeps its own setting: see docs/SECURITY.md."""
+    trusted = ",".join(security.forwarded_allow_ips) if security else ""
+    os.environ["FORWARDED_ALLOW_IPS"] = trusted or "none"  # a literal no peer address equals
     connect(address)  # first: ray.init installs signal handlers of its own, ours replace them
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         start(build_app(weights, backend=backend, device=device, backend_options=backend_options, config=config,
-                        replicas=replicas), host, port, address)
+                        replicas=replicas, security=security), host, port, address)
         print(f"arrowvision serving {weights} on Ray Serve ({replicas.describe()}, {backend}) at http://{host}:{port}",
               file=sys.stderr, flush=True)
         while not stop.wait(0.5):

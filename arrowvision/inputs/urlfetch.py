@@ -68,11 +68,38 @@ def is_url(text: Any) -> bool:
     return isinstance(text, str) and text[:8].lower().startswith(("http://", "https://"))
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: the IPv4 is the last 32 bits
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use: the site's own translators
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, list[ipaddress.IPv4Address]] | None:
+    """The IPv4 host(s) an IPv6 address reaches through a transition mechanism: 6to4
+    (2002::/16), Teredo (2001::/32: server and client) or NAT64 (64:ff9b::/96)."""
+    if ip.sixtofour is not None:
+        return "6to4", [ip.sixtofour]
+    if ip.teredo is not None:
+        return "Teredo", list(ip.teredo)
+    if ip in NAT64:
+        return "NAT64", [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return None
+
+
 def refused_reason(address: str) -> str | None:
-    """Why the guard refuses ``address`` (``None``: a public address)."""
+    """Why the guard refuses ``address`` (``None``: a public address). An IPv6 address that
+    carries an IPv4 one (mapped, 6to4, Teredo, NAT64) is refused when that IPv4 address is."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        elif ip in NAT64_LOCAL:
+            return "local-use NAT64 (64:ff9b:1::/48)"
+        elif carried := embedded_ipv4(ip):
+            kind, hosts = carried
+            for host in hosts:
+                if reason := refused_reason(str(host)):
+                    return f"{reason} IPv4 in IPv6 ({kind} of {host})"
+            if kind == "NAT64":
+                return None  # a public IPv4 through the well-known prefix (which Python calls reserved)
     for reason, hit in (("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback),
                         ("link-local", ip.is_link_local), ("multicast", ip.is_multicast), ("private", ip.is_private),
                         ("reserved", ip.is_reserved), ("non-public", not ip.is_global)):

@@ -5,8 +5,9 @@ batchers and where the image model runs (``batching``), named models loaded lazi
 (``profiles``), the error table, body readers and decoders every route shares (``common``), the
 routes as ``APIRouter``s reading what they need from ``app.state.service`` (``images``, ``text``,
 ``openai``, ``search``, ``info``), API key, CORS and rate limit (``security``), request ids,
-logs and OpenTelemetry spans (``tracing``), metrics (``metrics``). Image URLs are fetched with an
-SSRF guard (``inputs.urlfetch``).
+logs and OpenTelemetry spans (``tracing``), metrics (``metrics``), ``/docs`` without a CDN
+(``docs``), and how uvicorn runs it (``server``: forwarded headers, JSON 400s, redacted logs).
+Image URLs are fetched with an SSRF guard (``inputs.urlfetch``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from ..errors import ArrowVisionError
 from ..inputs.urlfetch import AsyncUrlFetcher
 from . import images, info, openai, search, text, tracing
 from .batching import ImageModel, LocalModel, MicroBatcher
-from .common import ServiceState, install_error_handlers
+from .common import BodyDeadlineMiddleware, ServiceState, install_error_handlers
 from .config import ServiceConfig
+from .docs import add_docs_routes
 from .metrics import Metrics
 from .openai import install_openai_error_handler
 from .profiles import ModelRegistry
@@ -60,9 +62,10 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
                          text_model=text_model)
     if index is not None:
         state.index = search.open_search(index, models.specs[models.default].info.get("model_checksum"))
-    app = FastAPI(title="arrowvision", version="0.1.0", lifespan=_lifespan(state, model),
+    app = FastAPI(title="arrowvision", version="0.1.0", lifespan=_lifespan(state, model), docs_url=None, redoc_url=None,
                   description="SigLIP/CLIP image embeddings with dynamic micro-batching.")
     app.state.service = state
+    add_docs_routes(app, "arrowvision")  # Swagger UI from the package, not a CDN (docs)
     install_error_handlers(app)
     install_openai_error_handler(app)
     app.middleware("http")(functools.partial(_observe, state))
@@ -70,6 +73,7 @@ def create_app(encoder: VisionEncoder | ModelRegistry, config: ServiceConfig | N
                *([search.router] if index is not None else []), info.health_router]
     for router in routers:
         app.include_router(router)
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=config.body_timeout_s)  # a slow body: 408
     add_security(app, security)
     app.add_middleware(RequestContextMiddleware)  # outermost: request id and span around everything
     return app
@@ -155,6 +159,8 @@ def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port:
     variables turn on tracing (see ``arrowvision.service.tracing``)."""
     import uvicorn
 
+    from .server import server_config
+
     config = config or ServiceConfig()
     sock = sock or listen(host, port)
     host, port = sock.getsockname()[:2]
@@ -169,8 +175,8 @@ def serve(encoder: VisionEncoder | ModelRegistry, host: str = "127.0.0.1", port:
     if security and security.api_key:
         lines.append("API key required (Authorization: Bearer ...) on every endpoint but /health")
     app = create_app(encoder, config, text_model, index, security=security)
-    server = uvicorn.Server(uvicorn.Config(app, access_log=access_log, log_config=tracing.logging_config(log_format),
-                                           timeout_graceful_shutdown=int(config.request_timeout_s)))
+    server = uvicorn.Server(server_config(app, security=security, access_log=access_log, log_format=log_format,
+                                          graceful_shutdown_s=int(config.request_timeout_s)))
     for line in lines:  # JSON logs stay all JSON; text keeps the plain start-up line
         log.warning(line) if log_format == "json" else print(line, file=sys.stderr, flush=True)
     tracing.configure_from_environment()

@@ -1,9 +1,11 @@
 """What every route module of the service shares: the one table from our exception types to an
-HTTP status and ``{"error": message}`` body, request bodies read under the size limit, and the
-decoders of image fields (base64 or data: URIs, http(s) URLs, multipart forms).
+HTTP status and ``{"error": message}`` body (a slow body's 408 and a crash's 500 included),
+request bodies read under the size limit, a deadline and the depth/size guard of ``safejson``,
+and the decoders of image fields (base64 or data: URIs, http(s) URLs, multipart forms).
 
 Bodies are read chunk by chunk so that a chunked upload with no Content-Length is refused as soon
-as it passes the limit, not after it has filled memory.
+as it passes the limit, not after it has filled memory. ``BodyDeadlineMiddleware`` bounds the
+time a client may take to send its body (a slow-loris upload holds a connection and a worker).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import base64
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +26,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ImageError, ImageTooLarge
+from ..errors import FormatError
 from ..inputs.urlfetch import UrlBlocked, UrlError, UrlTooLarge
+from ..util.safejson import MAX_JSON_DEPTH, load_json
 from .batching import QueueFull
 from .config import ServiceConfig
 from .metrics import Metrics
@@ -44,6 +49,10 @@ class MalformedRequest(Exception):
     """A request body that cannot be parsed (a broken multipart form)."""
 
 
+class BodyTimeout(Exception):
+    """The client did not finish sending its request body before the deadline (408)."""
+
+
 # The one table: our exception types -> (HTTP status, extra headers). The first row that matches
 # wins, so subclasses come before their bases. OpenAI-compatible routes reformat the same answer.
 ERRORS: tuple[tuple[type[Exception], int, dict[str, str] | None], ...] = (
@@ -56,6 +65,7 @@ ERRORS: tuple[tuple[type[Exception], int, dict[str, str] | None], ...] = (
     (ImageTooLarge, 413, None),
     (ImageError, 422, None),  # undecodable or empty image data
     (MalformedRequest, 422, None),
+    (BodyTimeout, 408, {"Connection": "close"}),
 )
 
 
@@ -70,7 +80,8 @@ def problem_for(exc: Exception) -> Problem | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error in one JSON shape: ``Problem``, the table's types, and FastAPI's own 404/405/422."""
+    """Every error in one JSON shape: ``Problem``, the table's types, FastAPI's own 404/405/422,
+    and any crash (500 naming only the exception type; Starlette logs the traceback)."""
 
     async def answer(request: Request, exc: Exception) -> JSONResponse:
         problem = problem_for(exc)
@@ -88,6 +99,55 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_handler(request: Request, exc: RequestValidationError):
         return JSONResponse({"error": "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request"}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def crash_handler(request: Request, exc: Exception):
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the details"},
+                            status_code=500)
+
+
+class BodyDeadlineMiddleware:
+    """Pure ASGI: the whole request body must arrive within ``timeout_s`` of the request's start,
+    else ``BodyTimeout`` is raised where the app reads it and the client gets a 408. Once the body
+    is complete, ``receive`` is passed through untouched (waiting for a disconnect is not bounded)."""
+
+    def __init__(self, app: Any, timeout_s: float):
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = time.monotonic() + self.timeout_s
+        complete = timed_out = started = False
+
+        async def receive_in_time() -> dict:
+            nonlocal complete, timed_out
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                timed_out = True
+                raise BodyTimeout(f"request body not received within {self.timeout_s:g} s") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive_in_time, send_tracked)
+        except Exception:  # BodyTimeout as is, or wrapped by a middleware's task group on the way out
+            if not timed_out or started:
+                raise
+            body = json.dumps({"error": f"request body not received within {self.timeout_s:g} s"}).encode()
+            await send({"type": "http.response.start", "status": 408,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
 
 async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
     """``awaitable``'s result, or a 504 after ``timeout_s`` (the service's per-request timeout)."""
@@ -98,6 +158,16 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
 
 
 ProblemFactory = Callable[[int, str], Exception]
+
+
+def unicode_problem(text: str, name: str) -> str | None:
+    """Why ``text`` cannot be encoded (JSON allows a lone surrogate such as ``"\\ud800"``; UTF-8
+    does not), naming it as ``name``; None when it is fine."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{name} is not valid Unicode ({exc.reason} at character {exc.start})"
+    return None
 
 
 async def read_body(request: Request, max_bytes: int, problem: ProblemFactory = Problem) -> bytes:
@@ -111,11 +181,13 @@ async def read_body(request: Request, max_bytes: int, problem: ProblemFactory = 
 
 
 def parse_json_object(body: bytes, problem: ProblemFactory = Problem, malformed_status: int = 422) -> dict[str, Any]:
-    """``body`` as a JSON object, or ``problem(malformed_status, ...)`` saying what is wrong with it."""
+    """``body`` as a JSON object, or ``problem(malformed_status, ...)`` saying what is wrong with it:
+    parsed with ``safejson`` (nesting depth bounded before parsing, huge integer literals and
+    non-finite numbers such as ``1e400`` refused), never a RecursionError or OverflowError."""
     try:
-        value = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise problem(malformed_status, f"malformed JSON: {exc}") from None
+        value = load_json(body or b"null", "request body", max_bytes=max(len(body), 1), max_depth=MAX_JSON_DEPTH)
+    except FormatError as exc:
+        raise problem(malformed_status, f"malformed JSON {exc}") from None  # "...request body: JSON nested 100000 levels deep"
     if not isinstance(value, dict):
         raise problem(malformed_status, "the JSON body must be an object")
     return value

@@ -17,6 +17,7 @@ class ServiceConfig:
     max_pixels: int = MAX_PIXELS
     max_batch_items: int = 64  # images per /v1/embed/batch request
     request_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (408 after)
     decode_threads: int = 2
     max_texts: int = 64  # texts per /v1/embed/text or /v1/score request (413 above)
     max_text_chars: int = 1000  # characters per text (422 above)

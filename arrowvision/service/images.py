@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import logging
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from .common import (BadInput, ImageUrl, Problem, ServiceState, content_type, de
 from .profiles import ServedModel
 
 router = APIRouter()
+log = logging.getLogger("arrowvision.service")
 
 _OPTIONS = {
     "normalize": {"type": "boolean", "default": True, "description": "L2-normalize the embedding"},
@@ -38,7 +40,7 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "requir
 RESPONSES = {status: {"description": text, "content": {"application/json": {"schema": _ERROR}}} for status, text in (
     (401, "API key missing or wrong"), (403, "image URL refused by the SSRF guard"), (404, "unknown model"),
     (413, "body, image count, pixels or fetched image over the limit"), (415, "unsupported content type"),
-    (422, "malformed request, undecodable image or unfetchable URL"), (429, "rate limit exceeded"),
+    (408, "request body not received in time"), (422, "malformed request, undecodable image or unfetchable URL"), (429, "rate limit exceeded"),
     (503, "queue full, model unavailable or shutting down"), (504, "timed out"))}
 
 
@@ -137,7 +139,7 @@ def decode(state: ServiceState, served: ServedModel, name: str, data: bytes, ske
 
 
 async def fetch(state: ServiceState, url: ImageUrl) -> bytes:
-    with tracing.span("fetch", **{"url.full": url}):
+    with tracing.span("fetch", **{"url.full": tracing.redact(url)}):
         try:
             data = await state.fetcher.fetch(url)
         except UrlError as exc:
@@ -201,8 +203,9 @@ async def embed_batch(request: Request):
             return await embed_image(state, served, name, data, normalize, sketch)
         except Exception as exc:  # noqa: BLE001 - the table's errors are this item's answer
             problem = problem_for(exc)
-            if problem is None:
-                raise
+            if problem is None:  # a crash fails this item only (logged)
+                log.exception("%s: embedding failed", name)
+                return {"error": f"internal error ({type(exc).__name__}); the server log has the details", "status": 500}
             return {"error": problem.message, "status": problem.status}
 
     async with state.models.use(model, request) as served:

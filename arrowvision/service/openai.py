@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse
 
 from ..errors import ImageError
 from ..inputs.urlfetch import is_url
-from .common import ImageUrl, Problem, ServiceState, decode_base64, problem_for, read_json_object, service_state
+from .common import (ImageUrl, Problem, ServiceState, decode_base64, problem_for, read_json_object, service_state,
+                     unicode_problem)
 from .images import embed_image
 from .profiles import ModelUnavailable, ServedModel, UnknownModel
 from .text import embed_texts
@@ -91,6 +92,8 @@ def inputs_of(state: ServiceState, value: dict[str, Any]) -> list[str]:
         if not is_url(item) and not item.startswith(DATA_IMAGE) and len(item) > config.max_text_chars:
             raise OpenAIError(400, f"input[{index}] has {len(item)} characters; the limit is {config.max_text_chars}",
                               "input")
+        if reason := unicode_problem(item, f"input[{index}]"):
+            raise OpenAIError(400, reason, "input")
     return inputs
 
 

@@ -6,8 +6,9 @@
 ``{"results": [{"path", "score"}, ...]}``, ``score`` the cosine similarity.
 
 ``GET /v1/thumbnail?path=...``: a small JPEG of an *indexed* image. Any other path is a 404, and so
-is an indexed path that now resolves elsewhere (a symlink planted on the way) or is not a regular
-file: the path must equal its own ``realpath`` and is opened with ``O_NOFOLLOW``.
+is an indexed path that now resolves elsewhere (a symlink planted on the way, even while the
+request runs) or is not a regular file: the path is opened one component at a time from ``/``,
+each with ``O_NOFOLLOW`` relative to its parent's descriptor, and the file read is the one stat'ed.
 
 ``GET /``: the search page (``web/index.html``: one self-contained file, no CDN).
 
@@ -34,7 +35,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from ..errors import ArrowVisionError, ImageError, IndexMismatch
 from .common import (Problem, ServiceState, content_type, decode_base64, option, parse_json_object, parse_multipart,
-                     read_body, service_state, within)
+                     read_body, service_state, unicode_problem, within)
 from .images import embed_image
 
 MAX_K = 100
@@ -55,25 +56,45 @@ def _k(value: Any) -> int:
         return DEFAULT_K
     try:
         k = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         raise Problem(422, f"'k' must be an integer, got {value!r}") from None
     if isinstance(value, bool) or not 1 <= k <= MAX_K:
         raise Problem(422, f"'k' must be between 1 and {MAX_K}, got {value!r}")
     return k
 
 
-def read_thumbnail_source(path: str, max_bytes: int = MAX_THUMBNAIL_SOURCE_BYTES) -> bytes:
-    """The bytes of ``path`` if it is still the regular file that was indexed: no symlink
-    anywhere on the way (the indexed identity is a resolved path), no FIFO or device."""
-    if "\0" in path or not os.path.isabs(path) or os.path.realpath(path) != path:
+def _open_without_symlinks(path: str) -> int:
+    """A read-only descriptor of ``path`` opened one component at a time from ``/``, each with
+    ``O_NOFOLLOW`` relative to its parent's descriptor: a symlink at *any* component fails
+    (ELOOP/ENOTDIR), even one swapped in while the walk is under way, so the file opened is
+    the one at that path in the real tree, never one a link points to."""
+    parts = [part for part in path.split("/") if part]
+    if not parts or any(part in (".", "..") for part in parts):
         raise FileNotFoundError(path)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    nofollow = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    directory = os.open("/", os.O_RDONLY | os.O_DIRECTORY | nofollow)
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=directory)
+            os.close(directory)
+            directory = child
+        return os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | nofollow, dir_fd=directory)  # NONBLOCK: a FIFO
+    finally:
+        os.close(directory)
+
+
+def read_thumbnail_source(path: str, max_bytes: int = MAX_THUMBNAIL_SOURCE_BYTES) -> tuple[bytes, os.stat_result]:
+    """The bytes (and ``fstat``) of ``path`` if it is still a regular file reached without any
+    symlink (the indexed identity is a resolved path): no FIFO, no device, nothing outside the tree."""
+    if "\0" in path or not os.path.isabs(path):
+        raise FileNotFoundError(path)
+    fd = _open_without_symlinks(path)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
             raise FileNotFoundError(path)
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(max_bytes + 1)
+            return handle.read(max_bytes + 1), info
     finally:
         os.close(fd)
 
@@ -179,6 +200,8 @@ async def parse(request: Request) -> tuple[str, bytes | str, bool, int]:
             raise Problem(422, "'text' must be a non-empty string")
         if len(text) > config.max_text_chars:
             raise Problem(422, f"'text' has {len(text)} characters; the limit is {config.max_text_chars}")
+        if reason := unicode_problem(text, "'text'"):
+            raise Problem(422, reason)
         if sketch:
             raise Problem(422, "sketch=true applies to image queries, not text")
         return "text", text, False, k
@@ -232,8 +255,7 @@ async def search_info(request: Request):
 def thumbnail_of(holder: IndexHolder, path: str, max_pixels: int) -> bytes:
     """A JPEG thumbnail of an indexed image, from the holder's LRU when it is unchanged on disk."""
     try:
-        data = read_thumbnail_source(path)
-        info = os.stat(path)
+        data, info = read_thumbnail_source(path)  # the identity of the file actually read
     except OSError:
         raise Problem(404, "no such indexed image") from None
     key = (path, info.st_mtime_ns, info.st_size)

@@ -10,6 +10,12 @@
   up to ``N`` tokens (bursts of ``N``); over it, 429 with ``Retry-After`` (whole seconds). The
   limit applies before the key check, so guessing keys is rate limited too; ``/health`` and
   ``/metrics`` are exempt (probes and scrapers).
+- ``forwarded_allow_ips``: the proxies whose ``X-Forwarded-For`` names the client (none by
+  default: the client is the TCP peer, so no client can choose its own rate-limit bucket).
+
+``add_access_arguments`` and ``security_from_args`` are the one access policy of every command
+that listens (``serve``, ``serve --engine ray``, ``demo --serve``): the same options, the same
+refusal of a non-loopback address without a key. docs/SECURITY.md has the whole picture.
 """
 
 from __future__ import annotations
@@ -37,6 +43,24 @@ class SecurityConfig:
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
     rate_limit: float | None = None  # requests per second per client
+    forwarded_allow_ips: list[str] = field(default_factory=list)  # proxies whose X-Forwarded-For is believed
+
+
+def parse_forwarded_allow_ips(text: str) -> list[str]:
+    """``10.0.0.5,10.1.0.0/16`` -> the proxies (addresses or networks) trusted for forwarded
+    headers; ``*`` trusts every peer (only behind a proxy that overwrites the header)."""
+    import ipaddress
+
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if items == ["*"]:
+        return items
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ArrowVisionError(f"--forwarded-allow-ips {item!r}: expected IP addresses or networks "
+                                   "(e.g. 10.0.0.5,10.1.0.0/16), or *") from None
+    return items
 
 
 def parse_rate(text: str) -> float:
@@ -153,12 +177,55 @@ def is_loopback_host(host: str) -> bool:
 
 
 def security_from_options(host: str, api_key: str | None, *, allow_unauthenticated: bool = False,
-                          cors_origins: list[str] | None = None, rate_limit: float | str | None = None) -> SecurityConfig:
+                          cors_origins: list[str] | None = None, rate_limit: float | str | None = None,
+                          forwarded_allow_ips: list[str] | str | None = None) -> SecurityConfig:
     """``serve``'s access options; refuses a non-loopback address without a key (unless allowed)."""
     if api_key is not None and not api_key.strip():
         raise ArrowVisionError("the API key is empty")
     if not api_key and not allow_unauthenticated and not is_loopback_host(host):
         raise ArrowVisionError(f"refusing to listen on {host} without an API key: anyone who can reach it could use "
                                "the service; set ARROWVISION_API_KEY (or --api-key), or pass --allow-unauthenticated")
+    if isinstance(forwarded_allow_ips, str):
+        forwarded_allow_ips = parse_forwarded_allow_ips(forwarded_allow_ips)
     return SecurityConfig(api_key=api_key.strip() if api_key else None, cors_origins=list(cors_origins or []),
-                          rate_limit=parse_rate(rate_limit) if isinstance(rate_limit, str) else rate_limit)
+                          rate_limit=parse_rate(rate_limit) if isinstance(rate_limit, str) else rate_limit,
+                          forwarded_allow_ips=list(forwarded_allow_ips or []))
+
+
+def _argument_type(parse: Any) -> Any:
+    import argparse
+
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except ArrowVisionError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    checked.__name__ = parse.__name__  # argparse names the type in its errors
+    return checked
+
+
+def add_access_arguments(parser: Any, when: str = "") -> None:
+    """The access options of every command that listens (``when``: e.g. "--serve: ")."""
+    group = parser.add_argument_group("access (see docs/SECURITY.md)")
+    group.add_argument("--api-key", metavar="KEY", help=f"{when}require Authorization: Bearer KEY on every endpoint but /health "
+                       "(default: $ARROWVISION_API_KEY; prefer the variable, command lines are visible to other users)")
+    group.add_argument("--allow-unauthenticated", action="store_true",
+                       help=f"{when}allow listening on a non-loopback address without an API key")
+    group.add_argument("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
+                       help=f"{when}allow browser calls from ORIGIN (repeat; * for any); CORS is off otherwise")
+    group.add_argument("--rate-limit", metavar="N/s", type=_argument_type(parse_rate),
+                       help=f"{when}requests per second (N/s) or minute (N/min) per client address (429 over it)")
+    group.add_argument("--forwarded-allow-ips", metavar="IPS", type=_argument_type(parse_forwarded_allow_ips),
+                       help=f"{when}proxies (addresses/networks, comma-separated) whose X-Forwarded-For names the client; "
+                       "default none: the client is the connecting address")
+
+
+def security_from_args(args: Any) -> SecurityConfig:
+    """The ``SecurityConfig`` of parsed ``add_access_arguments`` options (key from the option or
+    ``$ARROWVISION_API_KEY``); refuses a non-loopback ``args.host`` without a key."""
+    import os
+
+    return security_from_options(args.host, args.api_key or os.environ.get("ARROWVISION_API_KEY"),
+                                 allow_unauthenticated=args.allow_unauthenticated, cors_origins=args.cors_origins,
+                                 rate_limit=args.rate_limit, forwarded_allow_ips=args.forwarded_allow_ips)

@@ -27,7 +27,8 @@ from .. import scoring
 from ..errors import ArrowVisionError
 from ..inputs.urlfetch import is_url
 from . import tracing
-from .common import ImageUrl, Problem, ServiceState, decode_base64, read_json_object, service_state, within
+from .common import (ImageUrl, Problem, ServiceState, decode_base64, read_json_object, service_state, unicode_problem,
+                     within)
 from .images import answered, embed_image
 from .profiles import ServedModel
 
@@ -44,6 +45,9 @@ def check_texts(state: ServiceState, texts: Any) -> list[str]:
     too_long = [i for i, t in enumerate(texts) if len(t) > config.max_text_chars]
     if too_long:
         raise Problem(422, f"texts[{too_long[0]}] has {len(texts[too_long[0]])} characters; the limit is {config.max_text_chars}")
+    for index, text in enumerate(texts):
+        if reason := unicode_problem(text, f"texts[{index}]"):
+            raise Problem(422, reason)
     return texts
 
 

@@ -9,7 +9,8 @@ caller's W3C ``traceparent``) with children for URL fetch, decode, queue wait an
 
 Every request also gets a request id (the caller's ``X-Request-ID`` if it is sane, else a new
 one), echoed in the response header and put into every log line written while it runs;
-``logging_config("json")`` makes those lines JSON documents.
+``logging_config("json")`` makes those lines JSON documents. Every line is redacted: the API key
+and credential-like URL parts (``?api_key=``, ``&token=``, ``user:pass@``) never reach a log.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -187,19 +188,49 @@ class JsonFormatter(logging.Formatter):
 JsonFormatter.converter = time.gmtime
 
 
-def logging_config(log_format: str = "text", level: str = "INFO") -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` for uvicorn and arrowvision with the request id in every line."""
+# query parameters whose values are credentials, and user:password@ in URLs
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:api[_-]?key|apikey|key|access[_-]?token|token|auth|authorization|password|"
+                           r"passwd|secret|client[_-]?secret|signature|sig)=)[^&;#\s\"'\\]*")
+_USERINFO = re.compile(r"(?i)(\bhttps?://)[^/?#@\s\"'\\]+@")
+REDACTED = "REDACTED"
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` with credential-like query values (``?api_key=K``, ``&token=T``), URL user info and
+    each of ``secrets`` (also as JSON escapes it) replaced by ``REDACTED``."""
+    text = _USERINFO.sub(rf"\1{REDACTED}@", _SECRET_QUERY.sub(rf"\1{REDACTED}", text))
+    for secret in secrets:
+        text = text.replace(secret, REDACTED).replace(json.dumps(secret, ensure_ascii=False)[1:-1], REDACTED)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with ``inner``, then redacts the whole line (message, arguments, traceback):
+    no log line carries the API key or a credential sent in a URL, whatever wrote it."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Sequence[str] = ()):
+        super().__init__()
+        self.inner, self.secrets = inner, [s for s in secrets if s]
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record), self.secrets)
+
+
+def logging_config(log_format: str = "text", level: str = "INFO", secrets: Sequence[str] = ()) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for uvicorn and arrowvision with the request id in every
+    line and ``secrets`` (the API key) and credential-like URL parts redacted from every line."""
     if log_format not in ("text", "json"):
         raise ValueError(f"log format must be text or json, got {log_format!r}")
     if log_format == "json":
-        formatters = {"default": {"()": JsonFormatter}, "access": {"()": JsonFormatter}}
+        default, access = JsonFormatter(), JsonFormatter()
     else:
-        formatters = {
-            "default": {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s [%(request_id)s] %(message)s",
-                        "use_colors": False},
-            "access": {"()": "uvicorn.logging.AccessFormatter", "use_colors": False,
-                       "fmt": '%(levelprefix)s [%(request_id)s] %(client_addr)s - "%(request_line)s" %(status_code)s'},
-        }
+        from uvicorn.logging import AccessFormatter, DefaultFormatter
+
+        default = DefaultFormatter(fmt="%(levelprefix)s [%(request_id)s] %(message)s", use_colors=False)
+        access = AccessFormatter(fmt='%(levelprefix)s [%(request_id)s] %(client_addr)s - "%(request_line)s" %(status_code)s',
+                                 use_colors=False)
+    formatters = {name: {"()": RedactingFormatter, "inner": inner, "secrets": list(secrets)}
+                  for name, inner in (("default", default), ("access", access))}
     handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "filters": ["request_id"]}
     return {
         "version": 1,
