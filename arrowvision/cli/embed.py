@@ -11,8 +11,8 @@ from typing import Any
 
 from ._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_float,
                       positive_int, progress_enabled, ray_group, weights_path)
-from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 from ._load import backend_options, check_backend_options, load_encoder, resolve_backend
+from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:

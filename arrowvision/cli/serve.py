@@ -8,8 +8,8 @@ from typing import Any
 from ..service.security import add_access_arguments, security_from_args
 from ._common import (EXIT_OK, add_backend_options, command, non_negative_float, port_number, positive_float,
                       positive_int, progress_enabled, ray_group, weights_path)
-from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 from ._load import backend_options, check_backend_options, load_encoder, load_text_model_if_any, resolve_backend
+from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
