@@ -123,7 +123,11 @@ def test_bad_bundles_are_our_error(bundle_all, tmp_path):
         first = file.read(1)
         file.seek(0)
         file.write(bytes([first[0] ^ 0xFF]))
-    with pytest.raises(BundleError, match="vision/model.bin does not match its checksum"):
+    with pytest.raises(BundleError, match="vision/model.bin does not match its checksum"):  # same size: hashed
+        VisionEncoder.from_bundle(copy)
+    with open(copy / "vision" / "model.bin", "ab") as file:
+        file.write(b"\0")
+    with pytest.raises(BundleError, match="vision/model.bin does not match its size"):  # caught before any read
         VisionEncoder.from_bundle(copy)
     (copy / "vision" / "model.bin").unlink()
     with pytest.raises(BundleError, match="incomplete: vision/model.bin is missing"):
@@ -135,6 +139,14 @@ def test_bad_bundles_are_our_error(bundle_all, tmp_path):
         VisionEncoder.from_bundle(copy)
     (copy / "vision" / "extra.bin").unlink()
     manifest = json.loads((copy / "manifest.json").read_text())
+    blob = next(iter(manifest["compiled_cache_files"]))  # the compiled model made at build time is checked too
+    original = (copy / blob).read_bytes()
+    (copy / blob).write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    with pytest.raises(BundleError, match=f"{blob} does not match its checksum"):
+        VisionEncoder.from_bundle(copy)
+    (copy / blob).unlink()  # gone is fine: OpenVINO compiles again
+    assert VisionEncoder.from_bundle(copy).backend.name == "openvino"
+    assert VisionEncoder.from_bundle(copy).backend.name == "openvino"  # and the blob it wrote is the one recorded
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(BundleError, match="format version 99"):
         VisionEncoder.from_bundle(copy)

@@ -29,7 +29,7 @@ from ..errors import BundleError
 from ..model.config import VisionConfig
 from ..model.text_config import TextConfig
 from ..weights.format import WeightLoader
-from .manifest import MANIFEST, write_manifest
+from .manifest import MANIFEST, describe_files, replace_manifest, write_manifest
 
 BUNDLE_BACKENDS = ("openvino", "onnxruntime", "auto")
 FP32_MIN_COSINE = 0.9999  # an fp32 artifact is exact up to float rounding
@@ -235,4 +235,8 @@ def _warm_compiled_cache(out: Path) -> str | None:
     bundle.vision_backend()
     if bundle.has_text:
         bundle.text_backend()
-    return "cache/" if used and any((out / "cache").iterdir()) else None
+    if not (used and any((out / "cache").iterdir())):
+        return None
+    manifest = {**bundle.manifest, "compiled_cache_files": describe_files(out, cache=True)}
+    replace_manifest(out, manifest)  # the blobs made here are checked like the rest at load time
+    return "cache/"

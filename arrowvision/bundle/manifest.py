@@ -11,7 +11,8 @@ Layout of a bundle (``DIR``)::
     text/, text-fp32/            the same for the text tower (--tower all)
     tokenizer/                   the tokenizer files stored in the weights
     reference/vision.npz, text.npz  fp32 reference embeddings of the held-out sets (re-validation)
-    cache/                       OpenVINO's compiled models (not checksummed: the runtime writes it)
+    cache/                       OpenVINO's compiled models: the blobs made at build time are
+                                 checksummed (``compiled_cache_files``); the runtime may add others
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def describe_files(root: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {sha256, bytes}}`` of every file but the manifest and the compiled cache."""
+def describe_files(root: Path, cache: bool = False) -> dict[str, dict[str, Any]]:
+    """``{relative path: {sha256, bytes}}`` of every file but the manifest and the compiled cache
+    (``cache``: of the compiled cache's files only)."""
     found = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root).as_posix()
-        if relative == MANIFEST or relative.startswith(CACHE + "/"):
+        if relative == MANIFEST or relative.startswith(CACHE + "/") != cache:
             continue
         found[relative] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     return found
@@ -60,13 +62,18 @@ def describe_files(root: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """Checksum the folder's files into ``manifest`` and write it (temp + rename)."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": describe_files(root)}
+    replace_manifest(root, manifest)
+
+
+def replace_manifest(root: Path, manifest: dict[str, Any]) -> None:
     staging = root / (MANIFEST + ".tmp")
     staging.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(staging, root / MANIFEST)
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of bundle ``root``, its format checked (not yet its files: ``verify_files``)."""
+    """The manifest of bundle ``root``, its format checked (not yet its files: ``check_listing``,
+    ``verify_checksums``)."""
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle folder (make one with `arrowvision bundle --weights W -o {root}`)")
@@ -87,24 +94,41 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     for key in ("files", "vision", "cpu", "weights"):
         if not isinstance(manifest.get(key), dict):
             raise BundleError(f"{path} lacks its {key!r} section: the bundle is damaged; rebuild it")
+    for section in ("files", "compiled_cache_files"):
+        entries = manifest.get(section, {})
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                                    for e in entries.values()):
+            raise BundleError(f"{path}: its {section!r} entries are malformed: the bundle is damaged; rebuild it")
     return manifest
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists is there with its size and SHA-256; nothing else is."""
+def check_listing(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there with its size, and nothing else is (cheap: no reads)."""
     listed = manifest["files"]
     for relative, expected in listed.items():
-        path = root / relative
-        if ".." in Path(relative).parts or Path(relative).is_absolute():
+        if not isinstance(relative, str) or ".." in Path(relative).parts or Path(relative).is_absolute():
             raise BundleError(f"{root / MANIFEST} names a file outside the bundle: {relative!r}")
+        path = root / relative
         if not path.is_file():
             raise BundleError(f"bundle {root} is incomplete: {relative} is missing; rebuild it")
-        if path.stat().st_size != expected.get("bytes") or file_sha256(path) != expected.get("sha256"):
-            raise BundleError(f"bundle {root}: {relative} does not match its checksum in {MANIFEST} "
-                              "(changed or corrupted since it was made); rebuild the bundle")
+        if not isinstance(expected, dict) or path.stat().st_size != expected.get("bytes"):
+            raise BundleError(f"bundle {root}: {relative} does not match its size in {MANIFEST} "
+                              "(changed or truncated since it was made); rebuild the bundle")
     extra = sorted(set(describe_paths(root)) - set(listed))
     if extra:
         raise BundleError(f"bundle {root} holds files its manifest does not list: {', '.join(extra[:4])}; rebuild it")
+
+
+def verify_checksums(root: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Each of ``files`` (manifest entries) has its SHA-256; a compiled-cache blob that is gone is
+    fine (OpenVINO compiles again), one that differs is not."""
+    for relative, expected in files.items():
+        path = root / relative
+        if relative.startswith(CACHE + "/") and not path.exists():
+            continue
+        if file_sha256(path) != expected.get("sha256"):
+            raise BundleError(f"bundle {root}: {relative} does not match its checksum in {MANIFEST} "
+                              "(changed or corrupted since it was made); rebuild the bundle")
 
 
 def describe_paths(root: Path) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from ..backends.validation import DEFAULT_MIN_COSINE, accuracy_by_kind, check_ac
 from ..errors import BackendError, BundleError, ConversionError
 from ..model.config import VisionConfig
 from ..model.text_config import TextConfig
-from .manifest import CACHE, BundleSource, read_manifest, verify_files
+from .manifest import CACHE, BundleSource, check_listing, read_manifest, verify_checksums
+
+SMALL_FILE_BYTES = 1 << 20
 
 log = logging.getLogger("arrowvision")
 
@@ -35,7 +38,16 @@ class Bundle:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).resolve()
         self.manifest = read_manifest(self.path)
-        verify_files(self.path, self.manifest)
+        check_listing(self.path, self.manifest)
+        # Small files are checked now; the large artifacts and cache blobs are hashed on a thread while
+        # the runtime compiles (their sizes already match: a same-size edit only changes numbers), and
+        # every loader waits for that check before it returns a backend.
+        files = {**self.manifest["files"], **self.manifest.get("compiled_cache_files", {})}
+        verify_checksums(self.path, {k: v for k, v in files.items() if v["bytes"] <= SMALL_FILE_BYTES})
+        large = {k: v for k, v in files.items() if v["bytes"] > SMALL_FILE_BYTES}
+        self._checking = ThreadPoolExecutor(1, thread_name_prefix="arrowvision-bundle-check")
+        self._checked = self._checking.submit(verify_checksums, self.path, large)
+        self._checking.shutdown(wait=False)
         try:
             config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
             vision = {k: tuple(v) if k in ("image_mean", "image_std") else v for k, v in config["vision"].items()}
@@ -95,9 +107,14 @@ class Bundle:
     def tokenizer(self):
         from ..model.tokenizer import load_tokenizer
 
+        self.verified()  # a tokenizer.json may be large enough to be checked on the thread
         folder = self.path / "tokenizer"
         files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
         return load_tokenizer(files, self.text_config)
+
+    def verified(self) -> None:
+        """Wait for the checksums of the large files; ``BundleError`` if one differs."""
+        self._checked.result()
 
     def _load(self, tower: str, open_artifact, inputs, min_cosine: float | None):
         section = self.manifest.get(tower)
@@ -107,6 +124,7 @@ class Bundle:
         threshold = max(min_cosine or 0.0, float(self.manifest.get("min_cosine", DEFAULT_MIN_COSINE)))
         try:
             backend = open_artifact(artifact)
+            self.verified()  # before re-validating: a re-validation of edited files says nothing
             self._check_here(tower, artifact, backend, inputs, threshold, min_cosine)
         except BackendError as exc:
             if not fallback:
@@ -115,6 +133,7 @@ class Bundle:
             self._note(f"bundle {tower} tower: {artifact['backend']} {artifact['precision']} does not hold here ({exc}); "
                        f"falling back to its {fallback['backend']} {fallback['precision']} artifact")
             backend = open_artifact(fallback)
+        self.verified()
         return backend
 
     def _check_here(self, tower: str, artifact: dict[str, Any], backend: Any, inputs, threshold: float,
