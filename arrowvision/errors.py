@@ -51,3 +51,7 @@ class IndexCorrupt(SearchIndexError):
 
 class BundleError(ArrowVisionError):
     """A model bundle (``arrowvision bundle``) is missing, incomplete, tampered with or unusable here."""
+
+
+class OutputBusy(ArrowVisionError):
+    """Another run is writing the same dataset folder (one writer per folder)."""

@@ -170,3 +170,135 @@ def test_the_ir_made_by_export_is_the_one_embed_uses(capsys, tmp_path):
     assert code == 0, err
     assert sorted((cache / "ir").glob("*/meta.json")) == entries  # reused, not exported again
     assert "exporting" not in err and "7 embedded" in out
+
+
+@pytest.fixture(scope="module")
+def tower_all(tmp_path_factory) -> Path:
+    from arrowvision.model.convert import convert
+
+    from .textkit import save_full_checkpoint
+
+    folder = save_full_checkpoint(tmp_path_factory.mktemp("full"), "siglip", seed=5)
+    convert(str(folder), folder / "all.parquet", tower="all", progress=False)
+    return folder
+
+
+def test_info_counts_parameters_per_tower_and_describes_the_text_tower(capsys, tower_all, tmp_path, monkeypatch):
+    import transformers as tf
+
+    from arrowvision.backends import auto
+
+    monkeypatch.setenv("ARROWVISION_CACHE", str(tmp_path / "cache"))
+    weights = tower_all / "all.parquet"
+    code, out, err = run(capsys, "info", weights, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    expected = sum(p.numel() for p in tf.SiglipModel.from_pretrained(tower_all).parameters())
+    assert report["parameters"] == expected  # the tokenizer's bytes are not parameters
+    towers = report["parameters_by_tower"]
+    assert set(towers) == {"vision", "text", "shared"} and sum(towers.values()) == expected and towers["shared"] == 2
+    assert report["tokenizer"]["bytes"] > 0 and "spiece.model" in report["tokenizer"]["files"]
+    assert report["text_config"]["family"] == "siglip" and report["text_config"]["num_layers"] >= 1
+    assert report["auto_choice"] is None and report["exports"] == []
+    code, out, _ = run(capsys, "info", weights)
+    assert code == 0 and f"parameters: {expected:,} (vision {towers['vision']:,}, text {towers['text']:,}, shared 2)" in out
+    assert "\n       text: vocab " in out and "not parameters" in out
+    # measured auto choice and cached exports are fields, not prose
+    loaded = WeightLoader(weights)
+    record = {"backend": "openvino", "precision": "fp32", "cpu": "Some CPU", "min_cosine": 0.99, "measured_at": "2026-01-01T00:00:00Z"}
+    path = auto.choice_path(loaded, auto.DEFAULT_MIN_COSINE, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**record, "candidates": []}))
+    assert run(capsys, "export", weights, "--no-progress")[0] == 0
+    code, out, err = run(capsys, "info", weights, "--json")
+    report = json.loads(out)
+    assert report["auto_choice"] == record
+    [export] = report["exports"]
+    assert export["format"] == "openvino" and export["precision"] == "fp32" and export["tower"] == "vision"
+    assert export["max_abs"] is None and export["min_cosine_by_kind"] is None and Path(export["path"]).is_dir()
+    assert "exports: openvino fp32: exact (fp32)" in run(capsys, "info", weights)[1]
+
+
+@pytest.mark.parametrize("argv,needle,command", [
+    (["search", "E"], "search needs a query image or --text", "search"),
+    (["embed", "x", "-o", "y", "--batchsize", "3"], "unrecognized arguments: --batchsize 3 (did you mean --batch-size?)", "embed"),
+    (["info", DEMO, "--jsn"], "(did you mean --json?)", "info"),
+    (["classify", "x.jpg", "--labels", "a,b"], "converted with --tower all (the bundled demo model has no text tower)", "classify"),
+    (["score", "pairs.csv", "-o", "out.csv"], "converted with --tower all", "score"),
+])
+def test_usage_errors_point_at_the_subcommands_help(capsys, argv, needle, command):
+    code, out, err = run(capsys, *argv)
+    assert code == EXIT_USAGE and out == ""
+    assert one_error_line(err) and needle in err and err.rstrip().endswith(f"(see arrowvision {command} --help)")
+
+
+def test_text_commands_say_they_need_text_weights(capsys):
+    for command in ("classify", "score"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == 0 and "required: the bundled demo model has no text tower" in " ".join(out.split())
+
+
+GLUED = """
+import logging, sys
+from tqdm import tqdm
+from arrowvision import cli
+from arrowvision.cli import weights
+
+def noisy_info(args):
+    bar = tqdm(total=3, desc="working", file=sys.stderr)
+    bar.update(1)
+    logging.getLogger("arrowvision").warning("needs your attention")
+    bar.update(2)
+    bar.close()
+    return 0
+
+weights.cmd_info = noisy_info
+sys.exit(cli.main(["info", sys.argv[1]]))
+"""
+
+
+def test_log_lines_are_not_glued_onto_progress_bars():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", GLUED, str(DEMO)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pieces = result.stderr.replace("\r", "\n").splitlines()
+    [line] = [piece for piece in pieces if "needs your attention" in piece]
+    assert line.startswith("WARNING arrowvision: needs your attention"), result.stderr
+
+
+def test_passing_validations_and_auto_rows_are_info_a_failing_one_a_warning(caplog, monkeypatch, tiny_siglip_parquet):
+    import logging
+
+    import numpy as np
+
+    from arrowvision import BackendError
+    from arrowvision.backends import auto
+    from arrowvision.backends.validation import validate_lossy
+
+    reference = {"photos": np.eye(4, dtype=np.float32)}
+    with caplog.at_level(logging.INFO, logger="arrowvision"):
+        validate_lossy("openvino", "int8", lambda batch: batch, reference, reference, 0.99)
+        with pytest.raises(BackendError, match="too inaccurate"):
+            validate_lossy("openvino", "int8", lambda batch: batch[:, ::-1].copy(), reference, reference, 0.99)
+    assert [r.levelno for r in caplog.records if "export: cosine" in r.getMessage()] == [logging.INFO, logging.WARNING]
+    caplog.clear()
+
+    class Fast:
+        report = {"min_cosine": 1.0}
+
+        def __call__(self, pixels):
+            return pixels.reshape(len(pixels), -1)[:, :8]
+
+    def build(name, weights, **options):
+        if name == "onnxruntime":
+            raise BackendError("onnxruntime is not installed")
+        return Fast()
+
+    monkeypatch.setattr(auto, "candidates", lambda cpu: [("torch", "fp32"), ("onnxruntime", "int8")])
+    with caplog.at_level(logging.INFO, logger="arrowvision"):
+        record = auto.measure(WeightLoader(tiny_siglip_parquet), build=build, min_cosine=0.99, cache_dir=None)
+    assert record["backend"] == "torch"
+    rows = [r for r in caplog.records if r.getMessage().startswith("auto: ")]
+    assert len(rows) == 2 and all(r.levelno == logging.INFO for r in rows)

@@ -35,12 +35,12 @@ def clustered(rows: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np
 
 def write_parts(folder: Path, vectors: np.ndarray, chunk: int, start: int = 0, checksum: str = CHECKSUM) -> list[str]:
     """Rows written the way `embed` writes them (chunked part files), with made-up paths."""
-    writer = EmbeddingWriter(folder, vectors.shape[1], {"model_checksum": checksum, "family": "siglip",
-                                                        "dim": str(vectors.shape[1]), "sketch": "false", "normalized": "true"})
     paths = [f"/corpus/img-{start + i:06d}.jpg" for i in range(len(vectors))]
-    for s in range(0, len(vectors), chunk):
-        items = [_Item(p, None, 1, 1, "x", embedding=v) for p, v in zip(paths[s:s + chunk], vectors[s:s + chunk])]
-        writer.write(items, [], relpath=lambda p: p)
+    with EmbeddingWriter(folder, vectors.shape[1], {"model_checksum": checksum, "family": "siglip",
+                                                    "dim": str(vectors.shape[1]), "sketch": "false", "normalized": "true"}) as writer:
+        for s in range(0, len(vectors), chunk):
+            items = [_Item(p, None, 1, 1, "x", embedding=v) for p, v in zip(paths[s:s + chunk], vectors[s:s + chunk])]
+            writer.write(items, [], relpath=lambda p: p)
     return paths
 
 
@@ -159,6 +159,20 @@ def test_another_models_index_and_a_corrupt_one_are_refused(small):
         vindex.VectorIndex.open(dataset)
 
 
+def test_the_sketch_flag_is_a_json_bool_and_the_old_string_form_still_reads(small):
+    dataset, _ = small
+    vindex.build(dataset)
+    meta_file = vindex.index_folder(dataset) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["sketch"] is False
+    meta_file.write_text(json.dumps({**meta, "sketch": "false"}))  # as indexes before this version stored it
+    assert vindex.VectorIndex.open(dataset, sketch=False).rows == 300
+    with pytest.raises(IndexMismatch, match="embedded with sketch=false, the query uses sketch=true"):
+        vindex.VectorIndex.open(dataset, sketch=True)
+    meta_file.write_text(json.dumps({**meta, "sketch": "true"}))
+    assert vindex.VectorIndex.open(dataset, sketch=True).rows == 300
+
+
 def test_query_checks(small):
     dataset, _ = small
     vindex.build(dataset)
@@ -206,18 +220,18 @@ def test_index_command_search_uses_it_and_embed_keeps_it_current(tmp_path, photo
     assert json.loads(capsys.readouterr().out)["action"] == "unchanged"
     query = str(photo_set / "coffee.jpg")
     assert main(["search", str(out), query, "-k", "4", "--json", *base]) == 0
-    indexed = json.loads(capsys.readouterr().out)["hits"]
+    indexed = json.loads(capsys.readouterr().out)["results"]
     assert main(["search", str(out), query, "-k", "4", "--json", "--no-index", *base]) == 0
-    scanned = json.loads(capsys.readouterr().out)["hits"]
+    scanned = json.loads(capsys.readouterr().out)["results"]
     assert [h["path"] for h in indexed] == [h["path"] for h in scanned] and indexed[0]["path"] == query
-    np.testing.assert_allclose([h["cosine"] for h in indexed], [h["cosine"] for h in scanned], atol=1e-5)
+    np.testing.assert_allclose([h["score"] for h in indexed], [h["score"] for h in scanned], atol=1e-5)
     shutil.copy(SAMPLES / "camera.jpg", photo_set / "camera.jpg")  # embed adds a chunk: the index follows
     try:
         assert main(["embed", str(photo_set), "-o", str(out), *base]) == 0
         assert "index updated: 5 rows (exact)" in capsys.readouterr().err
         assert vindex.VectorIndex.open(out).rows == 5
         assert main(["search", str(out), str(photo_set / "camera.jpg"), "-k", "1", "--json", *base]) == 0
-        assert json.loads(capsys.readouterr().out)["hits"][0]["path"] == str(photo_set / "camera.jpg")
+        assert json.loads(capsys.readouterr().out)["results"][0]["path"] == str(photo_set / "camera.jpg")
     finally:
         (photo_set / "camera.jpg").unlink()
     assert main(["index", str(out), "--exact-below", "2", "--json", "--no-progress"]) == 0  # an option: a rebuild

@@ -215,3 +215,17 @@ def test_work_lands_on_both_nodes_of_a_two_node_cluster(tmp_path, corpus, module
     counts = [int(part.rsplit(" ", 1)[1]) for part in per_node[0].removeprefix("per node: ").split(", ")]
     assert len(counts) == 2 and min(counts) > 0 and sum(counts) == len(good) + len(bad), per_node
     assert sorted(rows(out)) == good
+
+
+def test_file_names_that_are_not_utf8_are_rows_on_ray_too(tmp_path, corpus, ray_cluster):
+    folder, good, _ = corpus
+    odd = tmp_path.resolve() / "odd"
+    odd.mkdir()
+    latin1, broken = os.fsencode(odd) + b"/caf\xe9.jpg", os.fsencode(odd) + b"/bad\xff.jpg"
+    Path(os.fsdecode(latin1)).write_bytes(Path(good[0]).read_bytes())
+    Path(os.fsdecode(broken)).write_bytes(b"not an image")
+    stats = ray_embed(collect_inputs(str(odd)), tmp_path / "out", root=odd)
+    assert (stats.embedded, stats.failed) == (1, 1)
+    assert list(rows(tmp_path / "out")) == [f"{odd}/caf\\xe9.jpg"]  # valid UTF-8, the byte written \xe9
+    errors = pq.read_table(tmp_path / "out" / "_errors").to_pydict()
+    assert errors["path"] == [f"{odd}/bad\\xff.jpg"] and errors["error"][0].startswith(errors["path"][0])

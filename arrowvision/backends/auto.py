@@ -102,7 +102,7 @@ def measure(weights: WeightLoader, *, build: Build, min_cosine: float, cache_dir
             del backend
         except BackendError as exc:
             row["refused"] = str(exc)
-        log.warning("auto: %s %s: %s", name, precision,
+        log.info("auto: %s %s: %s", name, precision,
                     f"b1 {row['b1_ms']:.1f} ms, b8 {row['b8_ms_per_image']:.1f} ms/img" if "score" in row else row["refused"])
         rows.append(row)
     usable = [row for row in rows if "score" in row]
@@ -130,7 +130,7 @@ def choose(weights: WeightLoader, *, build: Build, min_cosine: float = DEFAULT_M
     with FileLock(str(path) + ".lock"):
         if path.exists() and not refresh:
             return json.loads(path.read_text())
-        log.warning("auto: first use of this model on this CPU: measuring candidate backends (once)")
+        log.info("auto: first use of this model on this CPU: measuring candidate backends (once)")
         record = measure(weights, build=build, min_cosine=min_cosine, cache_dir=cache_dir, calibration=calibration)
         staging = path.with_suffix(".tmp")
         staging.write_text(json.dumps(record, indent=2))

@@ -50,14 +50,30 @@ def _error(message: str) -> int:
     return EXIT_ERROR
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown option is the subcommand's usage error, pointing at its own --help (with
+    the closest option it has, for a typo)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = args.command_parser
+        options = [option for action in command._actions for option in action.option_strings]
+        guess = difflib.get_close_matches(unknown[0].split("=", 1)[0], options, n=1)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {guess[0]}?)" if guess else ""))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    args = parse_arguments(build_parser(), argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if hasattr(args, "precision") and hasattr(args, "backend"):  # usage errors before anything loads
         check_backend_options(args, resolve_backend(args.backend, getattr(args, "device", "cpu")))
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # a log line clears the progress bar and is printed above it, not glued to it
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

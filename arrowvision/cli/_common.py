@@ -138,8 +138,12 @@ def add_weights_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="Parquet weights file")
 
 
-def add_backend_options(p: argparse.ArgumentParser, mode: str = "latency") -> None:
-    p.add_argument("--weights", help="Parquet weights (default: the bundled random-init demo model, with a warning)")
+TEXT_WEIGHTS_HELP = "Parquet weights converted with --tower all (required: the bundled demo model has no text tower)"
+
+
+def add_backend_options(p: argparse.ArgumentParser, mode: str = "latency", weights_help: str | None = None) -> None:
+    p.add_argument("--weights", help=weights_help or "Parquet weights (default: the bundled random-init demo model, "
+                   "with a warning; --text needs weights converted with --tower all)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="default", help=BACKEND_HELP)
     p.add_argument("--precision", choices=PRECISIONS,
                    help="default fp32 (torch on CUDA: bf16, or fp16 where bf16 is missing); auto picks its own")
@@ -183,8 +187,14 @@ def weights_path(args: argparse.Namespace, *, demo_default: bool) -> str:
     return path
 
 
-def progress_enabled(args: argparse.Namespace) -> bool:
+def progress_wanted(args: argparse.Namespace) -> bool:
+    """The user did not turn progress off (``embed`` then reports plain lines into a log file)."""
     return not getattr(args, "no_progress", False)
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars: wanted, and stderr is a terminal (a file or a pipe gets no ``\\r`` redraws)."""
+    return progress_wanted(args) and sys.stderr.isatty()
 
 
 @contextlib.contextmanager
@@ -192,6 +202,9 @@ def elapsed_bar(description: str, enabled: bool) -> Iterator[None]:
     """A ticking 'description: 12s' line on stderr for steps with no countable progress."""
     from tqdm import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        print(f"{description} ...", file=sys.stderr, flush=True)
+        enabled = False
     bar = tqdm(desc=description, bar_format="{desc}: {elapsed}", disable=not enabled, file=sys.stderr)
     done = threading.Event()
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..backends.base import BACKEND_PRECISIONS
 from ..errors import ArrowVisionError
-from ._common import elapsed_bar, given, progress_enabled, weights_path
+from ._common import elapsed_bar, given, progress_wanted, weights_path
 
 # Options that only some backends use; giving one to another backend is a usage error.
 # (--precision is checked against backends.BACKEND_PRECISIONS.)
@@ -92,7 +92,7 @@ def load_encoder(args: argparse.Namespace, weights: str | None = None):
     device = str(args.device)
     if backend == "torch":
         device = "cpu" if device.upper() == "CPU" else device
-    first_use = first_use_note(weights, backend, options) if progress_enabled(args) else ""
+    first_use = first_use_note(weights, backend, options) if progress_wanted(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
         encoder = VisionEncoder.from_parquet(weights, backend=backend, device=device, **options)
     if backend == "auto":
@@ -136,6 +136,9 @@ def load_image_text(args: argparse.Namespace, weights: str | None = None):
     torch with torch, else OpenVINO). Text commands need real weights: no demo default."""
     from ..image_text import ImageTextModel
 
+    if not (weights or args.weights or getattr(args, "weights_positional", None)):
+        args.command_parser.error("give --weights W.parquet converted with --tower all "
+                                  "(the bundled demo model has no text tower)")
     weights = weights or weights_path(args, demo_default=False)
     backend = resolve_backend(args.backend, getattr(args, "device", "cpu"))
     check_backend_options(args, backend)

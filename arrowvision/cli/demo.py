@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..service.security import add_access_arguments, security_from_args
 from ._common import (BACKEND_CHOICES, BACKEND_HELP, DEFAULT_WEIGHTS, EXIT_OK, SAMPLES_DIR, command, elapsed_bar,
-                      port_number, progress_enabled, weights_path)
+                      port_number, progress_enabled, progress_wanted, weights_path)
 from ._load import first_use_note, resolve_backend
 
 
@@ -36,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if given and not args.serve:
         args.command_parser.error(f"{given[0]} applies with --serve")
     start = time.perf_counter()
-    first_use = first_use_note(weights, backend, {}) if progress_enabled(args) else ""
+    first_use = first_use_note(weights, backend, {}) if progress_wanted(args) else ""
     with elapsed_bar(first_use, bool(first_use)):
         encoder = VisionEncoder.from_parquet(weights, backend=backend)
     loaded = time.perf_counter()

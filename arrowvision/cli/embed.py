@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_float,
-                      positive_int, progress_enabled, ray_group, weights_path)
+                      positive_int, progress_enabled, progress_wanted, ray_group, weights_path)
 from ._load import backend_options, check_backend_options, load_encoder, resolve_backend
 from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 
@@ -47,6 +47,7 @@ def _ray_embed_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from ..datasets.pipeline import collect_inputs, embed_paths, input_root
+    from ..datasets.writer import dataset_text
     from ..inputs.urlfetch import UrlPolicy
 
     if args.bundle:
@@ -74,7 +75,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             workers = default_workers() if on_gpu else 2
         stats = embed_paths(encoder, paths, args.output, batch_size=args.batch_size or (256 if on_gpu else 32),
                             chunk_size=args.chunk_size, workers=workers, sketch=args.sketch,
-                            progress=progress_enabled(args), root=input_root(args.inputs),
+                            progress=progress_wanted(args), root=input_root(args.inputs),
                             skip_failed=args.skip_failed, decode=args.decode,
                             url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
@@ -84,7 +85,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
         print(line)
     for _path, reason in stats.errors[:10]:
-        print(f"  failed: {reason}", file=sys.stderr)
+        print(f"  failed: {dataset_text(reason)}", file=sys.stderr)  # file names as the errors table spells them
     if len(stats.errors) > 10:
         print(f"  ... and {len(stats.errors) - 10} more (see {Path(args.output) / '_errors'})", file=sys.stderr)
     if stats.embedded:
@@ -111,7 +112,7 @@ def embed_on_ray(args: argparse.Namespace, paths: list[str], root: str | os.Path
                            backend_options=backend_options(args, backend), batch_size=args.batch_size,
                            chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor or 1.0,
                            sketch=args.sketch, root=root, skip_failed=args.skip_failed,
-                           progress=progress_enabled(args), address=args.address)
+                           progress=progress_wanted(args), address=args.address)
 
 
 register = _add_embed

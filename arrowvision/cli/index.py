@@ -22,7 +22,7 @@ def run_index(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("exact_below", args.exact_below), ("nlist", args.nlist),
                                                 ("nprobe", args.nprobe)) if value is not None}
     info = index.build_or_update(args.embeddings, rebuild=args.rebuild or bool(options),
-                                 progress=not getattr(args, "no_progress", False), **options)
+                                 progress=not getattr(args, "no_progress", False) and sys.stderr.isatty(), **options)
     report = {"dataset": args.embeddings, "folder": info.folder, "action": info.action, "kind": info.kind, "rows": info.rows,
               "added_rows": info.added_rows, "seconds": round(info.seconds, 3), "bytes": info.bytes, **info.details}
     if args.json:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ArrowVisionError
 from ._common import EXIT_OK, add_backend_options, command, positive_int, print_json, progress_enabled
 from ._load import load_encoder, load_image_text
 
@@ -26,6 +25,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..datasets.pipeline import part_files
     from ..search.index import search_dataset
 
+    if args.text is None and args.query is None:
+        args.command_parser.error("search needs a query image or --text")
     part_files(args.embeddings)  # a missing dataset fails before the model loads
     if args.text is not None or args.query is None:
         return cmd_search_text(args)
@@ -47,9 +48,9 @@ def cmd_search_text(args: argparse.Namespace) -> int:
     from ..search.scan import require_model
 
     if args.text is None:
-        raise ArrowVisionError("search needs a query image or --text")
+        args.command_parser.error("search needs a query image or --text")
     if args.query is not None or args.sketch:
-        raise ArrowVisionError("give either a query image or --text, not both (--sketch applies to image queries)")
+        args.command_parser.error("give either a query image or --text, not both (--sketch applies to image queries)")
     model = load_image_text(args)
     require_model(args.embeddings, model.checksum)
     vector = model.encode_texts([args.text])[0]
@@ -59,10 +60,11 @@ def cmd_search_text(args: argparse.Namespace) -> int:
 
 
 def print_hits(args: argparse.Namespace, query: dict, hits: list) -> int:
-    """Search results as one JSON document (--json) or a ranked table; shared by image and text queries."""
+    """Search results as one JSON document (--json: ``results`` of ``path`` and ``score``, the cosine,
+    as ``POST /v1/search`` answers) or a ranked table; shared by image and text queries."""
     if args.json:
         print_json({"dataset": args.embeddings, **query, "k": args.top_k,
-                    "hits": [{"rank": rank, "cosine": score, "path": path} for rank, (score, path) in enumerate(hits, 1)]})
+                    "results": [{"rank": rank, "path": path, "score": score} for rank, (score, path) in enumerate(hits, 1)]})
         return EXIT_OK
     print(f"{'rank':>4}  {'cosine':>8}  path")
     for rank, (score, path) in enumerate(hits, 1):

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..errors import ArrowVisionError
-from ._common import EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_int, progress_enabled
+from ._common import EXIT_OK, EXIT_PARTIAL, TEXT_WEIGHTS_HELP, add_backend_options, command, positive_int, progress_enabled
 from ._load import load_image_text
 
 
@@ -14,7 +14,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "score", "CLIP score, logit and probability for each (image, text) row of a CSV/Parquet table", cmd_score)
     p.add_argument("pairs", help="CSV or Parquet with `image` (path, relative to the table, or http(s) URL) and `text` columns")
     p.add_argument("-o", "--output", required=True, help="output .csv or .parquet (input columns + scores + error)")
-    add_backend_options(p)
+    add_backend_options(p, weights_help=TEXT_WEIGHTS_HELP)
     p.add_argument("--batch-size", type=positive_int, default=32, help="images (and texts) per model call")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let http(s) images reach loopback, private and link-local hosts (intranet use)")
@@ -38,7 +38,7 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", default="a photo of a {}.", help="prompt with {} for the label")
     p.add_argument("-k", "--top-k", type=positive_int, default=5, help="labels shown per image")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    add_backend_options(p)
+    add_backend_options(p, weights_help=TEXT_WEIGHTS_HELP)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

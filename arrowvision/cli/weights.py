@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
 
 from ..backends.base import PRECISIONS
-from ..errors import ArrowVisionError
 from ._common import (EXIT_ERROR, EXIT_OK, SAMPLES_DIR, add_backend_options, add_weights_argument, command,
-                      cosine_threshold, elapsed_bar, non_negative_float, print_json, progress_enabled, weights_path)
+                      cosine_threshold, elapsed_bar, non_negative_float, print_json, progress_enabled, progress_wanted, weights_path)
 from ._load import backend_options, check_backend_options, image_files, resolve_backend
 
 
@@ -44,105 +40,17 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
-def _portable_source(source: dict) -> dict:
-    """The conversion source without paths of temporary build folders."""
-    temp = Path(tempfile.gettempdir()).resolve()
-    path = source.get("path")
-    if isinstance(path, str) and (Path(path).resolve() == temp or temp in Path(path).resolve().parents):
-        return {k: v for k, v in source.items() if k != "path"}
-    return dict(source)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    from collections import Counter
+    from ._describe import describe_weights, report_lines
 
-    from ..model.config import VisionConfig
-    from ..weights.format import WeightLoader
-
-    path = weights_path(args, demo_default=False)
-    start = time.perf_counter()
-    weights = WeightLoader(path, verify=args.verify)
-    elapsed = time.perf_counter() - start
-    dtypes = Counter(info.dtype for info in weights.tensors())
-    parameters = sum(math.prod(info.shape) for info in weights.tensors())
-    try:
-        vision: dict[str, Any] = VisionConfig.from_hf(weights.config).to_dict()
-    except ArrowVisionError as exc:
-        vision = {"error": str(exc)}
-    report = {
-        "path": str(weights.path),
-        "family": weights.family,
-        "tower": weights.tower,
-        "tensors": len(weights),
-        "parameters": parameters,
-        "bytes": weights.nbytes,
-        "dtypes": dict(dtypes),
-        "zero_copy": weights.zero_copy,
-        "weights_checksum": weights.checksum,
-        "checksums_verified": bool(args.verify),
-        "source": _portable_source(weights.source),
-        "vision_config": vision,
-        "auto_choice": _auto_choice(weights),
-        "exports": _export_summaries(weights),
-        "load_ms": round(elapsed * 1000, 2),
-    }
+    report = describe_weights(weights_path(args, demo_default=False), verify=args.verify)
     if args.json:
         print_json(report)
         return EXIT_OK
-    source = report["source"]
-    lines = {
-        "path": report["path"],
-        "model": f"{weights.family or '?'} ({weights.tower or '?'} tower)",
-        "tensors": f"{len(weights)} ({', '.join(f'{count} {dtype}' for dtype, count in dtypes.most_common())})",
-        "parameters": f"{parameters:,}",
-        "size": f"{weights.nbytes / 2**20:.1f} MiB of tensors",
-        "zero-copy": "yes" if weights.zero_copy else "no (decoded with pyarrow)",
-        "checksum": weights.checksum,
-        "checksums": "verified" if args.verify else "not verified (use --verify)",
-        "source": " ".join(str(source[k]) for k in ("type", "repo_id", "revision", "path") if source.get(k)) or "unknown",
-        "vision": _describe_vision(vision),
-        "auto choice": report["auto_choice"],
-        "exports": report["exports"] or ["none cached"],
-        "load time": f"{report['load_ms']:.1f} ms",
-    }
-    for key, value in lines.items():
+    for key, value in report_lines(report).items():
         for index, item in enumerate(value if isinstance(value, list) else [value]):  # lists: one line per item
             print(f"{key if index == 0 else '':>11}{':' if index == 0 else ' '} {item}")
     return EXIT_OK
-
-
-def _auto_choice(weights) -> str:
-    """What ``--backend auto`` runs for this model on this CPU, if it was measured already."""
-    try:
-        from ..backends.auto import remembered_choice
-
-        record = remembered_choice(weights)
-    except ArrowVisionError as exc:
-        return f"unknown ({exc})"
-    if record is None:
-        return "not measured on this CPU yet (the first --backend auto use measures it)"
-    return f"{record['backend']} {record['precision']} on {record['cpu']}"
-
-
-def _export_summaries(weights) -> list[str]:
-    """Cached exports of this model and their held-out accuracy per kind (min cosine vs fp32)."""
-    from ..backends.artifacts import cached_exports
-
-    lines = []
-    for meta in cached_exports(weights.checksum):
-        kinds = meta.get("by_kind")
-        accuracy = (", ".join(f"{k} {v['min_cosine']:.4f}" for k, v in kinds.items()) if kinds
-                    else f"max abs {meta['max_abs']:.1e}" if "max_abs" in meta else "exact (fp32)")
-        lines.append(f"{meta['format']} {meta['precision']}: {accuracy}")
-    return lines
-
-
-def _describe_vision(vision: dict[str, Any]) -> str:
-    if "error" in vision:
-        return f"not loadable: {vision['error']}"
-    text = (f"{vision['image_size']}px, patch {vision['patch_size']}, width {vision['hidden_size']}, "
-            f"{vision['num_layers']} layers, {vision['num_heads']} heads, mlp {vision['intermediate_size']}")
-    return text + (f", projection {vision['projection_dim']}" if vision.get("projection_dim") else "")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -174,7 +82,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from ..backends.onnx_export import save_onnx
 
-        with elapsed_bar(f"exporting to ONNX ({args.precision})", progress_enabled(args)):
+        with elapsed_bar(f"exporting to ONNX ({args.precision})", progress_wanted(args)):
             report = save_onnx(weights, args.output, args.precision, cache_dir=args.cache_dir, min_cosine=args.min_cosine,
                                force=args.force)
         print(f"{args.precision} ONNX: {args.output} ({time.perf_counter() - start:.1f} s)")
@@ -183,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ..backends.openvino_backend import export
 
         calibration = image_files(args.calibration) if args.calibration else None
-        with elapsed_bar(f"exporting to OpenVINO IR ({args.precision})", progress_enabled(args)):
+        with elapsed_bar(f"exporting to OpenVINO IR ({args.precision})", progress_wanted(args)):
             entry = export(weights, args.precision, cache_dir=args.cache_dir, calibration=calibration,
                            min_cosine=args.min_cosine, force=args.force)
         report = read_meta(entry)

@@ -20,11 +20,10 @@ import glob as globlib
 import hashlib
 import os
 import queue
-import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +39,11 @@ from ..inputs.pathlists import IMAGE_EXTENSIONS, LIST_SUFFIXES, read_path_list
 from ..inputs.preprocess import normalize_sketch_image
 from ..inputs.uris import is_remote, is_uri, list_uri, local_path
 from ..inputs.urlfetch import UrlPolicy, is_url
+from ..util.interrupts import stop_on_signals
+from ..util.progress import progress_bar
 from ..util.similarity import l2_normalize
 from .writer import ERRORS_DIR, META_PREFIX  # noqa: F401 (re-exported: the dataset layout)
-from .writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
+from .writer import ChunkBuffer, EmbeddingWriter, Plan, dataset_metadata, plan
 
 
 def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
@@ -56,7 +57,8 @@ def identity(path: str | os.PathLike, base: str | os.PathLike | None = None) -> 
         path = Path(base) / path
     try:
         return str(path.resolve())
-    except (OSError, ValueError):  # a NUL byte, a symlink loop: kept as given, it fails as a row later
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop (RuntimeError before 3.13): kept as
+        # given, it fails as a row later
         return os.path.abspath(path)
 
 
@@ -194,30 +196,6 @@ class _WorkerDied:
         self.exc = exc
 
 
-@contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set ``stop`` (the caller finishes its batch and writes what it has); a
-    second signal interrupts at once. Only the main thread can handle signals: elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
-
-    def handle(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    for sig in signals:
-        signal.signal(sig, handle)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _produce(feeder: Any, todo: list, finished: threading.Event, batches: queue.Queue, encoder: Any, gpu: Any) -> None:
     """The decoding thread of ``embed_paths``: fed batches, made ready for the model (staged on its
     device for uint8 backends), into ``batches``; then None, or ``_WorkerDied`` if it failed."""
@@ -288,25 +266,30 @@ def embed_paths(
         from ..inputs.gpu_decode import GpuDecoder
 
         gpu = GpuDecoder(encoder.preprocessor, backend)  # refuses clearly without CUDA / torchvision
-    writer = EmbeddingWriter(output, encoder.embedding_dim, dataset_metadata(encoder, sketch=sketch, normalize=normalize))
-    relpath = relpath_function(root)
-    stats = EmbedStats()
-    paths = list(dict.fromkeys(identity(p) for p in paths))
-    work = plan(writer, paths, skip_failed)
-    todo, stats.skipped, stats.errors, stats.failed = work.todo, work.skipped, work.prior_errors, len(work.prior_errors)
     transform = normalize_sketch_image if sketch else None
     pool = choose_pool(decode_pool, backend.device)
     feeder = Feeder(encoder.preprocessor, batch_size=batch_size, workers=workers, mode=decode, transform=transform,
                     pool=pool, cpu_share=gpu_cpu_share(workers) if decode == "gpu" and pool == "process" else 0.0)
+    with EmbeddingWriter(output, encoder.embedding_dim, dataset_metadata(encoder, sketch=sketch, normalize=normalize)) as writer:
+        work = plan(writer, list(dict.fromkeys(identity(p) for p in paths)), skip_failed)
+        return _embed(encoder, feeder, work, ChunkBuffer(writer, chunk_size, relpath_function(root)),
+                      gpu=gpu, normalize=normalize, progress=progress, stop=stop or threading.Event())
+
+
+def _embed(encoder: Any, feeder: Any, work: Plan, chunks: ChunkBuffer, *, gpu: Any, normalize: bool, progress: bool,
+           stop: threading.Event) -> EmbedStats:
+    """The run itself, with the output folder locked: decoding (``feeder``) in a thread, the model
+    here, rows into ``chunks``."""
+    backend = encoder.backend
+    stats = EmbedStats()
+    todo, stats.skipped, stats.errors, stats.failed = work.todo, work.skipped, work.prior_errors, len(work.prior_errors)
     batches: queue.Queue = queue.Queue(maxsize=2)  # batches ready for the model (staged on its device)
-    stop = stop or threading.Event()
     finished = threading.Event()
 
     start_time = time.perf_counter()
     producer = threading.Thread(target=_produce, args=(feeder, todo, finished, batches, encoder, gpu), daemon=True)
-    chunks = ChunkBuffer(writer, chunk_size, relpath)
     processed = 0  # inputs embedded or failed in this run
-    bar = _progress_bar(len(todo), progress)
+    bar = progress_bar(len(todo), progress, desc="embedding", unit="img")
 
     def finish(items: list, ok: list, running: Any) -> None:
         """Collect one launched batch's embeddings and buffer its rows (and failures) for writing."""
@@ -326,7 +309,7 @@ def embed_paths(
 
     in_flight: tuple | None = None  # the batch the model is running while the next one is launched
     try:
-        with stop_on_signals(stop):
+        with stop_on_signals(stop, say=lambda message: bar.write(message, file=sys.stderr)):
             producer.start()
             while not stop.is_set():
                 tick = time.perf_counter()
@@ -372,24 +355,6 @@ class _Done:
 
     def result(self) -> np.ndarray:
         return self.vectors
-
-
-def _progress_bar(total: int, enabled: bool) -> Any:
-    """tqdm when shown; without it (or with progress off) a bar that does nothing."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, unit="img", desc="embedding", dynamic_ncols=True)
-        except ImportError:
-            pass
-
-    class Silent:
-        def update(self, count: int) -> None: ...
-
-        def close(self) -> None: ...
-
-    return Silent()
 
 
 def part_files(dataset: str | os.PathLike) -> list[Path]:

@@ -6,12 +6,21 @@ rename) and stamped with the model checksum and preprocessing in the Arrow schem
 Whatever engine wrote a folder, any engine resumes it: ``EmbeddingWriter`` reads back what is
 done, ``plan`` leaves it out, and ``ChunkBuffer`` cuts the new rows into chunks of exactly
 ``chunk_size`` rows (the last one fewer). Only the process that owns the writer writes: on Ray,
-the driver, never a worker, so a retried task can never write a row twice.
+the driver, never a worker, so a retried task can never write a row twice; and only one writer
+owns a folder at a time (``OutputLock``): a second run into the same folder is refused, since
+both would number their chunks alike and replace each other's rows.
+
+Paths are stored as valid UTF-8 (``dataset_text``): a file name with bytes that are not UTF-8
+(which Python holds as lone surrogates) is stored with each such byte written ``\\xNN``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +30,63 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ArrowVisionError
+from ..errors import ArrowVisionError, OutputBusy
 from ..util.fsutil import atomic_output
 
 META_PREFIX = b"arrowvision."
 ERRORS_DIR = "_errors"  # dataset discovery (pyarrow, Spark, Hive) skips "_" folders
+LOCK_FILE = ".lock"  # dataset discovery skips "." files too
+OWNER_FILE = ".lock.owner.json"  # who holds the lock, for the refusal message
+
+
+def dataset_text(text: str) -> str:
+    """``text`` as valid UTF-8 for the dataset: a byte of a file name that is not UTF-8 (held by
+    Python as a lone surrogate, PEP 383) becomes the four characters ``\\xNN``, so the row is kept
+    and names its file unambiguously for a reader. Valid text is returned unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes the OS gave us
+    except UnicodeEncodeError:  # other lone surrogates (not from a file name): escape them as \udXXX
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+class OutputLock:
+    """One writer per dataset folder: an exclusive ``flock`` on ``FOLDER/.lock`` (``filelock``),
+    taken without waiting and held until ``release``. The kernel drops it when its process ends,
+    however it ends, so the lock of a crashed or killed run is simply free for the next one; the
+    owner file beside it only names the holder in the refusal message."""
+
+    def __init__(self, folder: Path, run_id: str):
+        from filelock import FileLock, Timeout
+
+        self.folder = folder
+        self._lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise OutputBusy(f"{folder} is being written by another arrowvision run{self._holder()}; wait for it "
+                             "to finish or write to another folder (one writer per output folder)") from None
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with atomic_output(folder / OWNER_FILE) as tmp:
+            Path(tmp).write_text(json.dumps(owner))
+
+    def _holder(self) -> str:
+        try:
+            owner = json.loads((self.folder / OWNER_FILE).read_text())
+            return f" (pid {owner['pid']} on {owner['host']}, since {owner['started']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            (self.folder / OWNER_FILE).unlink(missing_ok=True)
+            self._lock.release()
 
 
 class Row(Protocol):
@@ -66,7 +127,9 @@ class EmbeddingWriter:
     """Chunked, atomic, resumable writer of the embeddings dataset folder.
 
     ``done`` holds the identities already embedded, ``failed`` those recorded as bad (with the
-    latest reason); only ``done`` ones are skipped by a new run."""
+    latest reason); only ``done`` ones are skipped by a new run. The folder is locked from here
+    until ``close`` (or the end of a ``with`` block): a second writer is refused with
+    ``OutputBusy``. Error rows carry this run's ``run_id`` and the time they were written."""
 
     def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str]):
         self.folder = Path(folder)
@@ -76,6 +139,25 @@ class EmbeddingWriter:
             (self.folder / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ArrowVisionError(f"{self.folder}: cannot create the output folder ({exc.strerror})") from None
+        self.run_id = uuid.uuid4().hex[:12]
+        self._lock = OutputLock(self.folder, self.run_id)
+        try:
+            self._open(dim, metadata)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let another run write the folder."""
+        self._lock.release()
+
+    def __enter__(self) -> EmbeddingWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _open(self, dim: int, metadata: dict[str, str]) -> None:
         self.dim = dim
         self.metadata = {META_PREFIX + k.encode(): v.encode() for k, v in metadata.items()}
         self.schema = pa.schema(
@@ -90,7 +172,8 @@ class EmbeddingWriter:
             metadata=self.metadata,
         )
         self.error_schema = pa.schema(
-            [pa.field("path", pa.string(), nullable=False), pa.field("relpath", pa.string()), pa.field("error", pa.string())],
+            [pa.field("path", pa.string(), nullable=False), pa.field("relpath", pa.string()), pa.field("error", pa.string()),
+             pa.field("run_id", pa.string()), pa.field("time", pa.timestamp("ms", tz="UTC"))],
             metadata=self.metadata,
         )
         for legacy in self.folder.glob("errors-*.parquet"):  # written beside the parts by older versions
@@ -128,8 +211,8 @@ class EmbeddingWriter:
             embeddings = np.stack([r.embedding for r in good]).astype(np.float32)
             table = pa.table(
                 {
-                    "path": [r.path for r in good],
-                    "relpath": [relpath(r.path) for r in good],
+                    "path": [dataset_text(r.path) for r in good],
+                    "relpath": [dataset_text(relpath(r.path)) for r in good],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim),
                     "width": pa.array([r.width for r in good], pa.int32()),
                     "height": pa.array([r.height for r in good], pa.int32()),
@@ -139,13 +222,15 @@ class EmbeddingWriter:
             )
             _atomic_write(table, self.folder / f"part-{self.next_index:05d}.parquet")
             self.next_index += 1
-            self.done.update(r.path for r in good)
+            self.done.update(table.column("path").to_pylist())
         if bad:
-            table = pa.table({"path": [r.path for r in bad], "relpath": [relpath(r.path) for r in bad],
-                              "error": [r.error for r in bad]}, schema=self.error_schema)
+            now_ms = time.time_ns() // 1_000_000
+            table = pa.table({"path": [dataset_text(r.path) for r in bad], "relpath": [dataset_text(relpath(r.path)) for r in bad],
+                              "error": [dataset_text(r.error) for r in bad], "run_id": [self.run_id] * len(bad),
+                              "time": pa.array([now_ms] * len(bad), pa.timestamp("ms", tz="UTC"))}, schema=self.error_schema)
             _atomic_write(table, self.folder / ERRORS_DIR / f"errors-{self.next_index:05d}.parquet")
             self.next_index += 1
-            self.failed.update((r.path, r.error) for r in bad)
+            self.failed.update(zip(table.column("path").to_pylist(), table.column("error").to_pylist()))
 
 
 @dataclass
@@ -159,9 +244,11 @@ class Plan:
 
 def plan(writer: EmbeddingWriter, paths: Sequence[str], skip_failed: bool) -> Plan:
     """Leave out what the dataset already holds; failed inputs are retried unless ``skip_failed``."""
-    todo = [p for p in paths if p not in writer.done and not (skip_failed and p in writer.failed)]
-    prior = [(p, writer.failed[p]) for p in paths if p not in writer.done and p in writer.failed] if skip_failed else []
-    return Plan(todo, sum(p in writer.done for p in paths), prior)
+    stored = {p: dataset_text(p) for p in paths}  # how each path is spelled in the dataset
+    todo = [p for p in paths if stored[p] not in writer.done and not (skip_failed and stored[p] in writer.failed)]
+    prior = [(p, writer.failed[stored[p]]) for p in paths
+             if stored[p] not in writer.done and stored[p] in writer.failed] if skip_failed else []
+    return Plan(todo, sum(stored[p] in writer.done for p in paths), prior)
 
 
 class ChunkBuffer:
@@ -179,7 +266,7 @@ class ChunkBuffer:
         """Buffer ``rows``; -> the (embedded, failed) rows that were new."""
         fresh = []
         for row in rows:
-            if row.path in self._seen or row.path in self.writer.done:
+            if row.path in self._seen or dataset_text(row.path) in self.writer.done:
                 continue
             self._seen.add(row.path)
             fresh.append(row)

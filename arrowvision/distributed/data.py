@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,9 +29,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..datasets.pipeline import EmbedStats, _Item, identity, relpath_function, stop_on_signals
+from ..datasets.pipeline import EmbedStats, _Item, identity, relpath_function
 from ..datasets.writer import ChunkBuffer, EmbeddingWriter, dataset_metadata, plan
 from ..errors import ArrowVisionError
+from ..util.interrupts import stop_on_signals
+from ..util.progress import progress_bar
 from . import connect, threads_option
 
 MAX_BLOCKS = 20_000  # blocks per run: bounds the driver's bookkeeping for very large corpora
@@ -149,90 +152,89 @@ def embed_paths_ray(
     ``actors``: the pool size (default: the cluster's CPUs / ``cpus_per_actor``); ``address``:
     an existing cluster (default $RAY_ADDRESS, else a local one is started). ``on_batch`` sees
     every batch as it comes back (tests use it; the summary uses ``node``/``pid``)."""
-    from tqdm import tqdm
-
     if batch_size < 1 or chunk_size < 1:
         raise ArrowVisionError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     if cpus_per_actor <= 0 or (actors is not None and actors < 1):
         raise ArrowVisionError(f"cpus_per_actor must be > 0 and actors >= 1, got {cpus_per_actor} and {actors}")
     weights = str(Path(weights).resolve())
     model = describe_model(weights)
-    writer = EmbeddingWriter(output, model.embedding_dim, dataset_metadata(model, sketch=sketch, normalize=normalize))
-    chunks = ChunkBuffer(writer, chunk_size, relpath_function(root))
-    stats = RayEmbedStats()
-    paths = list(dict.fromkeys(identity(p) for p in paths))
-    work = plan(writer, paths, skip_failed)
-    stats.skipped, stats.errors, stats.failed = work.skipped, work.prior_errors, len(work.prior_errors)
-    start_time = time.perf_counter()
-    if not work.todo:
-        return stats
-    ray = connect(address)
-    from ray.data import ActorPoolStrategy, DataContext
+    metadata = dataset_metadata(model, sketch=sketch, normalize=normalize)
+    with EmbeddingWriter(output, model.embedding_dim, metadata) as writer:  # the folder is this run's until it returns
+        chunks = ChunkBuffer(writer, chunk_size, relpath_function(root))
+        stats = RayEmbedStats()
+        paths = list(dict.fromkeys(identity(p) for p in paths))
+        work = plan(writer, paths, skip_failed)
+        stats.skipped, stats.errors, stats.failed = work.skipped, work.prior_errors, len(work.prior_errors)
+        start_time = time.perf_counter()
+        if not work.todo:
+            return stats
+        ray = connect(address)
+        from ray.data import ActorPoolStrategy, DataContext
 
-    context = DataContext.get_current()
-    context.enable_progress_bars = False  # our own bar below, on the driver
-    context.print_on_execution_start = False
-    cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    batches_needed = math.ceil(len(work.todo) / batch_size)
-    on_gpu = str(device).lower().startswith("cuda")  # one GPU per actor: more GPUs, more actors
-    default_actors = int(ray.cluster_resources().get("GPU", 0)) if on_gpu else int(cluster_cpus // cpus_per_actor)
-    stats.actors = max(1, min(actors or default_actors or 1, batches_needed))
-    dataset = _paths_dataset(ray, work.todo, batch_size, stats.actors).map_batches(
-        EmbedActor,
-        fn_constructor_kwargs=dict(weights=weights, backend=backend, device=device, options=backend_options or {},
-                                   sketch=sketch, normalize=normalize),
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=stats.actors),
-        num_cpus=cpus_per_actor,
-        **({"num_gpus": 1} if on_gpu else {}),
-    )
-    stop = stop or threading.Event()
-    span = [float("inf"), 0.0]
-    nodes: Counter = Counter()
-    workers: Counter = Counter()
-    bar = tqdm(total=len(work.todo), unit="img", desc="embedding (ray)", disable=not progress, dynamic_ncols=True)
-    processed = 0
-    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
-    try:
-        with stop_on_signals(stop):
-            for batch in batches:
-                if on_batch is not None:
-                    on_batch(batch)
-                good, bad = chunks.add(_rows(batch))
-                stats.embedded += len(good)
-                stats.failed += len(bad)
-                stats.errors += [(row.path, row.error) for row in bad]
-                fresh = {row.path for row in good} | {row.path for row in bad}
-                for path, node, pid, seconds, load in zip(batch["path"], batch["node"], batch["pid"],
-                                                          batch["inference_seconds"], batch["load_seconds"]):
-                    if path in fresh:
-                        nodes[str(node)] += 1
-                        workers[f"{node}/{pid}"] += 1
-                        stats.inference_seconds += float(seconds)
-                        stats.actor_start_seconds = max(stats.actor_start_seconds, float(load))
-                stats.threads = sorted(set(stats.threads) | {int(t) for t in batch["threads"]})
-                span = [min(span[0], float(batch["began"].min())), max(span[1], float(batch["ended"].max()))]
-                processed += len(fresh)
-                bar.update(len(fresh))
-                if stop.is_set():
-                    break
-            stats.interrupted = stop.is_set() and processed < len(work.todo)
-            chunks.flush()
-    except ray.exceptions.RayError as exc:  # e.g. the actors cannot load the model on some node
-        chunks.flush()  # keep every finished row
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ArrowVisionError(f"the Ray job failed ({type(exc).__name__}: {reason}); "
-                               "finished chunks are kept, rerun to resume") from None
-    finally:
-        bar.close()
-        if hasattr(batches, "close"):
-            batches.close()  # a stopped run: shut the executor and its actors down now
-    stats.nodes, stats.workers = dict(nodes), dict(workers)
-    stats.working_seconds = max(0.0, span[1] - span[0])
-    stats.node_names = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
-    stats.seconds = time.perf_counter() - start_time
-    return stats
+        context = DataContext.get_current()
+        context.enable_progress_bars = False  # our own bar below, on the driver
+        context.print_on_execution_start = False
+        cluster_cpus = ray.cluster_resources().get("CPU", 1)
+        batches_needed = math.ceil(len(work.todo) / batch_size)
+        on_gpu = str(device).lower().startswith("cuda")  # one GPU per actor: more GPUs, more actors
+        default_actors = int(ray.cluster_resources().get("GPU", 0)) if on_gpu else int(cluster_cpus // cpus_per_actor)
+        stats.actors = max(1, min(actors or default_actors or 1, batches_needed))
+        dataset = _paths_dataset(ray, work.todo, batch_size, stats.actors).map_batches(
+            EmbedActor,
+            fn_constructor_kwargs=dict(weights=weights, backend=backend, device=device, options=backend_options or {},
+                                       sketch=sketch, normalize=normalize),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=stats.actors),
+            num_cpus=cpus_per_actor,
+            **({"num_gpus": 1} if on_gpu else {}),
+        )
+        stop = stop or threading.Event()
+        span = [float("inf"), 0.0]
+        nodes: Counter = Counter()
+        workers: Counter = Counter()
+        bar = progress_bar(len(work.todo), progress, desc="embedding (ray)", unit="img")
+        processed = 0
+        batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+        try:
+            with stop_on_signals(stop, say=lambda message: bar.write(message, file=sys.stderr)):
+                for batch in batches:
+                    if on_batch is not None:
+                        on_batch(batch)
+                    good, bad = chunks.add(_rows(batch))
+                    stats.embedded += len(good)
+                    stats.failed += len(bad)
+                    stats.errors += [(row.path, row.error) for row in bad]
+                    fresh = {row.path for row in good} | {row.path for row in bad}
+                    for path, node, pid, seconds, load in zip(batch["path"], batch["node"], batch["pid"],
+                                                              batch["inference_seconds"], batch["load_seconds"]):
+                        if path in fresh:
+                            nodes[str(node)] += 1
+                            workers[f"{node}/{pid}"] += 1
+                            stats.inference_seconds += float(seconds)
+                            stats.actor_start_seconds = max(stats.actor_start_seconds, float(load))
+                    stats.threads = sorted(set(stats.threads) | {int(t) for t in batch["threads"]})
+                    span = [min(span[0], float(batch["began"].min())), max(span[1], float(batch["ended"].max()))]
+                    processed += len(fresh)
+                    bar.update(len(fresh))
+                    if stop.is_set():
+                        break
+                stats.interrupted = stop.is_set() and processed < len(work.todo)
+                chunks.flush()
+        except ray.exceptions.RayError as exc:  # e.g. the actors cannot load the model on some node
+            chunks.flush()  # keep every finished row
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ArrowVisionError(f"the Ray job failed ({type(exc).__name__}: {reason}); "
+                                   "finished chunks are kept, rerun to resume") from None
+        finally:
+            bar.close()
+            if hasattr(batches, "close"):
+                batches.close()  # a stopped run: shut the executor and its actors down now
+        stats.nodes, stats.workers = dict(nodes), dict(workers)
+        stats.working_seconds = max(0.0, span[1] - span[0])
+        stats.node_names = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        stats.seconds = time.perf_counter() - start_time
+        return stats
 
 
 def _paths_dataset(ray: Any, todo: list[str], batch_size: int, actors: int) -> Any:

@@ -120,6 +120,11 @@ class IndexInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def meta_flag(value: object) -> bool:
+    """A yes/no of the index meta: a JSON bool, or the string ``"true"``/``"false"`` of older indexes."""
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
 class VectorIndex:
     """An opened index: ``search`` answers cosine top-k, each path once, best first."""
 
@@ -149,8 +154,10 @@ class VectorIndex:
                 f"{index_folder(dataset)} was built from embeddings of model {meta['model_checksum'][:19] or 'unknown'}, "
                 f"not of the model given ({model_checksum[:19]}): its scores would mean nothing; serve or search "
                 "with the weights that embedded the dataset, or embed and index it again with these")
-        if sketch is not None and meta.get("sketch", "false") != str(bool(sketch)).lower():
-            raise IndexMismatch(f"{dataset} was embedded with sketch={meta.get('sketch')}, the query uses sketch={str(sketch).lower()}")
+        stored_sketch = meta_flag(meta.get("sketch", False))
+        if sketch is not None and stored_sketch != bool(sketch):
+            raise IndexMismatch(f"{dataset} was embedded with sketch={str(stored_sketch).lower()}, "
+                                f"the query uses sketch={str(bool(sketch)).lower()}")
         faiss = _faiss()
         folder = index_folder(dataset)
         try:
@@ -349,7 +356,7 @@ def _build(dataset: Path, *, exact_below: int, nlist: int | None, nprobe: int | 
         "format_version": FORMAT_VERSION, "library": "faiss", "library_version": faiss.__version__,
         "kind": kind, "rows": len(paths), "duplicate_rows": len(paths) - len(set(paths)), "dim": dim,
         "model_checksum": dataset_meta.get("model_checksum", ""), "family": dataset_meta.get("family", ""),
-        "sketch": dataset_meta.get("sketch", "false"), "parts": records, "generation": generation,
+        "sketch": dataset_meta.get("sketch") == "true", "parts": records, "generation": generation,
         **({"nlist": details["nlist"], "nprobe": nprobe, "trained_rows": rows, "vectors": "float16"} if kind == "ivf" else {}),
         "exact_below": exact_below, "nprobe_given": nprobe_given,
     }
@@ -425,6 +432,6 @@ def search_dataset(dataset: str | os.PathLike, query: np.ndarray, k: int = 10, *
         except OSError as exc:  # a read-only dataset: answer exactly, by the scan
             log.warning("%s: the index is behind the dataset and cannot be updated (%s): scanning instead", dataset, exc)
             return top_k(dataset, query, k, model_checksum=model_checksum, progress=progress)
-        log.warning("%s: the index was behind the dataset: %s, %d rows added", dataset, info.action, info.added_rows)
+        log.info("%s: the index was behind the dataset: %s, %d rows added", dataset, info.action, info.added_rows)
         index = VectorIndex.open(dataset)
     return index.search(query, k, nprobe)
