@@ -29,7 +29,7 @@ from ..errors import BundleError
 from ..model.config import VisionConfig
 from ..model.text_config import TextConfig
 from ..weights.format import WeightLoader
-from .manifest import MANIFEST, describe_files, replace_manifest, write_manifest
+from .manifest import MANIFEST, describe_files, read_manifest, replace_manifest, write_manifest
 
 BUNDLE_BACKENDS = ("openvino", "onnxruntime", "auto")
 FP32_MIN_COSINE = 0.9999  # an fp32 artifact is exact up to float rounding
@@ -89,10 +89,8 @@ def build_bundle(weights_path: str | os.PathLike, out: str | os.PathLike, *, pre
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest["compiled_cache"] = _warm_compiled_cache(out)
-    from .manifest import read_manifest
-
-    return {**read_manifest(out), "compiled_cache": manifest["compiled_cache"]}
+    _warm_compiled_cache(out)
+    return read_manifest(out)
 
 
 def _check_arguments(out: Path, precision: str | None, backend: str, tower: str, force: bool) -> None:
@@ -225,18 +223,15 @@ def _replace(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _warm_compiled_cache(out: Path) -> str | None:
-    """Compile each OpenVINO artifact once at the bundle's final path, filling ``cache/``."""
+def _warm_compiled_cache(out: Path) -> None:
+    """Compile each OpenVINO artifact once at the bundle's final path, filling ``cache/``, and
+    record the blobs' checksums in the manifest (replaced atomically)."""
     from .runtime import open_bundle
 
     bundle = open_bundle(out)
     (out / "cache").mkdir(exist_ok=True)
-    used = bundle.manifest["vision"]["artifact"]["backend"] == "openvino" or bundle.has_text
     bundle.vision_backend()
     if bundle.has_text:
         bundle.text_backend()
-    if not (used and any((out / "cache").iterdir())):
-        return None
-    manifest = {**bundle.manifest, "compiled_cache_files": describe_files(out, cache=True)}
-    replace_manifest(out, manifest)  # the blobs made here are checked like the rest at load time
-    return "cache/"
+    blobs = describe_files(out, cache=True)
+    replace_manifest(out, {**bundle.manifest, "compiled_cache": "cache/" if blobs else None, "compiled_cache_files": blobs})
