@@ -36,7 +36,7 @@ COPY --from=build /wheels /wheels
 RUN find /wheels -name 'arrowvision-*.whl' -exec pip install '{}[runtime]' \; \
     && rm -rf /wheels
 # Owned by the service user so that OpenVINO may refresh cache/ on another CPU; every other file is
-# checked against the manifest's SHA-256 at start, so an edit is refused, not served.
+# checked against the manifest's BLAKE3 checksums at start, so an edit is refused, not served.
 COPY --from=build --chown=arrowvision:arrowvision /bundle /bundle
 USER 10001:10001
 WORKDIR /home/arrowvision

@@ -67,7 +67,7 @@ def test_the_bundle_records_what_it_holds_and_where_it_was_made(bundle_all, sigl
     assert {"config.json", "vision/model.xml", "vision/model.bin", "text/model.xml", "reference/vision.npz",
             "reference/text.npz"} <= set(files)
     assert any(name.startswith("tokenizer/") for name in files)
-    assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in files.values())
+    assert all(len(entry["blake3"]) == 64 and entry["bytes"] > 0 for entry in files.values())
     assert manifest["compiled_cache"] == "cache/" and manifest["compiled_cache_files"], "the compiled-model cache was not filled"
     assert all((bundle_all / name).is_file() for name in manifest["compiled_cache_files"])
     assert not [p for p in bundle_all.parent.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
