@@ -95,6 +95,8 @@ def test_a_second_concurrent_embed_into_one_folder_is_refused_and_no_row_is_lost
         assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
         assert "is being written by another arrowvision run" in refused.stderr
         assert f"pid {running.proc.pid}" in refused.stderr
+        early = cli("embed", str(second), "-o", str(out), "--weights", str(tmp_path / "missing.parquet"), "--no-progress")
+        assert early.returncode == 1 and "is being written by another" in early.stderr, early.stderr  # before the model
     finally:
         running.release()
     assert running.finish() == 0, running.stderr()

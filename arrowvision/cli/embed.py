@@ -47,7 +47,7 @@ def _ray_embed_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from ..datasets.pipeline import collect_inputs, embed_paths, input_root
-    from ..datasets.writer import dataset_text
+    from ..datasets.writer import dataset_text, ensure_output_free
     from ..inputs.urlfetch import UrlPolicy
 
     if args.bundle:
@@ -58,6 +58,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.engine == "ray" and (args.decode != "exact" or args.workers):
         flag = f"--decode {args.decode}" if args.decode != "exact" else "--workers"
         args.command_parser.error(f"{flag} applies to --engine local only (ray actors decode exactly, with their own CPUs)")
+    ensure_output_free(args.output)  # before the model loads: a refused run costs nothing
     paths = collect_inputs(args.inputs)
     if args.engine == "ray":
         if args.allow_private_urls:

@@ -61,7 +61,7 @@ class OutputLock:
     however it ends, so the lock of a crashed or killed run is simply free for the next one; the
     owner file beside it only names the holder in the refusal message."""
 
-    def __init__(self, folder: Path, run_id: str):
+    def __init__(self, folder: Path, run_id: str, *, write_owner: bool = True):
         from filelock import FileLock, Timeout
 
         self.folder = folder
@@ -71,10 +71,12 @@ class OutputLock:
         except Timeout:
             raise OutputBusy(f"{folder} is being written by another arrowvision run{self._holder()}; wait for it "
                              "to finish or write to another folder (one writer per output folder)") from None
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with atomic_output(folder / OWNER_FILE) as tmp:
-            Path(tmp).write_text(json.dumps(owner))
+        self._owns_file = write_owner
+        if write_owner:
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            with atomic_output(folder / OWNER_FILE) as tmp:
+                Path(tmp).write_text(json.dumps(owner))
 
     def _holder(self) -> str:
         try:
@@ -85,8 +87,17 @@ class OutputLock:
 
     def release(self) -> None:
         if self._lock.is_locked:
-            (self.folder / OWNER_FILE).unlink(missing_ok=True)
+            if self._owns_file:
+                (self.folder / OWNER_FILE).unlink(missing_ok=True)
             self._lock.release()
+
+
+def ensure_output_free(folder: str | os.PathLike) -> None:
+    """Refuse at once (``OutputBusy``) if another run holds ``folder``: checked before the model
+    loads, so a refused run costs nothing. The writer still takes the lock for the run itself."""
+    folder = Path(folder)
+    if folder.is_dir():
+        OutputLock(folder, run_id="probe", write_owner=False).release()
 
 
 class Row(Protocol):
