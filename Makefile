@@ -8,7 +8,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls the multi-GB CUDA wheels
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e ".[test,serve,quantize,bench,ray,search]"
+	$(VENV)/bin/pip install --quiet -e ".[test,serve,quantize,bench,ray,search,arrow]"
 	touch $(STAMP)
 
 .PHONY: install demo demo-serve test bench mutants

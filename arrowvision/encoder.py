@@ -151,3 +151,16 @@ class VisionEncoder:
         embeddings = np.concatenate(outputs) if outputs else np.zeros((0, self.embedding_dim), np.float32)
         embeddings = embeddings.astype(np.float32, copy=False)
         return l2_normalize(embeddings) if normalize else embeddings
+
+    def encode_arrow(self, column: Any, *, batch_size: int = 32, normalize: bool = True, decode: str = "exact",
+                     workers: int = 2, errors: dict[int, str] | None = None) -> Any:
+        """Embed an Arrow image column (bytes, paths/URLs, or Hugging Face ``struct<bytes, path>``;
+        Array or ChunkedArray) -> ``pyarrow.FixedSizeListArray`` of float32 (N, D), same order,
+        null where the input was null or could not be decoded. ``errors``, if given, receives
+        row -> reason for each row that failed (see ``arrowvision.arrow.columns``)."""
+        from .arrow.columns import embed_image_column
+
+        result = embed_image_column(self, column, batch_size=batch_size, normalize=normalize, decode=decode, workers=workers)
+        if errors is not None:
+            errors.update(result.errors)
+        return result.to_arrow()

@@ -22,6 +22,10 @@ class ImageTooLarge(ImageError):
     """An image has more pixels than the configured limit (decompression-bomb guard)."""
 
 
+class ColumnTypeError(ArrowVisionError, TypeError):
+    """An Arrow column's type cannot hold images (or texts), or the value is not a column."""
+
+
 class ModelError(ArrowVisionError):
     """Weights do not match the model they are loaded into."""
 

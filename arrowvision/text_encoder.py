@@ -119,3 +119,10 @@ class TextEncoder:
         if not normalize:
             return embeddings
         return embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+
+    def encode_arrow(self, column: Any, batch_size: int = 32, normalize: bool = True) -> Any:
+        """Embed an Arrow string column -> ``pyarrow.FixedSizeListArray`` of float32 (N, D), null
+        where the input was null."""
+        from .arrow.columns import embed_text_column
+
+        return embed_text_column(self, column, batch_size=batch_size, normalize=normalize).to_arrow()

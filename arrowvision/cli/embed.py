@@ -18,7 +18,8 @@ from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "embed", "embed a folder, glob or list of images into a Parquet dataset (resumable)", cmd_embed)
     p.add_argument("inputs", help="a folder (recursive), a quoted glob, or a .txt/.csv/.parquet list of paths or "
-                   "http(s) URLs (relative entries resolve against the list's folder)")
+                   "http(s) URLs (relative entries resolve against the list's folder); with --column, a Parquet "
+                   "table (file, folder or quoted glob)")
     p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, _errors/)")
     add_backend_options(p, mode="throughput")
     add_bundle_option(p)
@@ -35,6 +36,11 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    help="do not retry inputs that failed in an earlier run (they still count as failed)")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let http(s) inputs reach loopback, private and link-local hosts (intranet use; local engine)")
+    table = p.add_argument_group("a table's image column (docs/ARROW.md)")
+    table.add_argument("--column", help="embed this column of the Parquet table INPUTS: image bytes, a Hugging Face "
+                       "image struct<bytes, path>, or paths/URLs")
+    table.add_argument("--id-column", help="the rows' identity for resuming (default: file + row number); copied")
+    table.add_argument("--keep-columns", metavar="A,B", help="columns copied from the table to each embedded row")
     _ray_embed_options(p)
 
 
@@ -58,15 +64,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.engine == "ray" and (args.decode != "exact" or args.workers):
         flag = f"--decode {args.decode}" if args.decode != "exact" else "--workers"
         args.command_parser.error(f"{flag} applies to --engine local only (ray actors decode exactly, with their own CPUs)")
+    if args.column is None and (args.id_column or args.keep_columns):
+        args.command_parser.error("--id-column and --keep-columns apply to --column only")
     ensure_output_free(args.output)  # before the model loads: a refused run costs nothing
-    paths = collect_inputs(args.inputs)
-    if args.engine == "ray":
+    if args.column is not None:  # a table's image column
+        stats, count = embed_table_column(args)
+    elif args.engine == "ray":
         if args.allow_private_urls:
             args.command_parser.error("--allow-private-urls applies to --engine local only (Ray workers keep the SSRF guard on)")
         args.batch_size = args.batch_size or 32
-        stats = embed_on_ray(args, paths, input_root(args.inputs))
+        paths = collect_inputs(args.inputs)
+        count, stats = len(paths), embed_on_ray(args, paths, input_root(args.inputs))
     else:
-        encoder = load_from_bundle(args)[0] if args.bundle else load_encoder(args)
+        paths = collect_inputs(args.inputs)
+        count, encoder = len(paths), _encoder(args)
         on_gpu = str(encoder.backend.device).startswith("cuda")
         if args.workers:
             workers = args.workers
@@ -81,7 +92,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                             url_policy=UrlPolicy(allow_private=args.allow_private_urls))
     rate = (f"; {stats.images_per_second:.1f} img/s, model busy {100 * stats.model_busy:.0f}% of wall time"
             if stats.embedded else "")
-    print(f"{len(paths)} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
+    print(f"{count} inputs: {stats.embedded} embedded, {stats.skipped} already done, {stats.failed} failed"
           f"{rate} -> {args.output}")
     for line in getattr(stats, "summary_lines", list)():  # the ray engine: actors, nodes
         print(line)
@@ -100,6 +111,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if stats.failed else EXIT_OK
 
 
+def _encoder(args: argparse.Namespace) -> Any:
+    """The image encoder of ``--bundle`` (runtime install) or of the weights and backend options."""
+    return load_from_bundle(args)[0] if args.bundle else load_encoder(args)
+
+
 def embed_on_ray(args: argparse.Namespace, paths: list[str], root: str | os.PathLike) -> Any:
     """``arrowvision embed --engine ray``: the CLI's backend options, checked as for the local engine."""
     from ..distributed.data import embed_paths_ray
@@ -114,6 +130,42 @@ def embed_on_ray(args: argparse.Namespace, paths: list[str], root: str | os.Path
                            chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor or 1.0,
                            sketch=args.sketch, root=root, skip_failed=args.skip_failed,
                            progress=progress_wanted(args), address=args.address)
+
+
+def embed_table_column(args: argparse.Namespace) -> tuple[Any, int]:
+    """``embed TABLE --column C``: refuses what does not apply, runs either engine; -> (stats, rows)."""
+    from ..datasets.table import embed_table, table_files, total_rows
+
+    fail = args.command_parser.error
+    if args.sketch or args.decode == "gpu":
+        fail(f"{'--sketch' if args.sketch else '--decode gpu'} applies to image files, not to --column")
+    keep = [name.strip() for name in (args.keep_columns or "").split(",") if name.strip()]
+    files = table_files(args.inputs)
+    if args.engine == "ray":
+        from ..distributed.columns import embed_table_ray
+
+        if not args.id_column:
+            fail("--engine ray with --column needs --id-column (Ray reads row groups in parallel: rows have no stable number)")
+        if args.allow_private_urls:
+            fail("--allow-private-urls applies to --engine local only (Ray workers keep the SSRF guard on)")
+        backend = resolve_backend(args.backend)
+        check_backend_options(args, backend)
+        device = "cpu" if backend == "torch" and str(args.device).upper() == "CPU" else str(args.device)
+        stats = embed_table_ray(weights_path(args, demo_default=True), files, args.output, column=args.column,
+                                id_column=args.id_column, keep_columns=keep, backend=backend, device=device,
+                                backend_options=backend_options(args, backend), batch_size=args.batch_size or 32,
+                                chunk_size=args.chunk_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor or 1.0,
+                                skip_failed=args.skip_failed, progress=progress_wanted(args), address=args.address)
+        return stats, total_rows(files)
+    from ..inputs import decode as decoding
+    from ..inputs.urlfetch import UrlPolicy
+
+    decoding.URL_POLICY[0] = UrlPolicy(allow_private=args.allow_private_urls)  # path/URL columns
+    stats = embed_table(_encoder(args), args.inputs, args.output, column=args.column, id_column=args.id_column,
+                        keep_columns=keep, batch_size=args.batch_size or 32, chunk_size=args.chunk_size,
+                        workers=args.workers or 2, decode=args.decode, skip_failed=args.skip_failed,
+                        progress=progress_wanted(args))
+    return stats, total_rows(files)
 
 
 register = _add_embed

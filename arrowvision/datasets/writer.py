@@ -142,7 +142,8 @@ class EmbeddingWriter:
     until ``close`` (or the end of a ``with`` block): a second writer is refused with
     ``OutputBusy``. Error rows carry this run's ``run_id`` and the time they were written."""
 
-    def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str]):
+    def __init__(self, folder: str | os.PathLike, dim: int, metadata: dict[str, str],
+                 extra_fields: Sequence[pa.Field] = ()):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ArrowVisionError(f"{self.folder}: exists and is not a folder; give a new or existing dataset folder")
@@ -153,7 +154,7 @@ class EmbeddingWriter:
         self.run_id = uuid.uuid4().hex[:12]
         self._lock = OutputLock(self.folder, self.run_id)
         try:
-            self._open(dim, metadata)
+            self._open(dim, metadata, extra_fields)
         except BaseException:
             self.close()
             raise
@@ -168,7 +169,7 @@ class EmbeddingWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _open(self, dim: int, metadata: dict[str, str]) -> None:
+    def _open(self, dim: int, metadata: dict[str, str], extra_fields: Sequence[pa.Field]) -> None:
         self.dim = dim
         self.metadata = {META_PREFIX + k.encode(): v.encode() for k, v in metadata.items()}
         self.schema = pa.schema(
@@ -179,9 +180,11 @@ class EmbeddingWriter:
                 pa.field("width", pa.int32()),
                 pa.field("height", pa.int32()),
                 pa.field("sha256", pa.string()),
+                *extra_fields,  # embed --column: the id and --keep-columns, from each row's ``extras``
             ],
             metadata=self.metadata,
         )
+        self.extra_fields = list(extra_fields)
         self.error_schema = pa.schema(
             [pa.field("path", pa.string(), nullable=False), pa.field("relpath", pa.string()), pa.field("error", pa.string()),
              pa.field("run_id", pa.string()), pa.field("time", pa.timestamp("ms", tz="UTC"))],
@@ -223,11 +226,12 @@ class EmbeddingWriter:
             table = pa.table(
                 {
                     "path": [dataset_text(r.path) for r in good],
-                    "relpath": [dataset_text(relpath(r.path)) for r in good],
+                    "relpath": [dataset_text(_relpath(r, relpath)) for r in good],
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), self.dim),
                     "width": pa.array([r.width for r in good], pa.int32()),
                     "height": pa.array([r.height for r in good], pa.int32()),
                     "sha256": [r.digest for r in good],
+                    **{f.name: pa.array([r.extras[f.name] for r in good], f.type) for f in self.extra_fields},
                 },
                 schema=self.schema,
             )
@@ -236,12 +240,17 @@ class EmbeddingWriter:
             self.done.update(table.column("path").to_pylist())
         if bad:
             now_ms = time.time_ns() // 1_000_000
-            table = pa.table({"path": [dataset_text(r.path) for r in bad], "relpath": [dataset_text(relpath(r.path)) for r in bad],
+            table = pa.table({"path": [dataset_text(r.path) for r in bad], "relpath": [dataset_text(_relpath(r, relpath)) for r in bad],
                               "error": [dataset_text(r.error) for r in bad], "run_id": [self.run_id] * len(bad),
                               "time": pa.array([now_ms] * len(bad), pa.timestamp("ms", tz="UTC"))}, schema=self.error_schema)
             _atomic_write(table, self.folder / ERRORS_DIR / f"errors-{self.next_index:05d}.parquet")
             self.next_index += 1
             self.failed.update(zip(table.column("path").to_pylist(), table.column("error").to_pylist()))
+
+
+def _relpath(row: Row, relpath: Callable[[str], str]) -> str:
+    """A row's own ``relpath`` (table rows: ``file#row``), else derived from its path."""
+    return getattr(row, "relpath", None) or relpath(row.path)
 
 
 @dataclass

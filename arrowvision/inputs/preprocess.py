@@ -62,7 +62,7 @@ def _open(source: Any, label: str, max_pixels: int) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError(f"{label}: empty input")
-        stream: Any = io.BytesIO(bytes(source))
+        stream: Any = io.BytesIO(source)  # bytes are shared; a memoryview (an Arrow buffer slice) is copied once
     else:
         path = Path(source)
         try:
