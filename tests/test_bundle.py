@@ -226,6 +226,15 @@ def test_cli_bundle_then_embed_from_it(tiny_siglip_parquet, module_cache, tmp_pa
     table = pq.read_table(tmp_path / "emb")
     reference = VisionEncoder.from_parquet(tiny_siglip_parquet).encode([photos / Path(p).name for p in table["path"].to_pylist()])
     assert (np.stack(table["embedding"].to_numpy(zero_copy_only=False)) * reference).sum(axis=1).min() >= 0.99999
+    import pyarrow as pa  # a table's image column (embed TABLE --column) from the bundle too
+
+    pq.write_table(pa.table({"img": [path.read_bytes() for path in SAMPLES]}), tmp_path / "table.parquet")
+    argv = ["embed", str(tmp_path / "table.parquet"), "--column", "img", "-o", str(tmp_path / "col"), "--bundle", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    rows = pq.read_table(tmp_path / "col")
+    order = np.argsort([int(p.rsplit("#", 1)[1]) for p in rows["path"].to_pylist()])
+    embedded = np.stack(rows["embedding"].to_numpy(zero_copy_only=False))[order]
+    assert (embedded * VisionEncoder.from_parquet(tiny_siglip_parquet).encode(SAMPLES)).sum(axis=1).min() >= 0.99999
 
 
 @pytest.mark.parametrize("argv, message", [
