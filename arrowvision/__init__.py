@@ -8,6 +8,7 @@ from .model.config import VisionConfig
 from .errors import (
     ArrowVisionError,
     BackendError,
+    BundleError,
     ConversionError,
     FormatError,
     ImageError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArrowVisionError",
     "BackendError",
+    "BundleError",
     "ConversionError",
     "FormatError",
     "ImageError",

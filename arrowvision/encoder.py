@@ -12,6 +12,7 @@ from PIL import Image
 
 from .backends.base import Backend, as_backend
 from .backends.factory import create as create_backend
+from .bundle.manifest import BundleSource
 from .errors import ArrowVisionError, OptionError
 from .inputs.naflex import DEFAULT_MAX_PATCHES, NaFlexBatch, NaFlexPreprocessor
 from .inputs.preprocess import ImageInput, Preprocessor, describe, load_image
@@ -45,7 +46,7 @@ class VisionEncoder:
     (2, 768)
     """
 
-    def __init__(self, weights: WeightLoader, backend: Backend, config: VisionConfig, *,
+    def __init__(self, weights: WeightLoader | BundleSource, backend: Backend, config: VisionConfig, *,
                  max_num_patches: int | None = None):
         """``max_num_patches``: the patch budget of a SigLIP 2 NaFlex model (64..1024, default 256);
         ``encode`` can change it per call."""
@@ -96,6 +97,18 @@ class VisionEncoder:
         weights = WeightLoader(path)
         impl = create_backend(backend, weights, device=device, **options)
         return cls(weights, impl, impl.config, max_num_patches=max_num_patches)
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike | Any, mode: str = "latency", num_threads: int | None = None,
+                    min_cosine: float | None = None) -> VisionEncoder:
+        """The image tower of a bundle folder (``arrowvision bundle``; or an opened ``Bundle``), with
+        the runtime install alone.
+        ``min_cosine`` holds a lossy artifact to a stricter threshold than the bundle was made with."""
+        from .bundle.runtime import Bundle, open_bundle
+
+        bundle = path if isinstance(path, Bundle) else open_bundle(path)
+        backend = bundle.vision_backend(mode=mode, num_threads=num_threads, min_cosine=min_cosine)
+        return cls(bundle.source, backend, bundle.vision_config)
 
     @property
     def embedding_dim(self) -> int:

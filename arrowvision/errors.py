@@ -53,6 +53,10 @@ class IndexCorrupt(SearchIndexError):
     """An index folder is unreadable or inconsistent with itself; rebuild it."""
 
 
+class BundleError(ArrowVisionError):
+    """A model bundle (``arrowvision bundle``) is missing, incomplete, tampered with or unusable here."""
+
+
 class OutputBusy(ArrowVisionError):
     """Another run is writing the same dataset folder (one writer per folder)."""
 

@@ -72,6 +72,19 @@ class ImageTextModel:
         vision = VisionEncoder(weights, impl, impl.config, max_num_patches=max_num_patches)
         return cls(vision, text, logit_scale, logit_bias)
 
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike | Any, mode: str = "latency", num_threads: int | None = None,
+                    min_cosine: float | None = None) -> ImageTextModel:
+        """Both towers of a bundle made with ``--tower all``, with the runtime install alone."""
+        from .bundle.runtime import Bundle, open_bundle
+
+        bundle = path if isinstance(path, Bundle) else open_bundle(path)
+        text_backend = bundle.text_backend(num_threads=num_threads, min_cosine=min_cosine)  # image-only bundles fail here
+        text = TextEncoder(bundle.source, text_backend, bundle.text_config, bundle.tokenizer())
+        vision_backend = bundle.vision_backend(mode=mode, num_threads=num_threads, min_cosine=min_cosine)
+        return cls(VisionEncoder(bundle.source, vision_backend, bundle.vision_config), text, float(bundle.logit_scale),
+                   float(bundle.logit_bias))
+
     @property
     def checksum(self) -> str:
         return self.text.checksum

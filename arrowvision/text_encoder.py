@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .bundle.manifest import BundleSource
 from .errors import ArrowVisionError, BackendError
 from .model.text_config import TextConfig
 from .model.tokenizer import Tokenizer, load_tokenizer
@@ -69,7 +70,7 @@ class TextEncoder:
     (2, 768)
     """
 
-    def __init__(self, weights: WeightLoader, backend: TextBackend, config: TextConfig, tokenizer: Tokenizer):
+    def __init__(self, weights: WeightLoader | BundleSource, backend: TextBackend, config: TextConfig, tokenizer: Tokenizer):
         self.weights = weights
         self.backend = backend
         self.config = config
@@ -86,6 +87,15 @@ class TextEncoder:
         """``backend``: torch (reference) or openvino; ``options`` go to the backend (precision,
         cache_dir, min_cosine, num_threads)."""
         return cls.from_weights(WeightLoader(path), backend=backend, device=device, **options)
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike | Any, num_threads: int | None = None, min_cosine: float | None = None) -> TextEncoder:
+        """The text tower of a bundle made with ``--tower all``, with the runtime install alone."""
+        from .bundle.runtime import Bundle, open_bundle
+
+        bundle = path if isinstance(path, Bundle) else open_bundle(path)
+        backend = bundle.text_backend(num_threads=num_threads, min_cosine=min_cosine)
+        return cls(bundle.source, backend, bundle.text_config, bundle.tokenizer())
 
     @property
     def embedding_dim(self) -> int:

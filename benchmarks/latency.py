@@ -54,14 +54,15 @@ def siglip_flops(c: dict) -> float:
     return c["num_hidden_layers"] * per_layer + patch + head
 
 
-def prepare() -> dict[str, Path]:
+def base_checkpoint() -> tuple[Path, Path]:
+    """The published SigLIP-B/16 vision config with random weights, every norm, bias and probe
+    perturbed: (HF folder, our Parquet file), made once under benchmarks/.cache."""
     import torch
     import transformers as tf
 
     from arrowvision.model.convert import convert
 
-    folder, parquet, onnx_path = WORK / "siglip-base-perturbed", WORK / "siglip-base-perturbed.parquet", WORK / "siglip-base-hf.onnx"
-    ov_xml = WORK / "siglip-base-hf-ov" / "model.xml"
+    folder, parquet = WORK / "siglip-base-perturbed", WORK / "siglip-base-perturbed.parquet"
     WORK.mkdir(parents=True, exist_ok=True)
     if not (folder / "model.safetensors").exists():
         torch.manual_seed(0)
@@ -73,6 +74,15 @@ def prepare() -> dict[str, Path]:
         model.save_pretrained(folder)
     if not parquet.exists():
         convert(str(folder), parquet, progress=False)
+    return folder, parquet
+
+
+def prepare() -> dict[str, Path]:
+    import torch
+    import transformers as tf
+
+    folder, parquet = base_checkpoint()
+    onnx_path, ov_xml = WORK / "siglip-base-hf.onnx", WORK / "siglip-base-hf-ov" / "model.xml"
     if not onnx_path.exists() or not ov_xml.exists():
         import openvino as ov
 

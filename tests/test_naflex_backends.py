@@ -146,3 +146,13 @@ def test_score_pairs_with_naflex_weights(tmp_path, images):
     assert stats.scored == 4 and stats.failed == 0
     logits = np.asarray(pq.read_table(tmp_path / "scores.parquet").column("logit").to_pylist(), np.float32)
     assert np.abs(logits - np.diag(model.logits(paths, texts))).max() <= 1e-4
+
+
+def test_a_bundle_of_naflex_weights_embeds_like_torch(naflex_parquet, mixed_batch, reference, module_cache, tmp_path):
+    """``arrowvision bundle``: the NaFlex graph (dynamic patch count, mask input) validated and run torch-free."""
+    from arrowvision.bundle.build import build_bundle
+
+    build_bundle(naflex_parquet, tmp_path / "bundle", precision="fp32")
+    encoder = VisionEncoder.from_bundle(tmp_path / "bundle")
+    assert encoder.config.naflex
+    assert np.abs(encoder.backend(mixed_batch) - reference).max() <= FP32_MAX_ABS

@@ -7,6 +7,7 @@ On AVX2-only CPUs ONNX Runtime's dynamic int8 kernels measured faster than OpenV
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ class ONNXRuntimeBackend(BackendBase):
         num_threads: int | None = None,
         **unused: Any,
     ):
-        ort = _onnxruntime()
+        _onnxruntime()  # a clear error when ONNX Runtime is missing
         if device.upper() != "CPU":
             raise BackendError(f"the onnxruntime backend runs on the CPU only (asked for {device!r})")
         if unused:
@@ -48,11 +49,26 @@ class ONNXRuntimeBackend(BackendBase):
             self.entry = export_onnx(weights, precision, cache_dir=cache_dir, min_cosine=min_cosine)
         self.report = read_meta(self.entry)
         recheck(self.report, min_cosine)
+        self._open(self.entry / "model.onnx", num_threads)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, config: VisionConfig, precision: str, *,
+                  report: dict[str, Any] | None = None, num_threads: int | None = None) -> ONNXRuntimeBackend:
+        """Run an ONNX model already exported and validated elsewhere (a bundle): no weights, no torch."""
+        _onnxruntime()
+        backend = cls.__new__(cls)
+        backend.config, backend.precision, backend.device = config, precision, "CPU"
+        backend.entry, backend.cache_hit, backend.report = Path(path).parent, True, dict(report or {})
+        backend._open(Path(path), num_threads)
+        return backend
+
+    def _open(self, path: Path, num_threads: int | None) -> None:
+        ort = _onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = num_threads or len(os.sched_getaffinity(0))
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.entry / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixel_values: Any) -> np.ndarray:
         """(N, 3, S, S) float32 pixels, or a ``NaFlexBatch`` for NaFlex models -> pooled (N, D)."""

@@ -133,7 +133,7 @@ class OpenVINOTextBackend:
     def __init__(self, weights: WeightLoader, tokenizer: Any, device: str = "CPU", precision: str = "fp32",
                  cache_dir: str | os.PathLike | None = None, min_cosine: float = DEFAULT_MIN_COSINE,
                  num_threads: int | None = None):
-        ov = _openvino()
+        _openvino()  # a clear error when OpenVINO is missing
         reason = unsupported_reason(precision, device)
         if reason:  # before the cache, which may come from a machine with native bf16
             raise BackendError(reason)
@@ -144,14 +144,30 @@ class OpenVINOTextBackend:
             self.entry = export(weights, tokenizer, precision, cache_dir=cache_dir, min_cosine=min_cosine)
         self.report = read_meta(self.entry)
         recheck(self.report, min_cosine)
-        core = ov.Core()
-        core.set_property({"CACHE_DIR": str(cache_root(cache_dir) / "compiled"), "CACHE_MODE": "OPTIMIZE_SPEED"})
-        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_hint(precision)}
+        self._compile(self.entry / "model.xml", device, num_threads, cache_root(cache_dir) / "compiled")
+
+    @classmethod
+    def from_ir(cls, xml: str | os.PathLike, precision: str, *, report: dict[str, Any] | None = None, device: str = "CPU",
+                num_threads: int | None = None, compiled_dir: str | os.PathLike | None = None) -> OpenVINOTextBackend:
+        """Run a text IR already exported and validated elsewhere (a bundle): no weights, no torch."""
+        reason = unsupported_reason(precision, device)
+        if reason:
+            raise BackendError(reason)
+        backend = cls.__new__(cls)
+        backend.precision, backend.entry, backend.cache_hit, backend.report = precision, Path(xml).parent, True, dict(report or {})
+        backend._compile(Path(xml), device, num_threads, compiled_dir)
+        return backend
+
+    def _compile(self, xml: Path, device: str, num_threads: int | None, compiled_dir: str | os.PathLike | None) -> None:
+        core = _openvino().Core()
+        if compiled_dir is not None:
+            core.set_property({"CACHE_DIR": str(compiled_dir), "CACHE_MODE": "OPTIMIZE_SPEED"})
+        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_hint(self.precision)}
         if num_threads:
             properties["INFERENCE_NUM_THREADS"] = num_threads
         self.device = device.upper()
         try:
-            self.compiled = core.compile_model(str(self.entry / "model.xml"), self.device, properties)
+            self.compiled = core.compile_model(str(xml), self.device, properties)
         except RuntimeError as exc:
             reason = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unknown error")
             raise BackendError(f"OpenVINO cannot compile the text tower for device {self.device!r}: {reason}") from None

@@ -16,15 +16,15 @@ import os
 import sys
 
 from ..errors import ArrowVisionError
-from . import bench, demo, embed, index, search, serve, text, weights
+from . import bench, bundle, demo, embed, index, search, serve, text, weights
 from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, ArgumentParser, HelpFormatter
 from ._load import check_backend_options, resolve_backend
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "build_parser", "main"]
 
-# demo; convert, info, export, validate; embed; search; bench; serve; score, classify; index
-COMMANDS = [demo.register, weights.register, embed.register, search.register, bench.register, serve.register,
-            text.register, index.register]
+# demo; convert, info, export, validate; bundle; embed; search; bench; serve; score, classify; index
+COMMANDS = [demo.register, weights.register, bundle.register, embed.register, search.register, bench.register,
+            serve.register, text.register, index.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from typing import Any
 from ._common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, add_backend_options, command, positive_float,
                       positive_int, progress_enabled, progress_wanted, ray_group, weights_path)
 from ._load import backend_options, check_backend_options, load_encoder, resolve_backend
+from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
                    "table (file, folder or quoted glob)")
     p.add_argument("-o", "--output", required=True, help="output dataset folder (part-*.parquet, _errors/)")
     add_backend_options(p, mode="throughput")
+    add_bundle_option(p)
     p.add_argument("--batch-size", type=positive_int, help="images per model call (default 32; 256 on CUDA)")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="rows per atomically written part file")
     p.add_argument("--workers", type=positive_int,
@@ -54,6 +56,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ..datasets.writer import dataset_text, ensure_output_free
     from ..inputs.urlfetch import UrlPolicy
 
+    if args.bundle:
+        check_bundle_options(args)  # before anything else: the bundle fixes weights, backend, engine
     for option in ("address", "actors", "cpus_per_actor"):
         if args.engine == "local" and getattr(args, option) is not None:
             args.command_parser.error(f"--{option.replace('_', '-')} applies to --engine ray only")
@@ -75,7 +79,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         count, stats = len(paths), embed_on_ray(args, paths, input_root(args.inputs))
     else:
         paths = collect_inputs(args.inputs)
-        count, encoder = len(paths), load_encoder(args)
+        count, encoder = len(paths), _encoder(args)
         on_gpu = str(encoder.backend.device).startswith("cuda")
         if args.workers:
             workers = args.workers
@@ -107,6 +111,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_PARTIAL if stats.failed else EXIT_OK
+
+
+def _encoder(args: argparse.Namespace) -> Any:
+    """The image encoder of ``--bundle`` (runtime install) or of the weights and backend options."""
+    return load_from_bundle(args)[0] if args.bundle else load_encoder(args)
 
 
 def embed_on_ray(args: argparse.Namespace, paths: list[str], root: str | os.PathLike) -> Any:
@@ -154,7 +163,7 @@ def embed_table_column(args: argparse.Namespace) -> tuple[Any, int]:
     from ..inputs.urlfetch import UrlPolicy
 
     decoding.URL_POLICY[0] = UrlPolicy(allow_private=args.allow_private_urls)  # path/URL columns
-    stats = embed_table(load_encoder(args), args.inputs, args.output, column=args.column, id_column=args.id_column,
+    stats = embed_table(_encoder(args), args.inputs, args.output, column=args.column, id_column=args.id_column,
                         keep_columns=keep, batch_size=args.batch_size or 32, chunk_size=args.chunk_size,
                         workers=args.workers or 2, decode=args.decode, skip_failed=args.skip_failed,
                         progress=progress_wanted(args))

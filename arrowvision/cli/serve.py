@@ -9,11 +9,13 @@ from ..service.security import add_access_arguments, security_from_args
 from ._common import (EXIT_OK, add_backend_options, command, non_negative_float, port_number, positive_float,
                       positive_int, progress_enabled, ray_group, weights_path)
 from ._load import backend_options, check_backend_options, load_encoder, load_text_model_if_any, resolve_backend
+from .bundle import add_bundle_option, check_bundle_options, load_from_bundle
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = command(sub, "serve", "HTTP embedding service with dynamic micro-batching (FastAPI + uvicorn)", cmd_serve)
     add_backend_options(p)
+    add_bundle_option(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on")
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per model call")
@@ -57,6 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..service.app import listen, serve
     from ..service.config import ServiceConfig
     from ..service.profiles import registry_from_profiles
+
+    if args.bundle:
+        check_bundle_options(args)  # before anything else: the bundle fixes weights, backend, engine
     if args.profiles and (args.weights or getattr(args, "weights_positional", None)):
         args.command_parser.error("give either --weights or --model NAME=WEIGHTS profiles, not both")
     if not args.profiles and (args.default_model or args.max_loaded_models):
@@ -85,6 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         text_model = load_text_model_if_any(args, weights)  # weights converted with --tower all also serve text
         return (text_model.vision if text_model else load_encoder(args, weights)), text_model
 
+    if args.bundle:
+        encoder, text_model = load_from_bundle(args)
+        serve(encoder, config=config, sock=sock, access_log=not args.quiet, model_name=args.bundle, text_model=text_model,
+              index=_index(args, encoder), security=security, log_format=args.log_format)
+        return EXIT_OK
     if args.profiles:
         models = registry_from_profiles(args.profiles, load, default=args.default_model, max_loaded=args.max_loaded_models,
                                         backend=resolve_backend(args.backend))
@@ -92,14 +102,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     weights = weights_path(args, demo_default=True)
     encoder, text_model = load(weights)
-    index = None
-    if args.index:
-        from .index import open_index_for_serving
-
-        index = open_index_for_serving(args.index, encoder.checksum, progress_enabled(args))
     serve(encoder, config=config, sock=sock, access_log=not args.quiet, model_name=weights, text_model=text_model,
-          index=index, security=security, log_format=args.log_format)
+          index=_index(args, encoder), security=security, log_format=args.log_format)
     return EXIT_OK
+
+
+def _index(args: argparse.Namespace, encoder: Any) -> Any:
+    if not args.index:
+        return None
+    from .index import open_index_for_serving
+
+    return open_index_for_serving(args.index, encoder.checksum, progress_enabled(args))
 
 
 def serve_on_ray(args: argparse.Namespace, config: Any, security: Any = None) -> int:

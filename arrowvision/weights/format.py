@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,19 +46,33 @@ MAX_INDEX_BYTES = 64 << 20  # decoded size of the index columns (names, dtypes, 
 MAX_INDEX_VALUES = 16 << 20
 META_PREFIX = "arrowvision."
 
-# dtype name -> numpy dtype. bfloat16 uses ml_dtypes so numpy views stay bit-exact.
-DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float64": np.dtype(np.float64),
-    "int64": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "int16": np.dtype(np.int16),
-    "int8": np.dtype(np.int8),
-    "uint8": np.dtype(np.uint8),
-    "bool": np.dtype(np.bool_),
-}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None, "float64": np.float64, "int64": np.int64,
+                 "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+
+
+class _Dtypes(Mapping[str, np.dtype]):
+    """dtype name -> numpy dtype. bfloat16 uses ml_dtypes so numpy views stay bit-exact; it is
+    imported on the first bfloat16 lookup only: importing it took 0.3-1 s of every process start
+    (``serve --bundle`` never reads weights)."""
+
+    def __getitem__(self, name: str) -> np.dtype:
+        if name == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(_NUMPY_DTYPES[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in _NUMPY_DTYPES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_NUMPY_DTYPES)
+
+    def __len__(self) -> int:
+        return len(_NUMPY_DTYPES)
+
+
+DTYPES: Mapping[str, np.dtype] = _Dtypes()
 
 SCHEMA = pa.schema(
     [
