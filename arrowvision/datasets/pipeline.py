@@ -23,7 +23,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,12 @@ class EmbedStats:
     input_wait_seconds: float = 0.0  # the model thread waiting for decoded batches (decoding is the bottleneck)
     interrupted: bool = False  # stopped by Ctrl-C/SIGTERM (rows embedded so far were written)
     errors: list[tuple[str, str]] = field(default_factory=list)
+
+    def count(self, written: Sequence[Any], failed: Sequence[Any]) -> None:
+        """Add one written chunk's rows (``path``/``error`` attributes): every engine counts alike."""
+        self.embedded += len(written)
+        self.failed += len(failed)
+        self.errors += [(row.path, row.error) for row in failed]
 
     @property
     def images_per_second(self) -> float:
@@ -302,10 +308,7 @@ def _embed(encoder: Any, feeder: Any, work: Plan, chunks: ChunkBuffer, *, gpu: A
             vectors = l2_normalize(vectors) if normalize else vectors
             for item, vector in zip(ok, vectors):
                 item.embedding = vector
-        added, failed = chunks.add(items)
-        stats.embedded += len(added)
-        stats.failed += len(failed)
-        stats.errors += [(item.path, item.error) for item in failed]
+        stats.count(*chunks.add(items))
         processed += len(items)
         bar.update(len(items))
 

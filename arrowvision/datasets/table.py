@@ -168,9 +168,7 @@ def embed_table(encoder: Any, source: str, output: str | os.PathLike, *, column:
                     row.width, row.height, row.digest = item.width, item.height, item.digest
                     row.embedding = None if row.error else next(done)
                 good, bad = chunks.add(keys)
-                stats.embedded += len(good)
-                stats.failed += len(bad)
-                stats.errors += [(row.path, row.error) for row in bad]
+                stats.count(good, bad)
                 bar.update(len(keys))
                 if stop.is_set():
                     break

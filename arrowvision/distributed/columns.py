@@ -128,9 +128,7 @@ def embed_table_ray(weights: str | os.PathLike, files: list[str], output: str | 
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     rows = _table_rows(batch, id_column, copied)
                     good, bad = chunks.add(rows)
-                    stats.embedded += len(good)
-                    stats.failed += len(bad)
-                    stats.errors += [(row.path, row.error) for row in bad]
+                    stats.count(good, bad)
                     bar.update(len(rows))
                     if stop.is_set():
                         break

@@ -205,9 +205,7 @@ def embed_paths_ray(
                     if on_batch is not None:
                         on_batch(batch)
                     good, bad = chunks.add(_rows(batch))
-                    stats.embedded += len(good)
-                    stats.failed += len(bad)
-                    stats.errors += [(row.path, row.error) for row in bad]
+                    stats.count(good, bad)
                     fresh = {row.path for row in good} | {row.path for row in bad}
                     for path, node, pid, seconds, load in zip(batch["path"], batch["node"], batch["pid"],
                                                               batch["inference_seconds"], batch["load_seconds"]):
