@@ -173,6 +173,9 @@ TEXT_PRESETS: dict[str, TextConfig] = {
     **{f"siglip2-large-patch16-{s}": _siglip(256000, 1024, 24, 16, 4096) for s in (256, 384, 512)},
     **{f"siglip2-so400m-patch14-{s}": _siglip(256000, 1152, 27, 16, 4304) for s in (224, 384)},
     **{f"siglip2-so400m-patch16-{s}": _siglip(256000, 1152, 27, 16, 4304) for s in (256, 384, 512)},
+    # NaFlex: only the vision tower differs; the text tower is SigLIP 2's (Gemma vocabulary, 64 tokens)
+    "siglip2-base-patch16-naflex": _siglip(256000, 768, 12, 12, 3072),
+    "siglip2-so400m-patch16-naflex": _siglip(256000, 1152, 27, 16, 4304),
     "clip-vit-base-patch32": _clip(512, 12, 8, 2048, 512),
     "clip-vit-base-patch16": _clip(512, 12, 8, 2048, 512),
     "clip-vit-large-patch14": _clip(768, 12, 12, 3072, 768),
