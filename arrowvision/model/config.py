@@ -238,11 +238,7 @@ class VisionConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF vision config dict (what ``SiglipVisionConfig``/``CLIPVisionConfig`` take)."""
-        if self.naflex:
-            return self._naflex_hf()
-        config = {
-            "model_type": "siglip_vision_model" if self.family == "siglip" else "clip_vision_model",
-            "image_size": self.image_size,
+        config: dict[str, Any] = {
             "patch_size": self.patch_size,
             "num_channels": self.num_channels,
             "hidden_size": self.hidden_size,
@@ -252,24 +248,13 @@ class VisionConfig:
             "layer_norm_eps": self.layer_norm_eps,
             "hidden_act": self.hidden_act,
         }
+        if self.naflex:  # what Siglip2VisionConfig takes: a patch count instead of an image size
+            return {"model_type": "siglip2_vision_model", "num_patches": self.num_patches, **config}
+        config = {"model_type": "siglip_vision_model" if self.family == "siglip" else "clip_vision_model",
+                  "image_size": self.image_size, **config}
         if self.family == "clip":
             config["projection_dim"] = self.projection_dim
         return config
-
-    def _naflex_hf(self) -> dict[str, Any]:
-        """What ``Siglip2VisionConfig`` takes."""
-        return {
-            "model_type": "siglip2_vision_model",
-            "num_patches": self.num_patches,
-            "patch_size": self.patch_size,
-            "num_channels": self.num_channels,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "intermediate_size": self.intermediate_size,
-            "layer_norm_eps": self.layer_norm_eps,
-            "hidden_act": self.hidden_act,
-        }
 
     def expected_tensors(self, prefix: str = "vision_model.") -> dict[str, tuple[int, ...]]:
         """HF tensor names and shapes of the vision tower: the explicit weight map.

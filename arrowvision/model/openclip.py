@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..errors import ConversionError
+from .openclip_timm import split_block
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -168,20 +169,7 @@ def hf_tensors(tensors: Iterator[tuple[str, Any]], config: Mapping[str, Any], to
             yield ("visual_projection.weight" if name == "visual.proj" else "text_projection.weight"), tensor.t().contiguous()
         elif match := _BLOCK.match(name):
             tower_prefix = "vision_model" if match.group(1) else "text_model"
-            yield from _block(f"{tower_prefix}.encoder.layers.{match.group(2)}.", match.group(3), tensor, name)
+            yield from split_block(f"{tower_prefix}.encoder.layers.{match.group(2)}.", match.group(3), tensor, name,
+                                   "attn.in_proj", _BLOCK_PARTS)
         else:
             raise ConversionError(f"open_clip tensor {name!r} has no place in an OpenAI-style CLIP model")
-
-
-def _block(prefix: str, part: str, tensor: Any, name: str) -> Iterator[tuple[str, Any]]:
-    if part in ("attn.in_proj_weight", "attn.in_proj_bias"):
-        kind = part.rsplit("_", 1)[1]  # weight | bias
-        if tensor.ndim == 0 or tensor.shape[0] % 3:
-            raise ConversionError(f"open_clip tensor {name!r}: first dimension is not 3 x width")
-        for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-            yield f"{prefix}self_attn.{projection}.{kind}", chunk.contiguous()
-        return
-    module, _, leaf = part.rpartition(".")
-    if module not in _BLOCK_PARTS:
-        raise ConversionError(f"open_clip tensor {name!r} is not supported (layer scale, attention norms, ...)")
-    yield f"{prefix}{_BLOCK_PARTS[module]}.{leaf}", tensor

@@ -126,10 +126,10 @@ def hf_tensors(tensors: Mapping[str, Any], cfg: Mapping[str, Any], tower: str) -
                 raise ConversionError(f"open_clip timm SigLIP checkpoint has {name} but no {P}attn_pool.q.{kind}")
             yield f"vision_model.head.attention.in_proj_{kind}", _cat(query, tensor)
         elif match := _BLOCK.match(name):
-            yield from _split_block(f"vision_model.encoder.layers.{match.group(1)}.", match.group(2), tensor, name,
+            yield from split_block(f"vision_model.encoder.layers.{match.group(1)}.", match.group(2), tensor, name,
                                     "attn.qkv", _BLOCK_PARTS)
         elif match := _TEXT_BLOCK.match(name):
-            yield from _split_block(f"text_model.encoder.layers.{match.group(1)}.", match.group(2), tensor, name,
+            yield from split_block(f"text_model.encoder.layers.{match.group(1)}.", match.group(2), tensor, name,
                                     "attn.in_proj", _TEXT_PARTS)
         else:
             raise ConversionError(f"open_clip tensor {name!r} has no place in a timm SigLIP model")
@@ -141,7 +141,9 @@ def _cat(first: Any, second: Any) -> Any:
     return torch.cat([first, second], dim=0)
 
 
-def _split_block(prefix: str, part: str, tensor: Any, name: str, fused: str, parts: Mapping[str, str]) -> Iterator[tuple[str, Any]]:
+def split_block(prefix: str, part: str, tensor: Any, name: str, fused: str, parts: Mapping[str, str]) -> Iterator[tuple[str, Any]]:
+    """One transformer-block tensor in HF names: the fused q/k/v projection (``fused``) split in
+    three, the rest renamed through ``parts``; for both open_clip layouts (OpenAI-style and timm)."""
     if part in (f"{fused}.weight", f"{fused}.bias", f"{fused}_weight", f"{fused}_bias"):
         kind = "weight" if part.endswith("weight") else "bias"
         if tensor.ndim == 0 or tensor.shape[0] % 3:
