@@ -18,7 +18,8 @@ from ..weights.format import WeightLoader
 from .artifacts import cache_root, is_complete, read_meta
 from .base import BackendBase
 from .feeds import named_inputs
-from .onnx_export import _onnxruntime, cache_key, export_onnx
+from .export_child import export_entry
+from .onnx_export import _onnxruntime, cache_key
 from .validation import DEFAULT_MIN_COSINE, recheck
 
 
@@ -46,7 +47,8 @@ class ONNXRuntimeBackend(BackendBase):
         self.entry = cache_root(cache_dir) / "onnx" / cache_key(weights, precision) if precision in ("fp32", "int8") else None
         self.cache_hit = self.entry is not None and is_complete(self.entry)
         if not self.cache_hit:  # export validates the precision and re-checks under its lock
-            self.entry = export_onnx(weights, precision, cache_dir=cache_dir, min_cosine=min_cosine)
+            self.entry = export_entry("arrowvision.backends.onnx_export:export_onnx", weights, precision=precision,
+                                      cache_dir=cache_dir, min_cosine=min_cosine)
         self.report = read_meta(self.entry)
         recheck(self.report, min_cosine)
         self._open(self.entry / "model.onnx", num_threads)
