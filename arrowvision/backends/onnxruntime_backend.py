@@ -2,6 +2,11 @@
 
 On AVX2-only CPUs ONNX Runtime's dynamic int8 kernels measured faster than OpenVINO's int8; the
 ``auto`` backend decides per machine by measurement.
+
+Memory (SigLIP-B/16 fp32, batch 32): ONNX Runtime reads the model into its own memory and keeps
+one copy of the weights (no mapping stays resident); its arena then grows with the batch, ~0.86 GB
+peak RSS. Measured and not taken: ``enable_cpu_mem_arena=False`` (2.6 GB peak: every call's
+buffers go through malloc and fragment), the same without memory patterns (1.3 GB).
 """
 
 from __future__ import annotations
