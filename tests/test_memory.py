@@ -80,18 +80,30 @@ def test_openvino_keeps_no_model_and_no_resident_weight_mapping(module_cache, ti
     blob) is no longer resident, no ``ov.Model`` is kept, and the results do not change."""
     import openvino as ov
 
-    encoder = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino")
-    backend = encoder.backend
+    backend = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino").backend
     assert isinstance(backend.mapped, MappedWeights) and not backend.mapped.repacked
     assert backend.mapped.paths[0] == backend.entry / "model.bin"
     pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
-    first = backend(pixels)
+    first = backend(pixels[:1])
     assert backend.mapped.repacked and backend.mapped.released > 0  # the weight file was mapped, and released
     assert all(resident_bytes(path) == 0 for path in backend.mapped.paths)
     assert not any(isinstance(value, ov.Model) for value in vars(backend).values())
-    np.testing.assert_allclose(backend(pixels), first, atol=1e-6)
-    reference = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch")
-    np.testing.assert_allclose(first, reference.encode(pixels, normalize=False), atol=1e-4)
+    reference = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch").encode(pixels, normalize=False)
+    np.testing.assert_allclose(first, reference[:1], atol=1e-4)
+    np.testing.assert_allclose(backend(pixels), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_a_first_call_on_a_batch_repacks_on_its_first_row_alone(module_cache, tiny_siglip_parquet, mode):
+    backend = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="openvino", mode=mode).backend
+    sizes = []
+    run = backend._run
+    backend._run = lambda inputs: sizes.append(len(inputs[0])) or run(inputs)
+    pixels = np.random.default_rng(1).standard_normal((5, 3, 32, 32), dtype=np.float32)
+    first = backend(pixels)
+    assert sizes == [1, 4] and backend.mapped.repacked
+    np.testing.assert_allclose(backend(pixels), first, atol=1e-5)
+    assert sizes == [1, 4, 5]
 
 
 def test_large_models_export_in_a_child_and_the_server_never_imports_torch(tmp_path, tiny_siglip_parquet):

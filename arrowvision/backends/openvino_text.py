@@ -23,7 +23,8 @@ from ..errors import BackendError
 from ..model.text_config import TextConfig
 from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, is_complete, read_meta, require_torch
-from .openvino_backend import _int8_saturates, _openvino, inference_hint, mapped_weights, nncf_quantize, unsupported_reason
+from .openvino_backend import (_int8_saturates, _openvino, first_call_row_alone, inference_hint, mapped_weights, nncf_quantize,
+                               unsupported_reason)
 from .validation import DEFAULT_MIN_COSINE, recheck, validate_lossy
 
 log = logging.getLogger("arrowvision")
@@ -175,7 +176,8 @@ class OpenVINOTextBackend:
         self.mapped = mapped_weights(xml, compiled_dir)  # held once, as the image tower's
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
-        self.request.infer({0: np.ascontiguousarray(input_ids, dtype=np.int64)})
-        output = self.request.get_output_tensor(0).data.copy()
-        self.mapped.after_call()
-        return output
+        return first_call_row_alone(self._run, [np.ascontiguousarray(input_ids, dtype=np.int64)], self.mapped)
+
+    def _run(self, inputs: list[np.ndarray]) -> np.ndarray:
+        self.request.infer(inputs)
+        return self.request.get_output_tensor(0).data.copy()
