@@ -10,9 +10,9 @@ in a child process (``export_child``), so that the serving process never imports
 Memory (SigLIP-B/16 fp32, /proc/self/smaps): OpenVINO maps the IR's ``model.bin`` (or its compiled
 blob, ``ENABLE_MMAP``'s default) and its CPU plugin repacks every MatMul weight into anonymous
 memory, about half at compile and the rest at the first inference, but keeps the mapping: 340 MB
-mapped + 340 MB repacked, 1126 MB peak RSS through batch 32. The pages read while repacking are
-released (``mapped_weights``) after compiling and after the first inference, which runs on one
-row: 790 MB. Measured and not taken: ``ENABLE_MMAP=False`` (the plugin then keeps a heap copy of
+mapped + 340 MB repacked, 1174 MB peak RSS through batch 32 (``benchmarks/latency.py``). The
+pages read while repacking are released (``mapped_weights``) after compiling and after the first
+inference, which runs on one row: 819 MB. Measured and not taken: ``ENABLE_MMAP=False`` (the plugin then keeps a heap copy of
 the file: the same 1.1 GB), ``core.read_model`` + compile + ``del`` (the same: the compiled graph
 holds the constants).
 """
@@ -199,16 +199,16 @@ def mapped_weights(xml: Path, compiled_dir: str | os.PathLike | None) -> MappedW
     """What OpenVINO maps the weights from: the IR's ``.bin`` on a first compile, the compiled-cache
     blob after. Its CPU plugin repacks every MatMul weight into its own memory (part at compile,
     the rest at the first inference) yet keeps the mapping; releasing the mapping's resident
-    pages then holds fp32 weights once (SigLIP-B/16 fp32 after batch 32: 1126 -> 792 MB peak
-    RSS). ``ENABLE_MMAP=False`` does not help: the plugin then keeps a heap copy instead."""
+    pages then holds fp32 weights once (SigLIP-B/16 fp32 through batch 32: 1174 -> 819 MB
+    peak RSS). ``ENABLE_MMAP=False`` does not help: the plugin then keeps a heap copy instead."""
     return MappedWeights([xml.with_suffix(".bin"), *([compiled_dir] if compiled_dir is not None else [])])
 
 
 def first_call_row_alone(run: Any, inputs: list[np.ndarray], mapped: MappedWeights) -> np.ndarray:
     """``run(inputs)``, releasing the mapped weights after the first call. That call repacks the
     weights the plugin left for it, reading them from the mapping: it runs on the first row
-    alone, before a large batch's activations exist (SigLIP-B/16 fp32, first call at batch 32:
-    996 -> ~800 MB peak RSS), at the cost of one batch-1 inference."""
+    alone, before a large batch's activations exist (SigLIP-B/16 fp32, ``embed`` whose first
+    call is a batch of 32: 1020 -> 892 MB peak RSS), at the cost of one batch-1 inference."""
     if not mapped.repacked and len(inputs[0]) > 1:
         head = run([part[:1] for part in inputs])
         mapped.after_call()
