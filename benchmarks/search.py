@@ -103,6 +103,46 @@ def merge_top(best_scores, best_ids, scores, first_row, k):
     return np.take_along_axis(all_scores, keep, 1), np.take_along_axis(all_ids, keep, 1)
 
 
+def prepare_corpus(work: Path, args: argparse.Namespace, corpus: Corpus, queries: np.ndarray, k: int = 10):
+    """The dataset and the queries' exact top-``k``: reused from ``work`` when a previous run wrote the
+    same corpus there (``corpus.json`` records how; ``truth.npz`` the exact answers), else written."""
+    dataset = work / "emb"
+    recipe = {"rows": args.rows, "dim": args.dim, "clusters": len(corpus.centers), "center_scale": args.center_scale,
+              "chunk_rows": args.chunk_rows, "queries": len(queries), "seed": 0}
+    marker, truth_file = work / "corpus.json", work / "truth.npz"
+    if marker.is_file() and truth_file.is_file() and json.loads(marker.read_text()) == recipe:
+        shutil.rmtree(dataset / vindex.INDEX_DIR, ignore_errors=True)
+        for extra in dataset.glob("part-9*.parquet"):  # the chunk a previous run's update test added
+            extra.unlink()
+        saved = np.load(truth_file)
+        data_bytes = sum(p.stat().st_size for p in dataset.glob("part-*.parquet"))
+        print(f"corpus: {args.rows:,} x {args.dim}, {recipe['clusters']} clusters, reused from {dataset} "
+              f"({data_bytes / 2**30:.2f} GiB of Parquet)")
+        return dataset, saved["truth"], saved["scores"], data_bytes
+    marker.unlink(missing_ok=True)
+    if dataset.exists():
+        shutil.rmtree(dataset)
+    dataset.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), k), np.int64)
+    schema = schema_for(args.dim)
+    tick = time.perf_counter()
+    for number, first in enumerate(range(0, args.rows, args.chunk_rows)):
+        vectors = corpus.sample(min(args.chunk_rows, args.rows - first), rng)
+        write_part(dataset, number, vectors, first, schema)
+        best_scores, best_ids = merge_top(best_scores, best_ids, queries @ vectors.T, first, k)
+    order = np.argsort(-best_scores, axis=1)
+    truth = np.take_along_axis(best_ids, order, 1)
+    best_scores = np.take_along_axis(best_scores, order, 1)
+    data_bytes = sum(p.stat().st_size for p in dataset.glob("part-*.parquet"))
+    print(f"corpus: {args.rows:,} x {args.dim}, {recipe['clusters']} clusters; {data_bytes / 2**30:.2f} GiB of Parquet written "
+          f"in {time.perf_counter() - tick:.0f} s")
+    np.savez(truth_file, truth=truth, scores=best_scores)
+    marker.write_text(json.dumps(recipe))
+    return dataset, truth, best_scores, data_bytes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="corpus size")
@@ -116,6 +156,7 @@ def main() -> int:
     parser.add_argument("--threads", default="1,2", help="FAISS OpenMP threads per query, comma-separated")
     parser.add_argument("--in-ram", action="store_true", help="read the index into RAM, as `serve` does (default: map it, as `search`)")
     parser.add_argument("--workdir", help="where to write the dataset (default: a temp folder, removed after)")
+    parser.add_argument("--corpus-only", action="store_true", help="write (or check) the corpus in --workdir and stop")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
@@ -125,29 +166,15 @@ def main() -> int:
     print(f"cpu: {cpu.describe()}; {os.cpu_count()} logical cores; faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads); "
           f"load average {os.getloadavg()[0]:.1f} (other work on the machine inflates wall times; CPU times do not)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="arrowvision-search-bench-"))
-    dataset = work / "emb"
-    if dataset.exists():
-        shutil.rmtree(dataset)
-    dataset.mkdir(parents=True)
     clusters = args.clusters or max(10, args.rows // 1000)
     corpus = Corpus(args.dim, clusters, args.center_scale)
-    rng = np.random.default_rng(1)
     queries = corpus.sample(args.queries, np.random.default_rng(2))
+    dataset, truth, best_scores, data_bytes = prepare_corpus(work, args, corpus, queries)
+    print(f"nearest-neighbour cosine {best_scores[:, 0].mean():.3f}, 10th {best_scores[:, -1].mean():.3f}")
+    if args.corpus_only:
+        return 0
     k = 10
-    best_scores = np.full((args.queries, k), -np.inf, np.float32)
-    best_ids = np.zeros((args.queries, k), np.int64)
     schema = schema_for(args.dim)
-    tick = time.perf_counter()
-    for number, first in enumerate(range(0, args.rows, args.chunk_rows)):
-        vectors = corpus.sample(min(args.chunk_rows, args.rows - first), rng)
-        write_part(dataset, number, vectors, first, schema)
-        best_scores, best_ids = merge_top(best_scores, best_ids, queries @ vectors.T, first, k)
-    order = np.argsort(-best_scores, axis=1)
-    truth = np.take_along_axis(best_ids, order, 1)
-    data_bytes = sum(p.stat().st_size for p in dataset.glob("part-*.parquet"))
-    print(f"corpus: {args.rows:,} x {args.dim}, {clusters} clusters; {data_bytes / 2**30:.2f} GiB of Parquet written "
-          f"in {time.perf_counter() - tick:.0f} s; nearest-neighbour cosine {best_scores.max(axis=1).mean():.3f}, "
-          f"10th {np.sort(best_scores, axis=1)[:, 0].mean():.3f}")
 
     info = vindex.build(dataset)
     print(f"index: {info.kind} ({info.details}), built in {info.seconds:.1f} s, {info.bytes / 2**20:.0f} MiB")
@@ -186,7 +213,7 @@ def main() -> int:
           f"index at the default nprobe {index.nprobe} ({default['threads']} thread(s)): "
           f"{results['speedup_at_default_nprobe']:.0f}x faster")
 
-    extra = corpus.sample(1024, rng)  # what one more `embed` chunk costs the index
+    extra = corpus.sample(1024, np.random.default_rng(3))  # what one more `embed` chunk costs the index
     write_part(dataset, 99999, extra, args.rows, schema)
     update = vindex.update(dataset)
     results["incremental_update_seconds"] = update.seconds
