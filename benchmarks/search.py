@@ -152,10 +152,11 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200, help="timed index queries (recall is averaged over them)")
     parser.add_argument("--scan-queries", type=int, default=3, help="queries timed on the streamed scan (slow)")
     parser.add_argument("--chunk-rows", type=int, default=32768, help="rows per part file")
-    parser.add_argument("--nprobe", default="16,32,64,default", help="IVF lists probed, comma-separated ('default': the index's)")
+    parser.add_argument("--nprobe", default="64,128,default", help="IVF lists probed, comma-separated ('default': the index's)")
     parser.add_argument("--threads", default="1,2", help="FAISS OpenMP threads per query, comma-separated")
     parser.add_argument("--in-ram", action="store_true", help="read the index into RAM, as `serve` does (default: map it, as `search`)")
     parser.add_argument("--workdir", help="where to write the dataset (default: a temp folder, removed after)")
+    parser.add_argument("--add-chunks", type=int, default=3, help="1024-row chunks added (delta segments) after the queries")
     parser.add_argument("--corpus-only", action="store_true", help="write (or check) the corpus in --workdir and stop")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -178,28 +179,29 @@ def main() -> int:
 
     info = vindex.build(dataset)
     print(f"index: {info.kind} ({info.details}), built in {info.seconds:.1f} s, {info.bytes / 2**20:.0f} MiB")
+    mode = "read into RAM (as `serve`)" if args.in_ram else "memory-mapped (as `search`)"
+    rss_before = rss_mib()
     start = time.perf_counter()
-    index = vindex.VectorIndex.open(dataset, mmap=not args.in_ram)  # mapped, as `search` opens it; in RAM, as `serve`
+    index = vindex.VectorIndex.open(dataset, mmap=not args.in_ram)
     open_seconds = time.perf_counter() - start
-    print(f"index opened in {open_seconds:.2f} s ({'read into RAM' if args.in_ram else 'memory-mapped'})")
-    results = {"open_seconds": open_seconds, "cpu": cpu.describe(), "rows": args.rows, "dim": args.dim, "clusters": clusters, "kind": info.kind,
-               "build_seconds": info.seconds, "index_bytes": info.bytes, "dataset_bytes": data_bytes, "runs": []}
-    probes = ([index.nprobe if p == "default" else int(p) for p in args.nprobe.split(",")] if info.kind == "ivf" else [None])
+    print(f"index opened in {open_seconds:.2f} s, {mode}; RSS +{rss_mib() - rss_before:.0f} MiB")
+    results = {"open_seconds": open_seconds, "cpu": cpu.describe(), "rows": args.rows, "dim": args.dim, "clusters": clusters,
+               "kind": info.kind, "in_ram": args.in_ram, "build_seconds": info.seconds, "details": info.details,
+               "index_bytes": info.bytes, "dataset_bytes": data_bytes, "runs": []}
+    probes = [index.nprobe if p == "default" else int(p) for p in args.nprobe.split(",")] if info.kind != "exact" else [None]
     index.search(queries[0], k)  # warm-up
     for threads, nprobe in [(t, p) for t in map(int, args.threads.split(",")) for p in probes]:
-        faiss.omp_set_num_threads(threads)
-        times, cpu_times, recalls = [], [], []
-        for query, expected in zip(queries, truth):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            hits = index.search(query, k, nprobe=nprobe)
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-            recalls.append(len({int(p[8:16]) for _, p in hits} & set(expected.tolist())) / k)
-        run = {"threads": threads, "nprobe": nprobe, "recall_at_10": float(np.mean(recalls)), "p50_ms": 1000 * float(np.percentile(times, 50)),
-               "p99_ms": 1000 * float(np.percentile(times, 99)), "cpu_p50_ms": 1000 * float(np.percentile(cpu_times, 50))}
+        run = measure(index, queries, truth, k, nprobe, threads)
         results["runs"].append(run)
-        print(f"  {threads} thread(s), nprobe {nprobe or '-':>3}: recall@10 {run['recall_at_10']:.4f}  p50 {run['p50_ms']:6.2f} ms  p99 {run['p99_ms']:6.2f} ms  "
-              f"(CPU time p50 {run['cpu_p50_ms']:6.2f} ms)")
+        report(run, "")
+    results["rss_mib_after_queries"] = rss_mib() - rss_before
+    print(f"RSS after the queries: +{results['rss_mib_after_queries']:.0f} MiB over the process before opening")
+    faiss.omp_set_num_threads(1)
+    peer = vindex.VectorIndex.open(dataset, mmap=args.in_ram)  # the other way of opening, in the same run
+    peer.search(queries[0], k)
+    results["peer"] = measure(peer, queries, truth, k, None, 1)
+    report(results["peer"], f"  ({'memory-mapped' if args.in_ram else 'read into RAM'}, the other way of opening)")
+    del peer
 
     scan = []
     for query in queries[: args.scan_queries]:
@@ -213,17 +215,70 @@ def main() -> int:
           f"index at the default nprobe {index.nprobe} ({default['threads']} thread(s)): "
           f"{results['speedup_at_default_nprobe']:.0f}x faster")
 
-    extra = corpus.sample(1024, np.random.default_rng(3))  # what one more `embed` chunk costs the index
-    write_part(dataset, 99999, extra, args.rows, schema)
-    update = vindex.update(dataset)
-    results["incremental_update_seconds"] = update.seconds
-    print(f"incremental update (+1024 rows, {update.action}): {update.seconds:.1f} s")
+    add_chunks(results, args, dataset, corpus, queries, best_scores, truth, schema, index, k)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.workdir:
         shutil.rmtree(work)
     return 0
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(index, queries, truth, k, nprobe, threads) -> dict:
+    """Single-query latency (wall and CPU time, one query at a time) and recall@k against ``truth``."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    times, cpu_times, recalls = [], [], []
+    for query, expected in zip(queries, truth):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        hits = index.search(query, k, nprobe=nprobe)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        recalls.append(len({int(p[8:16]) for _, p in hits} & set(expected.tolist())) / k)
+    return {"threads": threads, "nprobe": nprobe or index.nprobe, "recall_at_10": float(np.mean(recalls)),
+            "p50_ms": 1000 * float(np.percentile(times, 50)), "p95_ms": 1000 * float(np.percentile(times, 95)),
+            "p99_ms": 1000 * float(np.percentile(times, 99)), "cpu_p50_ms": 1000 * float(np.percentile(cpu_times, 50))}
+
+
+def report(run: dict, note: str) -> None:
+    print(f"  {run['threads']} thread(s), nprobe {run['nprobe'] or '-':>3}: recall@10 {run['recall_at_10']:.4f}  "
+          f"p50 {run['p50_ms']:6.2f} ms  p95 {run['p95_ms']:6.2f} ms  p99 {run['p99_ms']:6.2f} ms  "
+          f"(CPU time p50 {run['cpu_p50_ms']:6.2f} ms){note}")
+
+
+def add_chunks(results, args, dataset, corpus, queries, best_scores, truth, schema, index, k) -> None:
+    """What ``embed`` adding 1024-row chunks costs: each a delta segment; queries with the delta; the fold."""
+    rng = np.random.default_rng(3)
+    seconds = []
+    for number in range(args.add_chunks):
+        extra = corpus.sample(1024, rng)
+        first = args.rows + 1024 * number
+        write_part(dataset, 99000 + number, extra, first, schema)
+        best_scores, truth = merge_top(best_scores, truth, queries @ extra.T, first, k)
+        update = vindex.update(dataset)
+        seconds.append(update.seconds)
+        print(f"add a 1024-row chunk: {update.action} in {update.seconds:.2f} s ({update.details})")
+    results["chunk_add_seconds"] = seconds
+    order = np.argsort(-best_scores, axis=1)
+    truth = np.take_along_axis(truth, order, 1)
+    with_delta = vindex.VectorIndex.open(dataset, mmap=not args.in_ram, reuse=index)
+    results["with_delta"] = measure(with_delta, queries, truth, k, None, 1)
+    report(results["with_delta"], f"  (with {with_delta.delta.ntotal} delta rows)")
+    merged = vindex.update(dataset, merge=True)
+    results["merge_seconds"] = merged.seconds
+    print(f"merge the delta into the main index (`index --merge`, or when it passes {vindex.DELTA_MAX_ROWS} rows): "
+          f"{merged.seconds:.1f} s")
+    after = vindex.VectorIndex.open(dataset, mmap=not args.in_ram)
+    results["after_merge"] = measure(after, queries, truth, k, None, 1)
+    report(results["after_merge"], "  (after the merge)")
 
 
 if __name__ == "__main__":

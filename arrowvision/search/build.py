@@ -38,7 +38,7 @@ RERANK = 100  # PQ candidates re-ranked exactly (float16 rows) for a top 10; k >
 NPROBE_FRACTION = 4  # lists probed per query: 1/4 of them (at least 32)
 MIN_NPROBE = 32
 RETRAIN_GROWTH = 4.0  # an IVF trained on N rows is rebuilt once the corpus passes 4N
-DELTA_MAX_ROWS = 16_384  # delta rows searched exactly (~2 ms at 768 dims) before they are folded in
+DELTA_MAX_ROWS = 8192  # delta rows searched exactly (~2 ms a query at 768 dims) before they are folded in
 COPY_ROWS = 65_536  # rows per block when a fold copies the float16 matrix into the new generation
 
 
@@ -272,7 +272,8 @@ def _fold(dataset: Path, meta: dict[str, Any], vectors: np.ndarray, paths: list[
         if refine is not None:
             source = np.load(folder / old_refine, mmap_mode="r")
             for first in range(0, old_rows, COPY_ROWS):
-                refine[first:first + COPY_ROWS] = source[first:first + COPY_ROWS]
+                stop = min(first + COPY_ROWS, old_rows)
+                refine[first:stop] = source[first:stop]
             refine[old_rows:] = extra
     meta.update(rows=len(all_paths), duplicate_rows=len(all_paths) - len(set(all_paths)), delta=[])
     store.write_main(dataset, meta, index, all_paths)

@@ -97,7 +97,9 @@ class VectorIndex:
         self.main_paths = paths
         self.main_rows = len(paths)
         self.refine = refine
-        self.delta = np.zeros((0, int(meta["dim"])), np.float32) if delta is None else delta
+        self.delta = _faiss().IndexFlatIP(int(meta["dim"]))  # (FAISS, not numpy: a BLAS pool would spin per query)
+        if delta is not None and len(delta):
+            self.delta.add(delta)
         self.paths = paths + (delta_paths or [])
         self.path_set = frozenset(self.paths)
         self.duplicates = len(self.paths) - len(self.path_set)
@@ -190,8 +192,8 @@ class VectorIndex:
         queries = np.ascontiguousarray(l2_normalize(queries))
         fetch = k + self.duplicates  # a path held twice fills two slots
         scores, ids = self._search_main(queries, min(fetch, self.main_rows), nprobe)
-        if len(self.delta):
-            delta_scores, delta_ids = _top(queries @ self.delta.T, min(fetch, len(self.delta)))
+        if self.delta.ntotal:
+            delta_scores, delta_ids = self.delta.search(queries, min(fetch, self.delta.ntotal))
             scores, ids = np.concatenate([scores, delta_scores], 1), np.concatenate([ids, delta_ids + self.main_rows], 1)
         results = []
         for row_scores, row_ids in zip(scores, ids):
