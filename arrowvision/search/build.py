@@ -35,7 +35,7 @@ TRAIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per list
 KMEANS_ITERATIONS = 10
 DIMS_PER_SUBQUANTIZER = 4  # PQ192x4 at 768 dims: 96 bytes a row, scanned with fast-scan SIMD
 RERANK = 100  # PQ candidates re-ranked exactly (float16 rows) for a top 10; k > 10 takes more
-NPROBE_FRACTION = 4  # lists probed per query: 1/4 of them (at least 32)
+NPROBE_FRACTION = 3  # lists probed per query: 1/3 of them (at least 32)
 MIN_NPROBE = 32
 RETRAIN_GROWTH = 4.0  # an IVF trained on N rows is rebuilt once the corpus passes 4N
 DELTA_MAX_ROWS = 8192  # delta rows searched exactly (~2 ms a query at 768 dims) before they are folded in
@@ -95,8 +95,8 @@ def ivf_lists(rows: int) -> int:
 
 
 def default_nprobe(lists: int) -> int:
-    """Lists probed per query: 1/4 of them, at least 32: recall@10 0.98 on the 1M benchmark corpus
-    (see the table in ``index``); the 4-bit codes make a quarter of the corpus a ~2 ms scan."""
+    """Lists probed per query: 1/3 of them, at least 32: recall@10 0.975-0.988 on the 1M benchmark
+    corpus (see the table in ``index``); 4-bit codes make a third of the corpus a ~3 ms scan."""
     return min(lists, max(MIN_NPROBE, lists // NPROBE_FRACTION))
 
 

@@ -1,4 +1,5 @@
-"""A vector index beside an embeddings dataset, on FAISS: exact below a size threshold, IVF above.
+"""A vector index beside an embeddings dataset, on FAISS: exact below a size threshold, IVF-PQ with
+exact re-ranking above, plus the delta segments of incremental updates.
 
 Why FAISS, measured on this project's shared 2-core AMD Zen 3 machine with a clustered synthetic
 corpus of 50k x 768 (the corpus of ``benchmarks/search.py`` with ``--center-scale 1``; one query
@@ -20,28 +21,33 @@ FAISS IVF trains k-means on a sample, adds new chunks without retraining (an inc
 is an ``add``), and its exact ``IndexFlatIP`` ranks exactly like the streamed scan of
 ``search.top_k``.
 
-How the IVF stores vectors, measured at 1M x 768 (1000 lists; the benchmark corpus; CPU time of
-one query on one thread, so other load on the machine does not count):
+How the IVF stores and scans vectors, measured at 1M x 768 (the ``benchmarks/search.py`` corpus,
+whose neighbours are far apart: nearest cosine 0.74, 10th 0.61; recall@10 vs exact; CPU time of
+one query on one thread, so other load on the machine does not count). Format 1 scanned float16
+vectors; on this corpus recall climbs slowly with the lists probed, so 0.97 needed a third of the
+corpus scanned, ~80 ms of float16 arithmetic. 4-bit PQ codes (``PQ192x4fs``: 96 bytes a row,
+FAISS's fast-scan SIMD kernels) scan 16x fewer bytes; the best 100 candidates are then re-ranked
+exactly from the float16 rows (``refine-G.npy``; a few hundred microseconds). Re-ranking 50, 100
+or 400 candidates gives the same recall: what limits it is which lists are probed, not the codes.
 
-============  ========  ===================  ===================  ===================
-storage       size      nprobe 32            nprobe 64            nprobe 128
-============  ========  ===================  ===================  ===================
-float32       2.9 GiB   0.920 @ 10.4 ms      0.944 @ 19.8 ms      0.960 @ 38.7 ms
-float16       1.4 GiB   0.920 @  8.1 ms      0.944 @ 14.9 ms      0.960 @ 31.3 ms
-int8 (SQ8)    0.7 GiB   0.919 @  5.9 ms      0.942 @ 10.9 ms      0.958 @ 21.5 ms
-============  ========  ===================  ===================  ===================
+=====================================  ============  =====================  =====================
+index (1000 lists unless said)         size          nprobe 128             1/4 - 1/3 of lists
+=====================================  ============  =====================  =====================
+float16 IVF (format 1)                 1.4 GiB       0.960 @ 31 ms          (0.948 @ 37 ms, 1/8)
+IVF-PQ fast-scan + float16 re-rank     1.5 GiB       0.948-0.962 @ 1.5 ms   0.971-0.981 @ 2.6 ms (1/4),
+                                                                            0.975-0.988 @ 3.4 ms (1/3)
+4096 lists, HNSW coarse quantizer      --            --                     0.857 @ 2.4 ms (1/8)
+=====================================  ============  =====================  =====================
 
-The scan is memory-bound, so smaller vectors are faster at the same recall. float16 keeps scores
-within 2e-5 of the exact cosine (an indexed photo still finds itself at 1.0); int8 is faster still
-but moves scores by up to 2e-3, so we store float16. A memory-mapped index answers from the page
-cache (48 ms vs 21 ms wall per query at nprobe 32): ``serve`` reads it into RAM, one-off CLI
-searches map it.
+The ranges are two k-means trainings on two samples of the same corpus: the lists' luck moves
+recall by ~0.01, hence the default of 1/3 (``build.default_nprobe``), not 1/4. Finer partitions
+did not help at the same fraction (the HNSW row; its k-means on 16 points a list, 10 iterations).
+Scores come from the float16 rows: within 2e-5 of the float32 cosine at 768 dims (an indexed photo
+finds itself at 1.0). A memory-mapped index (``search``) reads only the ~100 candidate rows of the
+float16 matrix per query, advised random access; ``serve`` reads it into RAM.
 
-Layout: ``DATASET/_index/`` (a ``_`` folder, which dataset discovery skips) holds
-``meta.json`` (the model checksum, preprocessing, dimension, the part files indexed) and one
-generation of ``vectors-N.faiss`` + ``paths-N.parquet`` (row id -> image path). A new generation is
-written beside the old one and ``meta.json`` is replaced last (atomically), so a crash or a
-reader at any moment sees one complete index.
+Layout and crash safety: ``store``. Building, and adding ``embed``'s new chunks as delta segments
+searched exactly beside the main index (folded in past ``DELTA_MAX_ROWS``): ``build``.
 """
 
 from __future__ import annotations
@@ -53,7 +59,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..datasets.pipeline import part_files
 from ..errors import ArrowVisionError, IndexCorrupt, IndexMismatch
@@ -145,7 +150,7 @@ class VectorIndex:
             index = faiss.read_index(str(folder / meta["vectors_file"]), flags)  # ivfpq: the codes (1/8 of the rows) in RAM
             paths = store.read_paths(folder / meta["paths_file"])
             if meta["kind"] == "ivfpq":
-                refine = np.load(folder / meta["refine_file"], mmap_mode="r" if mmap else None, allow_pickle=False)
+                refine = store.load_rows(folder / meta["refine_file"], mmap)
         except (RuntimeError, OSError, ValueError, pa.ArrowException) as exc:
             raise IndexCorrupt(f"{folder}: cannot read the index ({exc}); rebuild it with `arrowvision index {dataset} --rebuild`") from None
         refine_ok = refine is None or (refine.dtype == np.float16 and refine.shape == (meta["rows"], meta["dim"]))
