@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from arrowvision.cli import main
@@ -128,7 +129,7 @@ def test_a_failed_write_leaves_the_previous_index_whole(small, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(vindex.pq, "write_table", crash)  # vectors written, paths fail, meta never replaced
+    monkeypatch.setattr(pq, "write_table", crash)  # vectors written, paths fail, meta never replaced
     with pytest.raises(OSError):
         vindex.update(dataset)
     monkeypatch.undo()
