@@ -15,6 +15,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,29 +183,18 @@ def _build(dataset: Path, *, exact_below: int, nlist: int | None, nprobe: int | 
                      str(store.index_folder(dataset)), details)
 
 
-class _refine_output:
+@contextmanager
+def _refine_output(dataset: Path, meta: dict[str, Any], rows: int) -> Iterator[np.memmap | None]:
     """``refine-G.npy`` of a new ``ivfpq`` generation: a float16 memmap to fill, renamed into place
-    on success (``None`` for the other kinds)."""
-
-    def __init__(self, dataset: Path, meta: dict[str, Any], rows: int):
-        self.dataset, self.meta, self.rows = dataset, meta, rows
-        self.atomic: Any = None
-
-    def __enter__(self) -> np.memmap | None:
-        if self.meta["kind"] != "ivfpq":
-            return None
-        self.meta["refine_file"] = f"refine-{int(self.meta['generation']):06d}.npy"
-        self.atomic = atomic_output(store.index_folder(self.dataset) / self.meta["refine_file"])
-        tmp = self.atomic.__enter__()
-        self.matrix = np.lib.format.open_memmap(tmp, "w+", np.float16, (self.rows, int(self.meta["dim"])))
-        return self.matrix
-
-    def __exit__(self, *exc: Any) -> bool:
-        if self.atomic is None:
-            return False
-        self.matrix.flush()
-        del self.matrix
-        return bool(self.atomic.__exit__(*exc))
+    on success, removed on failure (``None`` for the other kinds)."""
+    if meta["kind"] != "ivfpq":
+        yield None
+        return
+    meta["refine_file"] = f"refine-{int(meta['generation']):06d}.npy"
+    with atomic_output(store.index_folder(dataset) / meta["refine_file"]) as tmp:
+        matrix = np.lib.format.open_memmap(tmp, "w+", np.float16, (rows, int(meta["dim"])))
+        yield matrix
+        matrix.flush()
 
 
 def update(dataset: str | os.PathLike, *, progress: bool = False, delta_max_rows: int = DELTA_MAX_ROWS,
