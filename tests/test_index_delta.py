@@ -149,6 +149,18 @@ def test_corrupt_or_foreign_delta_segments_are_refused(ivfpq):
     assert vindex.build(dataset).rows == ROWS + 20  # --rebuild: whole again
 
 
+def test_merging_into_a_damaged_main_index_is_refused(ivfpq):
+    dataset, _ = ivfpq
+    write_parts(dataset, clustered(20, dim=DIM, seed=13), chunk=20, start=ROWS)
+    vindex.update(dataset)
+    meta = vindex.read_meta(dataset)
+    (vindex.index_folder(dataset) / meta["vectors_file"]).write_bytes(b"IwPf truncated")
+    with pytest.raises(IndexCorrupt, match="cannot read the main index to merge into.*--rebuild"):
+        vindex.update(dataset, merge=True)
+    assert vindex.read_meta(dataset) == meta
+    assert vindex.update(dataset).action == "unchanged" and vindex.build(dataset).rows == ROWS + 20
+
+
 def write_format_1_index(dataset: Path, vectors: np.ndarray, paths: list[str]) -> None:
     """An index as versions before delta segments wrote it: a float16 IVF, no refine file, format 1."""
     index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(DIM), DIM, 20, faiss.ScalarQuantizer.QT_fp16,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..datasets.pipeline import META_PREFIX, iter_embedding_batches, part_files
@@ -254,13 +255,20 @@ def _fold(dataset: Path, meta: dict[str, Any], vectors: np.ndarray, paths: list[
     delta_vectors, delta_paths = store.read_delta(dataset, meta)
     extra = np.concatenate([delta_vectors, vectors])
     old_rows, old_refine = int(meta["rows"]), meta.get("refine_file")
-    index = faiss.read_index(str(folder / meta["vectors_file"]))
-    main_paths = store.read_paths(folder / meta["paths_file"])
+    try:
+        index = faiss.read_index(str(folder / meta["vectors_file"]))
+        main_paths = store.read_paths(folder / meta["paths_file"])
+        source = None if old_refine is None else np.load(folder / old_refine, mmap_mode="r", allow_pickle=False)
+    except (RuntimeError, OSError, ValueError, pa.ArrowException) as exc:
+        raise IndexCorrupt(f"{folder}: cannot read the main index to merge into ({exc}); "
+                           f"rebuild it with `arrowvision index {dataset} --rebuild`") from None
+    if index.ntotal != old_rows or len(main_paths) != old_rows or (source is not None and source.shape[0] != old_rows):
+        raise IndexCorrupt(f"{folder}: the main index does not hold the {old_rows} rows meta.json says; "
+                           f"rebuild it with `arrowvision index {dataset} --rebuild`")
     index.add(extra)
     all_paths = main_paths + delta_paths + paths
     with _refine_output(dataset, meta, len(all_paths)) as refine:
         if refine is not None:
-            source = np.load(folder / old_refine, mmap_mode="r")
             for first in range(0, old_rows, COPY_ROWS):
                 stop = min(first + COPY_ROWS, old_rows)
                 refine[first:stop] = source[first:stop]
