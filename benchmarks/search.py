@@ -3,34 +3,38 @@
 
 A synthetic, clustered corpus (not uniform noise, so that recall means something): ``--clusters``
 centers, each point = its center + a 16-dimensional per-cluster spread + small isotropic noise,
-L2-normalized (nearest neighbours at cosine ~0.9, the median pair ~0). It is written as a real
-embeddings dataset (Parquet part files, as ``embed`` writes them), indexed with the production
-code, and queried with held-out points of the same distribution. Reported: build time, index
-size, recall@10 vs exact search for several ``nprobe`` values, query p50/p99 (one query at a
-time), the scan's p50 on a few queries and the speed-up, and the cost of an incremental update
-(one new 1024-row chunk).
+L2-normalized (nearest neighbours at cosine ~0.74, the 10th at ~0.61, the median pair ~0). It is
+written as a real embeddings dataset (Parquet part files, as ``embed`` writes them) once per
+``--workdir`` (reused while the recipe is the same), indexed with the production code, and queried
+with held-out points of the same distribution. Reported: build time, index size, recall@10 vs
+exact for several ``nprobe`` values, query p50/p95/p99 and CPU time (one query at a time, 1 and 2
+FAISS threads), memory, the same queries with the index opened the other way (memory-mapped vs in
+RAM), the scan's p50 and the speed-up, then 1024-row chunks added as ``embed`` adds them (delta
+segments), queries with the delta, the merge, and queries after it.
 
-    python benchmarks/search.py                  # 1M x 768 (the issue's size; ~3 GiB of Parquet)
-    python benchmarks/search.py --rows 200000    # what fits a busy 2-core machine quickly
-    python benchmarks/search.py --in-ram         # the index read into RAM, as `serve` holds it
+    python benchmarks/search.py --workdir /work/search-corpus            # 1M x 768, memory-mapped (`search`)
+    python benchmarks/search.py --workdir /work/search-corpus --in-ram   # read into RAM, as `serve` holds it
+    python benchmarks/search.py --rows 200000                            # what fits a busy machine quickly
 
-Last run (2026-11-26, the default 1M x 768, shared 2-core AMD Zen 3 at load average 7-9, FAISS
-1.15.1, index memory-mapped): Parquet written in 298 s (2.7 GiB); index built in 132 s (k-means
-46 s), 1476 MiB, opened in 1.0 s; one thread per query:
+Last runs (2026-12-05, the default 1M x 768, shared 2-core AMD EPYC with AVX-512/VNNI/BF16 at
+load average 9-12 from other work, FAISS 1.15.1): Parquet written in 116 s (2.7 GiB, quiet);
+index built in 150 / 173 s (k-means with its sampling pass 82 / 77 s), 1569 MiB on disk, 1000
+lists, nprobe 333, PQ192x4fs + float16 re-ranking of 100 candidates. One thread per query:
 
-======  =========  ========  =========  ============
-nprobe  recall@10  p50       p99        CPU time p50
-======  =========  ========  =========  ============
-16      0.881       6.1 ms    32 ms      6.8 ms
-32      0.904      11.1 ms   215 ms     11.9 ms
-64      0.928      30.7 ms   351 ms     22.5 ms
-125     0.948      59.9 ms   574 ms     36.7 ms   (the default: 1/8 of 1000 lists)
-======  =========  ========  =========  ============
+======  =========  =============================  =============================
+nprobe  recall@10  memory-mapped: p50, p99 (CPU)  in RAM: p50, p99 (CPU)
+======  =========  =============================  =============================
+64      0.928      1.0 ms, 9.2 ms (0.95 ms)       1.2 ms, 9.7 ms (1.16 ms)
+128     0.948      1.6 ms, 5.9 ms (1.56 ms)       1.9 ms, 10.0 ms (1.72 ms)
+333     0.975      3.3 ms, 7.6 ms (3.16 ms)       7.2 ms, 13.5 ms (3.26 ms)   (the default: 1/3 of the lists)
+======  =========  =============================  =============================
 
-The scan (``search`` without an index): p50 23.7 s a query, 396x the default nprobe's p50.
-Adding one 1024-row chunk (``embed`` into an indexed dataset): 13.4 s, the index file rewritten.
-With two threads per query the p50s were 5.1/10.3/23.0/63.1 ms. An earlier IVF-Flat (float32)
-build of the same corpus read into RAM answered nprobe 32 in 21 ms p50 vs 48 ms memory-mapped.
+Wall times follow the machine's load (the in-RAM run had load 12: its CPU time is the same).
+Opening: 0.6 s mapped (+201 MiB anonymous memory; the float16 rows stay in the page cache) vs
+5.4 s read into RAM (+1643 MiB). The scan: 20-21 s a query. Adding a 1024-row chunk: 0.05-0.09 s
+(a delta segment; the index was rewritten before, 8.5-13 s); with 3072 delta rows a query costs
+4.1 ms of CPU (8.1 ms wall); folding the delta in: 8-10 s. Two FAISS threads per query did not
+help on this loaded machine (p50 6-7 ms at nprobe 333, same CPU time).
 """
 
 from __future__ import annotations
