@@ -101,7 +101,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exact-below", type=positive_int, help="exact search below this many rows, IVF above (default 50000)")
     p.add_argument("--nlist", type=positive_int, help="IVF lists (default: sqrt(rows))")
     p.add_argument("--nprobe", type=positive_int,
-                   help="IVF lists probed per query, stored as the index's default (default: 1/3 of the lists, at least 32)")
+                   help="IVF lists probed per query, stored as the index's default (default: 1/4 of the lists, at least 32)")
     p.add_argument("--rebuild", action="store_true", help="build from scratch (implied by the three options above) "
                    "even if an index exists; without it new part files are added incrementally (as a delta segment)")
     p.add_argument("--merge", action="store_true", help="fold the delta segments (rows added since the last build or "
