@@ -21,29 +21,34 @@ FAISS IVF trains k-means on a sample, adds new chunks without retraining (an inc
 is an ``add``), and its exact ``IndexFlatIP`` ranks exactly like the streamed scan of
 ``search.top_k``.
 
-How the IVF stores and scans vectors, measured at 1M x 768 (the ``benchmarks/search.py`` corpus,
-whose neighbours are far apart: nearest cosine 0.74, 10th 0.61; recall@10 vs exact; CPU time of
-one query on one thread, so other load on the machine does not count). Format 1 scanned float16
-vectors; on this corpus recall climbs slowly with the lists probed, so 0.97 needed a third of the
-corpus scanned, ~80 ms of float16 arithmetic. 4-bit PQ codes (``PQ192x4fs``: 96 bytes a row,
-FAISS's fast-scan SIMD kernels) scan 16x fewer bytes; the best 100 candidates are then re-ranked
-exactly from the float16 rows (``refine-G.npy``; a few hundred microseconds). Re-ranking 50, 100
-or 400 candidates gives the same recall: what limits it is which lists are probed, not the codes.
+How the IVF stores and scans vectors, measured at 1M x 768 (the ``benchmarks/search.py`` corpus:
+1000 clusters, each a 16-dimensional spread, so neighbours are far apart: nearest cosine 0.74,
+10th 0.61; recall@10 vs exact over 200 queries; CPU time of one query on one thread, which other
+load on the machine does not inflate; 1000 lists, ranges over two or three k-means samples):
 
-=====================================  ============  =====================  =====================
-index (1000 lists unless said)         size          nprobe 128             1/4 - 1/3 of lists
-=====================================  ============  =====================  =====================
-float16 IVF (format 1)                 1.4 GiB       0.960 @ 31 ms          (0.948 @ 37 ms, 1/8)
-IVF-PQ fast-scan + float16 re-rank     1.5 GiB       0.948-0.962 @ 1.5 ms   0.971-0.981 @ 2.6 ms (1/4),
-                                                                            0.975-0.988 @ 3.4 ms (1/3)
-4096 lists, HNSW coarse quantizer      --            --                     0.857 @ 2.4 ms (1/8)
-=====================================  ============  =====================  =====================
+========================================  =======  ==============  ==============  ==============
+index                                     size     nprobe 64       nprobe 125-128  nprobe 250
+========================================  =======  ==============  ==============  ==============
+float16 IVF, k-means on 39 rows a list    1.4 GiB  0.944 @ 15 ms   0.948-0.960     --
+(format 1)                                                         @ 31-37 ms
+IVF-PQ + float16 re-rank, 39 rows a list  1.5 GiB  0.928 @ 1.0 ms  0.948 @ 1.6 ms  0.956-0.981
+                                                                                   @ 2.4 ms
+IVF-PQ + float16 re-rank, 100 rows a list 1.5 GiB  0.972-0.976     0.982-0.984     0.988
+(today)                                            @ 0.6-0.9 ms    @ 1.0-1.5 ms    @ 1.9-2.4 ms
+========================================  =======  ==============  ==============  ==============
 
-The ranges are two k-means trainings on two samples of the same corpus: the lists' luck moves
-recall by ~0.01, hence the default of 1/3 (``build.default_nprobe``), not 1/4. Finer partitions
-did not help at the same fraction (the HNSW row; its k-means on 16 points a list, 10 iterations).
+Two findings. The scan was the cost: format 1 read 1.5 KiB of float16 per row probed; 4-bit PQ
+codes (``PQ192x4fs``: 96 bytes a row, FAISS's fast-scan SIMD kernels) read 16x less, and the best
+100 candidates are then re-ranked exactly from the float16 rows (``refine-G.npy``, ~0.3 ms).
+Re-ranking 50, 100 or 400 candidates gives the same recall: the lists probed decide it, not the codes.
+What held recall back was the k-means sample: with 39 rows a list (FAISS's minimum) the lists cut
+this corpus's clusters badly, and recall at a third of the lists probed ranged 0.967-0.988 from
+one sample to the next; 100 rows a list (~30 s more k-means at 1M) gives 0.989-0.991 there and
+0.988 at the default of a quarter (``build.default_nprobe``). Also measured, not kept: 500 lists
+(0.947 at a quarter probed), 4096 lists under an HNSW coarse quantizer (0.857 at 1/8, 16 rows a
+list), k-means++ initialisation (no better than random on a bad sample, 2x the training time).
 Scores come from the float16 rows: within 2e-5 of the float32 cosine at 768 dims (an indexed photo
-finds itself at 1.0). A memory-mapped index (``search``) reads only the ~100 candidate rows of the
+finds itself at 1.0). A memory-mapped index (``search``) reads only the candidates' rows of the
 float16 matrix per query, advised random access; ``serve`` reads it into RAM.
 
 Layout and crash safety: ``store``. Building, and adding ``embed``'s new chunks as delta segments
