@@ -17,24 +17,23 @@ segments), queries with the delta, the merge, and queries after it.
     python benchmarks/search.py --rows 200000                            # what fits a busy machine quickly
 
 Last runs (2026-12-05, the default 1M x 768, shared 2-core AMD EPYC with AVX-512/VNNI/BF16 at
-load average 9-12 from other work, FAISS 1.15.1): Parquet written in 116 s (2.7 GiB, quiet);
-index built in 150 / 173 s (k-means with its sampling pass 82 / 77 s), 1569 MiB on disk, 1000
-lists, nprobe 333, PQ192x4fs + float16 re-ranking of 100 candidates. One thread per query:
+load average 4.7-5.2 from other work, FAISS 1.15.1): Parquet written in 116 s (2.7 GiB); index
+built in 112 s (k-means on 100k rows with its sampling pass 48-50 s), 1569 MiB on disk, 1000
+lists, nprobe 250, PQ192x4fs + float16 re-ranking of 100 candidates. One thread per query:
 
 ======  =========  =============================  =============================
 nprobe  recall@10  memory-mapped: p50, p99 (CPU)  in RAM: p50, p99 (CPU)
 ======  =========  =============================  =============================
-64      0.928      1.0 ms, 9.2 ms (0.95 ms)       1.2 ms, 9.7 ms (1.16 ms)
-128     0.948      1.6 ms, 5.9 ms (1.56 ms)       1.9 ms, 10.0 ms (1.72 ms)
-333     0.975      3.3 ms, 7.6 ms (3.16 ms)       7.2 ms, 13.5 ms (3.26 ms)   (the default: 1/3 of the lists)
+64      0.976      0.9 ms, 4.7 ms (0.89 ms)       1.0 ms, 10.9 ms (0.95 ms)
+128     0.984      1.4 ms, 1.5 ms (1.36 ms)       1.5 ms, 5.9 ms (1.54 ms)
+250     0.988      2.5 ms, 14.3 ms (2.47 ms)      2.6 ms, 7.0 ms (2.51 ms)   (the default: 1/4 of the lists)
 ======  =========  =============================  =============================
 
-Wall times follow the machine's load (the in-RAM run had load 12: its CPU time is the same).
-Opening: 0.6 s mapped (+201 MiB anonymous memory; the float16 rows stay in the page cache) vs
-5.4 s read into RAM (+1643 MiB). The scan: 20-21 s a query. Adding a 1024-row chunk: 0.05-0.09 s
-(a delta segment; the index was rewritten before, 8.5-13 s); with 3072 delta rows a query costs
-4.1 ms of CPU (8.1 ms wall); folding the delta in: 8-10 s. Two FAISS threads per query did not
-help on this loaded machine (p50 6-7 ms at nprobe 333, same CPU time).
+p99s follow the machine's load. Opening: 0.3 s mapped (+165 MiB anonymous memory; the float16
+rows stay in the page cache) vs 4.2 s read into RAM (+1680 MiB). The scan: 14-17 s a query.
+Adding a 1024-row chunk: 0.05-0.13 s (a delta segment; the index was rewritten before, 8.5-13 s);
+with 3072 delta rows a query costs 3.0-3.2 ms of CPU; folding the delta in: 4-5 s. Two FAISS
+threads per query: the same p50 on this 2-core machine.
 """
 
 from __future__ import annotations
