@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arrowvision import BackendError, WeightLoader
+from arrowvision import BackendError, VisionEncoder, WeightLoader
 from arrowvision.backends import auto
 from arrowvision.backends.cpu import CPUInfo, cpu_info
 from arrowvision.backends.validation import KINDS
@@ -176,3 +176,21 @@ def test_emulation_moves_every_runtime_to_avx2_kernels(tmp_path):
     crash = subprocess.run([sys.executable, str(EMULATE), "--", sys.executable, "-X", "faulthandler", "-c",
                             "import ctypes; ctypes.string_at(0)"], capture_output=True, text=True, timeout=120, env=env)
     assert crash.returncode != 0 and "Segmentation fault" in crash.stderr
+
+
+def test_int8_sessions_load_the_saved_optimized_graph(module_cache, tiny_siglip_parquet):
+    import onnxruntime as ort
+
+    encoder = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="onnxruntime", precision="int8")
+    entry = encoder.backend.entry
+    optimized = entry / "model.optimized.onnx"
+    assert optimized.exists() and not list(entry.glob(".model.optimized.*"))  # saved once, atomically
+    stamp = optimized.stat().st_mtime_ns
+    again = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="onnxruntime", precision="int8")
+    assert optimized.stat().st_mtime_ns == stamp
+    plain = ort.InferenceSession(str(entry / "model.onnx"), providers=["CPUExecutionProvider"])  # the validated graph
+    pixels = np.random.default_rng(0).standard_normal((2, 3, encoder.config.image_size, encoder.config.image_size), dtype=np.float32)
+    for row in range(2):  # batch 1 each: dynamic quantization scales depend on the whole batch
+        expected = plain.run(None, {plain.get_inputs()[0].name: pixels[row : row + 1]})[0]
+        assert np.abs(again.backend(pixels[row : row + 1]) - expected).max() <= 1e-5
+    assert (entry / "model.onnx").stat().st_size > 0  # the portable artifact is untouched

@@ -18,7 +18,7 @@ from ..weights.format import WeightLoader
 from .artifacts import cache_root, is_complete, read_meta
 from .base import BackendBase
 from .feeds import named_inputs
-from .onnx_export import _onnxruntime, cache_key, export_onnx
+from .onnx_export import _onnxruntime, cache_key, export_onnx, runtime_model
 from .validation import DEFAULT_MIN_COSINE, recheck
 
 
@@ -49,7 +49,7 @@ class ONNXRuntimeBackend(BackendBase):
             self.entry = export_onnx(weights, precision, cache_dir=cache_dir, min_cosine=min_cosine)
         self.report = read_meta(self.entry)
         recheck(self.report, min_cosine)
-        self._open(self.entry / "model.onnx", num_threads)
+        self._open(runtime_model(self.entry, precision), num_threads)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, config: VisionConfig, precision: str, *,
