@@ -10,11 +10,8 @@ reuse the built kernels (a fast test) while the graphs must come from our file.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,33 +23,11 @@ torch = pytest.importorskip("torch")
 from arrowvision import VisionEncoder
 from arrowvision.backends.compile_cache import CompileCache, key_parts, read_entry, write_entry
 
-ROOT = Path(__file__).resolve().parents[1]
+from .compilekit import run_child
+
 CXX = os.environ.get("CXX") or "g++"
 needs_compiler = pytest.mark.skipif(shutil.which(CXX) is None,
                                     reason=f"no C++ compiler ({CXX}) for torch.compile's CPU backend (Inductor)")
-
-CHILD = r"""
-import json, logging, sys
-import numpy as np
-from torch._dynamo.utils import counters
-from arrowvision import VisionEncoder
-
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-weights, cache, pixels = sys.argv[1:4]
-encoder = VisionEncoder.from_parquet(weights, backend="torch", compile=True, cache_dir=cache)
-output = encoder.backend(np.load(pixels))
-print(json.dumps({"loaded": encoder.backend.compile_cache.loaded, "path": str(encoder.backend.compile_cache.path),
-                  "counters": {name: dict(counters[name]) for name in ("inductor", "aot_autograd")},
-                  "output": output.tolist()}))
-"""
-
-
-def run_child(weights: Path, cache: Path, inductor: Path, pixels: Path) -> tuple[dict, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(weights), str(cache), str(pixels)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 def kernels_only(inductor: Path, target: Path) -> Path:
