@@ -9,7 +9,8 @@ Triton folders, so whatever process 2 does not compile comes from our cache only
 - ``ready_s``: from its spawn to the end of its first compiled call (interpreter, imports, loading
   the weights, the half-precision validation or its cached report, compiling or loading);
 - ``import_s``, ``load_s``, ``first_call_s``: the parts of that;
-- ``second_call_ms`` vs ``steady_ms`` (median of the next calls): full speed from the 2nd call on;
+- ``full_speed_s``: from its spawn to the end of the first call that took <= 1.5x the steady
+  time (``steady_ms``, the median of calls 3 and on); ``second_call_ms`` beside it;
 - torch's cache counters (FX-graph and AOTAutograd hits / misses).
 
     PYTHONPATH=. python3 benchmarks/compile_start.py WEIGHTS.parquet --device cuda --batch 256
@@ -60,8 +61,10 @@ def child(args: argparse.Namespace) -> None:
             if len(timings) == 1:
                 ready = time.time()
     steady = statistics.median(timings[2:]) if len(timings) > 3 else timings[-1]
+    full_speed = next(i for i, seconds in enumerate(timings) if seconds <= 1.5 * steady)
     print(json.dumps({
-        "ready_s": round(ready - spawned, 2), "interpreter_s": round(tick - spawned, 2),
+        "ready_s": round(ready - spawned, 2), "full_speed_s": round(ready - spawned + sum(timings[1:full_speed + 1]), 2),
+        "interpreter_s": round(tick - spawned, 2),
         "import_s": round(imported - tick, 2), "load_s": round(loaded - imported, 2),
         "first_call_s": round(timings[0], 2), "second_call_ms": round(1000 * timings[1], 2) if len(timings) > 1 else None,
         "steady_ms": round(1000 * steady, 2), "steady_img_per_s": round(args.batch / steady, 1),
@@ -99,14 +102,18 @@ def _run_processes(work: Path, weights, device, precision, batch, processes, fus
         row = {"process": index + 1, **json.loads(done.stdout.strip().splitlines()[-1])}
         rows.append(row)
         inductor_counts = row["counters"]["inductor"]
-        say(f"  process {index + 1}: ready {row['ready_s']:6.2f} s after spawn (interpreter {row['interpreter_s']}, "
+        say(f"  process {index + 1}: first output {row['ready_s']:6.2f} s after spawn, full speed {row['full_speed_s']:6.2f} s "
+            f"(interpreter {row['interpreter_s']}, "
             f"import {row['import_s']}, load {row['load_s']}, first call {row['first_call_s']} s); "
             f"2nd call {row['second_call_ms']} ms vs steady {row['steady_ms']} ms ({row['steady_img_per_s']} img/s); "
             f"our entry loaded: {row['cache_entry_loaded']}; FX graph hits {inductor_counts.get('fxgraph_cache_hit', 0)} "
             f"misses {inductor_counts.get('fxgraph_cache_miss', 0)}")
     if len(rows) > 1:
-        say(f"  process 2 ready {rows[1]['ready_s']} s vs process 1 {rows[0]['ready_s']} s "
-            f"({rows[0]['ready_s'] / max(rows[1]['ready_s'], 1e-9):.1f}x sooner); target <= 5 s on the GPU")
+        second = rows[1]
+        say(f"  process 2 at full speed {second['full_speed_s']} s after spawn vs process 1 {rows[0]['full_speed_s']} s "
+            f"({rows[0]['full_speed_s'] / max(second['full_speed_s'], 1e-9):.1f}x sooner); from its backend's creation "
+            f"(after interpreter + imports) {second['full_speed_s'] - second['interpreter_s'] - second['import_s']:.2f} s; "
+            "target <= 5 s on the GPU")
     return rows
 
 
@@ -117,13 +124,14 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=12, help="calls per process (the first compiles)")
+    parser.add_argument("--calls", type=int, default=12, help="calls per process (the first compiles; at least 4)")
     parser.add_argument("--fused", action="store_true", help="the fused model (model/fused.py)")
     parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs of the compiled model")
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spawned", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.calls = max(4, args.calls)
     if args.child:
         child(args)
         return 0

@@ -64,7 +64,9 @@ class CompileCache:
     """One model's compiled artifacts in ``<cache>/torch-compile/<key>.bin``.
 
     ``load()`` before the first compiled call; ``save()`` after each call that compiled a new
-    shape (it rewrites the file only when torch recorded artifacts the file does not hold)."""
+    shape (it rewrites the file only when torch recorded artifacts the file does not hold).
+    Torch records artifacts per process: where one process compiled several models, each model's
+    file holds them all (larger, harmless). Concurrent writers: the last complete file wins."""
 
     def __init__(self, torch: Any, path: Path | None, parts: dict[str, Any]):
         self.torch, self.path, self.parts = torch, path, parts
@@ -73,11 +75,9 @@ class CompileCache:
 
     @classmethod
     def open(cls, torch: Any, parts: dict[str, Any], cache_dir: str | os.PathLike | None) -> CompileCache:
-        from .artifacts import hash_key
+        from .artifacts import cache_root, hash_key
 
         try:
-            from .artifacts import cache_root
-
             path = cache_root(cache_dir) / "torch-compile" / f"{hash_key(parts)}.bin"
         except ImportError:  # platformdirs missing (a bare GPU box) and no ARROWVISION_CACHE: compile per process
             log.warning("no arrowvision cache folder (set ARROWVISION_CACHE): torch.compile's artifacts are not kept")
