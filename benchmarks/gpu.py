@@ -188,8 +188,6 @@ def decode_accuracy_section(torch, parquet, device, args) -> None:
 
 
 def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
-    from arrowvision import VisionEncoder
-
     size = args.image_size
     batches = [1, 8] if args.tiny else [1, 64, 256]
     seconds = 0.3 if args.quick or args.tiny else 0.6
@@ -205,14 +203,14 @@ def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
     if device.type == "cuda":
         configs += [("ours bf16 eager (no CUDA graphs)", "bf16", {"cuda_graphs": False}),
                     ("ours bf16 fused (no CUDA graphs)", "bf16", {"fused": True, "cuda_graphs": False})]
+    if device.type == "cuda" or args.tiny:  # (on the CPU it fails, reported: a check of that path)
+        configs.append(("ours bf16 fused, cuDNN attention", "bf16", {"fused": True, "attention": "cudnn"}))
     for name, precision, options in configs:
-        encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision=precision, **options)
-        backend = encoder.backend
-        for batch in batches:
-            x = torch.randn(batch, 3, size, size, device=device, dtype=backend.dtype)
-            with torch.inference_mode():
-                record(name, batch, rate(torch, device, lambda run=backend._run, x=x: run(x), batch, seconds))
-        del encoder, backend
+        try:
+            model_rows(torch, parquet, device, batches, name, precision, options, record, seconds)
+        except Exception as exc:  # noqa: BLE001 - e.g. no cuDNN attention kernel for these shapes: report, go on
+            say(f"  {name} failed: {type(exc).__name__}: {exc}")
+            RESULTS["sections"][f"model_error {name}"] = f"{type(exc).__name__}: {exc}"
     for name, dtype in [("transformers fp32 sdpa", torch.float32), ("transformers bf16 sdpa", torch.bfloat16)]:
         model = hf_model(torch, tf, hf_folder, device, dtype)
         for batch in batches:
@@ -225,6 +223,28 @@ def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
     if args.compile:
         compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds)
     ratios_vs_transformers(rows)
+
+
+def model_rows(torch, parquet, device, batches, name, precision, options, record, seconds) -> None:
+    """One of our configurations at each batch size; ``attention``: an SDPA kernel to force
+    (captured into the CUDA graphs with it)."""
+    from contextlib import nullcontext
+
+    from arrowvision import VisionEncoder
+
+    options = dict(options)
+    attention = options.pop("attention", None)
+    if attention:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[attention])
+    encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision=precision, **options)
+    backend, size = encoder.backend, encoder.backend.config.image_size
+    with kernel if attention else nullcontext():
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, device=device, dtype=backend.dtype)
+            with torch.inference_mode():
+                record(name, batch, rate(torch, device, lambda run=backend._run, x=x: run(x), batch, seconds))
 
 
 def ratios_vs_transformers(rows: list[dict]) -> None:
