@@ -309,7 +309,8 @@ def validated_report(backend: Any, weights: WeightLoader, min_cosine: float,
 
     torch = backend.torch
     kind = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else "cpu"
-    parts = {"weights": weights.checksum, "precision": backend.precision, "device": kind, "torch": torch.__version__, "version": 1}
+    parts = {"weights": weights.checksum, "precision": backend.precision, "device": kind, "torch": torch.__version__,
+             "version": 1}
     if getattr(backend, "fused", False):  # only then: the unfused models' cached reports keep their keys
         parts["variant"] = "fused"
     key = hash_key(parts)
