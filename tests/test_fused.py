@@ -48,7 +48,10 @@ def test_gelu_epilogue_layer_keeps_tanh_gelu_on_the_cpu(tiny_siglip_parquet):
         np.testing.assert_array_equal(GeluEpilogueMLP(mlp)(x).numpy(), mlp(x).numpy())
 
 
-def test_fused_backend_matches_and_half_precision_is_validated_apart(tiny_siglip_parquet, pixels, tmp_path):
+def test_fused_backend_matches_and_half_precision_is_validated_apart(tiny_siglip_parquet, pixels, tmp_path, monkeypatch):
+    from arrowvision.backends import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_validated", {})  # this process's memo: keep other tests' reports out of it
     plain = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", precision="bf16", cache_dir=tmp_path)
     fused = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", precision="bf16", fused=True, cache_dir=tmp_path)
     assert fused.backend.fused and not plain.backend.fused
