@@ -107,6 +107,22 @@ def first_parts(first) -> dict:
 # ---------------------------------------------------------------- without compiling (no compiler needed)
 
 
+def test_a_failing_first_compiled_call_is_a_clear_error(tiny_siglip_parquet, monkeypatch):
+    from arrowvision.errors import BackendError
+
+    backend = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch").backend
+    monkeypatch.setattr(backend, "compiled", True)
+
+    def no_compiler(pixels):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error (g++ not found)")
+
+    monkeypatch.setattr(backend, "forward", no_compiler)
+    with pytest.raises(BackendError, match=r"torch.compile failed on the first batch of shape \(2, 3, 32, 32\) "
+                                           r"\(RuntimeError: InductorError.*g\+\+ not found\)\); run without compile"):
+        backend._run(torch.zeros((2, 3, 32, 32)))
+    assert not backend.fixed_sizes, "the failed shape is not remembered as compiled"
+
+
 PARTS = {"weights": "abc", "config": {"image_mean": (0.5, 0.5, 0.5)}, "precision": "fp32", "variant": {"fused": False},
          "device": "cpu:x", "torch": "2.13.0", "triton": None, "format": 1}
 

@@ -249,7 +249,14 @@ class TorchBackend(BackendBase):
         self.fixed_sizes.add((size, image_shape))
         if size != rows:
             pixels = self.torch.cat([pixels, pixels.new_zeros((size - rows, *pixels.shape[1:]))])
-        output = self._graphed(pixels) if self.graphs is not None else self.forward(pixels)
+        try:
+            output = self._graphed(pixels) if self.graphs is not None else self.forward(pixels)
+        except Exception as exc:  # a first call compiles: a missing C++ compiler / Triton fails deep in torch
+            if not (new_shape and self.compiled):
+                raise
+            self.fixed_sizes.discard((size, image_shape))
+            raise BackendError(f"torch.compile failed on the first batch of shape {tuple(pixels.shape)} "
+                               f"({type(exc).__name__}: {exc}); run without compile") from None
         if new_shape and self.compile_cache is not None:  # this call compiled (or found) a new shape
             self.compile_cache.save()
         return output[:rows]
