@@ -330,10 +330,10 @@ def validated_report(backend: Any, weights: WeightLoader, min_cosine: float,
             report = None
     if report is None:
         report = _measure(backend, weights, min_cosine)
-        if path is not None:
-            _write_json(path, report)
     else:
         recheck(report, min_cosine)
+    if path is not None and not path.exists():  # also when this process measured it for another cache folder
+        _write_json(path, report)
     _validated[key] = report
     return report
 
