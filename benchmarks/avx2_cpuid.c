@@ -45,7 +45,10 @@
 #define L71_EAX_CLEAR ((1u << 4) | (1u << 5) | (1u << 23))
 #define L71_EDX_CLEAR ((1u << 4) | (1u << 5) | (1u << 10))
 
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+
 static struct sigaction chained;      /* the program's own SIGSEGV action */
+static sigaction_fn real_sigaction;
 static atomic_long answered;
 static int active;
 
@@ -77,7 +80,7 @@ static void forward(int sig, siginfo_t *info, void *context) {
         struct sigaction dfl;
         memset(&dfl, 0, sizeof dfl);
         dfl.sa_handler = SIG_DFL;
-        syscall(SYS_rt_sigaction, SIGSEGV, &dfl, NULL, 8);
+        real_sigaction(SIGSEGV, &dfl, NULL);  /* the fault repeats on return and ends the process */
     }
 }
 
@@ -99,11 +102,9 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     forward(sig, info, context);
 }
 
-typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
-
 int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
-    static sigaction_fn real;
-    if (!real) real = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    if (!real_sigaction) real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    sigaction_fn real = real_sigaction;
     if (sig != SIGSEGV || !active) return real(sig, act, old);
     if (old) *old = chained;
     if (act) chained = *act;
@@ -131,8 +132,8 @@ __attribute__((constructor)) static void start(void) {
     act.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&act.sa_mask);
     chained.sa_handler = SIG_DFL;
-    sigaction_fn real = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
-    if (real(SIGSEGV, &act, NULL) != 0 || set_cpuid(0) != 0) {
+    real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    if (real_sigaction(SIGSEGV, &act, NULL) != 0 || set_cpuid(0) != 0) {
         fprintf(stderr, "avx2_cpuid: this CPU/kernel cannot fault on CPUID (no cpuid_fault): not emulating\n");
         _exit(86);
     }
