@@ -185,10 +185,13 @@ def test_emulation_moves_every_runtime_to_avx2_kernels(tmp_path):
 def test_int8_sessions_load_the_saved_optimized_graph(module_cache, tiny_siglip_parquet):
     import onnxruntime as ort
 
+    from arrowvision.backends.onnx_export import optimized_path
+
     encoder = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="onnxruntime", precision="int8")
     entry = encoder.backend.entry
-    optimized = entry / "model.optimized.onnx"
-    assert optimized.exists() and not list(entry.glob(".model.optimized.*"))  # saved once, atomically
+    optimized = optimized_path(entry)
+    assert optimized.exists() and not list(optimized.parent.glob(".*"))  # saved once, atomically
+    assert sorted(path.name for path in entry.iterdir()) == ["meta.json", "model.onnx"]  # bundles copy only these
     stamp = optimized.stat().st_mtime_ns
     again = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="onnxruntime", precision="int8")
     assert optimized.stat().st_mtime_ns == stamp
