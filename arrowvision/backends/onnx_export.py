@@ -133,8 +133,9 @@ def runtime_model(entry: Path, precision: str) -> Path:
     """The file the onnxruntime backend loads from a cache entry: for int8, the graph after ONNX
     Runtime's extended (CPU, not ISA-specific) fusions, saved once under the entry's key.
 
-    Redoing those fusions at every session start was the largest CPU item of an AVX2 cold start
-    after inference (session 0.59 -> 0.35 s under emulation, same run speed). ``model.onnx``
+    Redoing those fusions at every session start cost 0.59 vs 0.35 s of session start under AVX2
+    emulation (same run speed; fresh-process cold start 1.52 -> 1.46 s, median of 6 at load 5,
+    SigLIP-B/16). ``model.onnx``
     stays the portable artifact that ``export`` hands out. A cache that cannot be written to
     just loads ``model.onnx``."""
     source = entry / "model.onnx"
