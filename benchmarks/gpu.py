@@ -8,8 +8,11 @@ section by section (flushed, so a timeout still leaves figures; --out gets the J
 
 1. the machine: GPU, CPU count, torch / CUDA / torchvision / transformers versions;
 2. accuracy: ours fp32 on CUDA vs transformers fp32 (max abs), bf16/fp16 min cosine vs fp32;
-3. model-only img/s at batch 1/64/256: ours fp32/bf16/fp16, transformers fp32/bf16 (SDPA);
-   with --compile also torch.compile'd ours bf16 and transformers bf16 (first-call cost shown);
+3. model-only img/s at batch 1/64/256: ours fp32/bf16/fp16 (bf16 also fused, and without CUDA
+   graphs), transformers fp32/bf16 (SDPA); with --compile also torch.compile'd ours bf16 (and as
+   CUDA graphs) and transformers bf16 (first-call cost shown); then each of ours over
+   transformers bf16 eager at the same batch;
+3b. a compiled model's time to full speed in a second process (benchmarks/compile_start.py);
 4. end to end on the JPEG folder: ``embed_paths`` (torch, CUDA, default precision) per decode
    mode, with "model busy" and the model's own rate inside the run, each mode's min cosine vs
    exact; and the pipeline a user would write instead: transformers bf16 + DataLoader
@@ -24,7 +27,6 @@ model on the CPU (a smoke test of this script; its figures mean nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,40 +40,14 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # gpu_common, gpu_e2e, compile_start, also when imported from elsewhere
+
+from gpu_common import RESULTS, elapsed, hf_model, rate, save, say, section  # noqa: E402
+from gpu_e2e import end_to_end_section  # noqa: E402
 
 BASE_SIGLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                    image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")  # google/siglip-base-patch16-224
 TINY_SIGLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
-RESULTS: dict = {"sections": {}}
-START = time.perf_counter()
-
-
-def say(*parts) -> None:
-    print(*parts, flush=True)
-
-
-def elapsed() -> float:
-    return time.perf_counter() - START
-
-
-def save(out: str | None) -> None:
-    if out:
-        RESULTS["elapsed_s"] = round(elapsed(), 1)
-        tmp = f"{out}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(RESULTS, handle, indent=2, default=str)
-        os.replace(tmp, out)
-
-
-def section(name: str, args) -> bool:
-    """Start section ``name`` unless the time budget is spent."""
-    if args.budget and elapsed() > args.budget:
-        say(f"\n== {name}: skipped (budget of {args.budget:.0f} s spent, {elapsed():.0f} s elapsed)")
-        RESULTS["sections"][name] = "skipped: budget"
-        return False
-    say(f"\n== {name} ({elapsed():.0f} s)")
-    return True
-
 
 # ----------------------------------------------------------------------------- set-up
 
@@ -133,30 +109,6 @@ def make_jpegs(folder: Path, count: int, workers: int) -> list[str]:
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_jpegs, tasks))
     return sorted(str(p) for p in folder.glob("*.jpg"))
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def rate(torch, device, run, batch: int, seconds: float, min_iters: int = 3) -> float:
-    """img/s of ``run()`` (one batch) after warm-up, timed over >= ``seconds`` and >= ``min_iters`` calls."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        run()
-    sync()
-    iters, tick = 0, time.perf_counter()
-    while iters < min_iters or time.perf_counter() - tick < seconds:
-        run()
-        iters += 1
-        if iters % 4 == 0 or iters >= min_iters:
-            sync()
-    sync()
-    return batch * iters / (time.perf_counter() - tick)
-
-
-def hf_model(torch, tf, folder: Path, device, dtype, attention: str = "sdpa"):
-    model = tf.SiglipVisionModel.from_pretrained(folder, attn_implementation=attention)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------- sections
@@ -236,8 +188,6 @@ def decode_accuracy_section(torch, parquet, device, args) -> None:
 
 
 def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
-    from arrowvision import VisionEncoder
-
     size = args.image_size
     batches = [1, 8] if args.tiny else [1, 64, 256]
     seconds = 0.3 if args.quick or args.tiny else 0.6
@@ -248,18 +198,19 @@ def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
         rows.append({"model": name, "batch": batch, "img_per_s": round(value, 1), **(extra or {})})
         say(f"  {name:<34} b{batch:<4} {value:10.1f} img/s" + (f"  {extra}" if extra else ""))
 
-    configs = [("ours fp32", "fp32", None), ("ours bf16", "bf16", None), ("ours fp16", "fp16", None)]
+    configs = [("ours fp32", "fp32", {}), ("ours bf16", "bf16", {}), ("ours fp16", "fp16", {}),
+               ("ours bf16 fused", "bf16", {"fused": True})]  # packed q/k/v, GELU in the GEMM epilogue (CUDA)
     if device.type == "cuda":
-        configs.append(("ours bf16 eager (no CUDA graphs)", "bf16", False))
-    for name, precision, graphs in configs:
-        encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision=precision,
-                                             cuda_graphs=graphs)
-        backend = encoder.backend
-        for batch in batches:
-            x = torch.randn(batch, 3, size, size, device=device, dtype=backend.dtype)
-            with torch.inference_mode():
-                record(name, batch, rate(torch, device, lambda run=backend._run, x=x: run(x), batch, seconds))
-        del encoder, backend
+        configs += [("ours bf16 eager (no CUDA graphs)", "bf16", {"cuda_graphs": False}),
+                    ("ours bf16 fused (no CUDA graphs)", "bf16", {"fused": True, "cuda_graphs": False})]
+    if device.type == "cuda" or args.tiny:  # (on the CPU it fails, reported: a check of that path)
+        configs.append(("ours bf16 fused, cuDNN attention", "bf16", {"fused": True, "attention": "cudnn"}))
+    for name, precision, options in configs:
+        try:
+            model_rows(torch, parquet, device, batches, name, precision, options, record, seconds)
+        except Exception as exc:  # noqa: BLE001 - e.g. no cuDNN attention kernel for these shapes: report, go on
+            say(f"  {name} failed: {type(exc).__name__}: {exc}")
+            RESULTS["sections"][f"model_error {name}"] = f"{type(exc).__name__}: {exc}"
     for name, dtype in [("transformers fp32 sdpa", torch.float32), ("transformers bf16 sdpa", torch.bfloat16)]:
         model = hf_model(torch, tf, hf_folder, device, dtype)
         for batch in batches:
@@ -271,6 +222,42 @@ def model_only_section(torch, tf, hf_folder, parquet, device, args) -> None:
         torch.cuda.empty_cache()
     if args.compile:
         compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds)
+    ratios_vs_transformers(rows)
+
+
+def model_rows(torch, parquet, device, batches, name, precision, options, record, seconds) -> None:
+    """One of our configurations at each batch size; ``attention``: an SDPA kernel to force
+    (captured into the CUDA graphs with it)."""
+    from contextlib import nullcontext
+
+    from arrowvision import VisionEncoder
+
+    options = dict(options)
+    attention = options.pop("attention", None)
+    if attention:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[attention])
+    encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision=precision, **options)
+    backend, size = encoder.backend, encoder.backend.config.image_size
+    with kernel if attention else nullcontext():
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, device=device, dtype=backend.dtype)
+            with torch.inference_mode():
+                record(name, batch, rate(torch, device, lambda run=backend._run, x=x: run(x), batch, seconds))
+
+
+def ratios_vs_transformers(rows: list[dict]) -> None:
+    """Each of our half-precision rows over transformers bf16 SDPA eager at the same batch (issue 26:
+    eager bf16 >= 1.3x)."""
+    peer = {row["batch"]: row["img_per_s"] for row in rows if row["model"] == "transformers bf16 sdpa"}
+    ratios = [{"model": row["model"], "batch": row["batch"],
+               "vs_transformers_bf16_eager": round(row["img_per_s"] / peer[row["batch"]], 3)}
+              for row in rows if row["model"].startswith("ours b") and peer.get(row["batch"])]
+    RESULTS["sections"]["ratios_vs_transformers_bf16_eager"] = ratios
+    say("  ratios vs transformers bf16 SDPA eager (same batch; target for our eager bf16 >= 1.3x at b256):")
+    for ratio in ratios:
+        say(f"    {ratio['model']:<34} b{ratio['batch']:<4} {ratio['vs_transformers_bf16_eager']:.3f}x")
 
 
 def compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds) -> None:
@@ -291,6 +278,19 @@ def compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds) -
             record("ours bf16 compiled", batch, rate(torch, device, lambda run=encoder.backend._run: run(x), batch, seconds),
                    {"first_call_s": round(first, 1)})
         del encoder
+        if device.type == "cuda":  # the compiled kernels as one CUDA graph per batch size (Inductor's cache is warm now)
+            encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), precision="bf16",
+                                                 compile=True, cuda_graphs=True)
+            with torch.inference_mode():
+                for b in (1, batch):
+                    x = torch.randn(b, 3, size, size, device=device, dtype=torch.bfloat16)
+                    tick = time.perf_counter()
+                    encoder.backend._run(x)  # compiles this shape (or finds it) and captures it
+                    torch.cuda.synchronize()
+                    first = {"first_call_s": round(time.perf_counter() - tick, 1)}
+                    record("ours bf16 compiled + CUDA graphs", b,
+                           rate(torch, device, lambda run=encoder.backend._run, x=x: run(x), b, seconds), first)
+            del encoder
     except Exception as exc:  # noqa: BLE001 - report and go on
         say(f"  ours compiled failed: {type(exc).__name__}: {exc}")
         RESULTS["sections"]["compile_error_ours"] = f"{type(exc).__name__}: {exc}"
@@ -315,181 +315,16 @@ def compile_rows(torch, tf, hf_folder, parquet, device, args, record, seconds) -
         RESULTS["sections"]["compile_error_transformers"] = f"{type(exc).__name__}: {exc}"
 
 
-def embed_row(encoder, paths, out: Path, label: str, batch: int, workers: int, mode: str, pool: str = "auto") -> tuple[dict, np.ndarray]:
-    """One ``embed_paths`` run (after a warm-up run on two batches: cuDNN, pinned memory, forks)."""
-    from arrowvision.datasets.pipeline import embed_paths, read_embeddings
+def compile_start_section(parquet, device, args) -> None:
+    """Time to full speed of a second process, its compiled model loaded from our cache."""
+    from compile_start import measure
 
-    warm = out.parent / "warm"
-    for folder in (out, warm):
-        shutil.rmtree(folder, ignore_errors=True)
-    embed_paths(encoder, paths[: 2 * batch], warm, batch_size=batch, workers=workers, progress=False, decode=mode,
-                decode_pool=pool)
-    stats = embed_paths(encoder, paths, out, batch_size=batch, workers=workers, progress=False, decode=mode, decode_pool=pool)
-    inside = stats.embedded / stats.inference_seconds if stats.inference_seconds else 0.0
-    row = {"pipeline": label, "images": len(paths), "img_per_s": round(stats.images_per_second, 1), "embedded": stats.embedded,
-           "failed": stats.failed, "model_busy_pct": round(100 * stats.model_busy, 1),
-           "input_wait_pct": round(100 * stats.input_wait_seconds / stats.seconds, 1) if stats.seconds else 0.0,
-           "model_rate_inside_run": round(inside, 1), "seconds": round(stats.seconds, 2)}
-    table = read_embeddings(out)
-    order = np.argsort(table.column("path").to_pylist())
-    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))[order]
-    for folder in (out, warm):
-        shutil.rmtree(folder, ignore_errors=True)
-    return row, vectors
-
-
-def decode_only(encoder, paths, mode: str, batch: int, workers: int, torch, device) -> float:
-    """img/s of the feeder alone (worker processes; gpu: plus nvJPEG + resize on the device, with
-    the share of JPEGs ``embed`` leaves to the workers), start-up included."""
-    from arrowvision.inputs.decode import gpu_cpu_share
-    from arrowvision.inputs.feeder import Feeder
-
-    gpu = None
-    if mode == "gpu":
-        from arrowvision.inputs.gpu_decode import GpuDecoder
-
-        gpu = GpuDecoder(encoder.preprocessor, encoder.backend)
-    feeder = Feeder(encoder.preprocessor, batch_size=batch, workers=workers, mode=mode, pool="process",
-                    cpu_share=gpu_cpu_share(workers) if mode == "gpu" else 0.0)
-    done, tick = 0, time.perf_counter()
-    for fed in feeder.batches(paths):
-        if gpu is not None:
-            ok, _staged = gpu.assemble(fed.decoded, fed.pixels, fed.jpegs)
-            done += len(ok)
-        else:
-            done += len(fed.decoded)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return done / (time.perf_counter() - tick)
-
-
-def steady_corpus(images: list[str], copies: int, work: Path) -> list[str]:
-    """``copies`` x the JPEG folder as hard links: distinct paths (own rows), no extra bytes to write."""
-    paths = list(images)
-    for copy in range(1, copies):
-        folder = work / f"jpegs-link{copy}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for image in images:
-            target = folder / Path(image).name
-            if not target.exists():
-                os.link(image, target)
-            paths.append(str(target))
-    return paths
-
-
-def end_to_end_section(torch, tf, hf_folder, parquet, device, images, args) -> None:
-    from arrowvision import VisionEncoder
-
-    workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    batch = 16 if args.tiny else args.batch_size
-    rows = []
-    RESULTS["sections"]["end_to_end"] = rows
-    encoder = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device))
-    work = Path(args.work)
-    large = steady_corpus(images, args.steady_copies, work) if args.steady_copies > 1 else []
-    say(f"  {len(images)} JPEGs 640x480 (steady state: {len(large) or 'off'}), batch {batch}, {workers} workers, "
-        f"torch {encoder.backend.precision} on {device}, CUDA graphs {'on' if encoder.backend.graphs is not None else 'off'}")
-    modes = ["exact", "fast", "gpu"] if device.type == "cuda" or args.tiny else ["exact", "fast"]
-    modes = [mode for mode in modes if mode in args.e2e_modes]
-
-    def show(row: dict) -> None:
-        rows.append(row)
-        say(f"  {row['pipeline']:<34} " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "pipeline"))
-        save(args.out)
-
-    for mode in modes:  # decode ceilings: what the workers (and nvJPEG) deliver without the model
-        if device.type != "cuda" and mode == "gpu":
-            continue
-        try:
-            show({"pipeline": f"decode only --decode {mode}", "images": len(images),
-                  "img_per_s": round(decode_only(encoder, images, mode, batch, workers, torch, device), 1)})
-        except Exception as exc:  # noqa: BLE001
-            show({"pipeline": f"decode only --decode {mode}", "error": f"{type(exc).__name__}: {exc}"})
-    embeddings = {}
-    variants = [(mode, "process" if mode == "exact" else "auto") for mode in modes]
-    if not args.quick and "exact" in modes:
-        variants.append(("exact", "thread"))  # the old way: decoding threads in the model's process
-    for mode, pool in variants:
-        if args.budget and elapsed() > args.budget:
-            say(f"  embed --decode {mode}: skipped (budget)")
-            continue
-        label = f"embed --decode {mode}" + {"auto": "", "process": " (processes)", "thread": " (threads)"}[pool]
-        for paths in [images] + ([large] if large and pool != "thread" else []):
-            try:
-                row, vectors = embed_row(encoder, paths, work / "e2e", label, batch, workers, mode, pool)
-                if paths is images:
-                    embeddings.setdefault(mode, vectors)
-                    if mode != "exact" and "exact" in embeddings:
-                        cos = (vectors * embeddings["exact"]).sum(1)
-                        row.update(min_cosine_vs_exact=float(cos.min()), mean_cosine_vs_exact=float(cos.mean()))
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                row = {"pipeline": label, "images": len(paths), "error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
-            show(row)
-    del encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if args.compile and not (args.budget and elapsed() > args.budget):
-        mode = "gpu" if device.type == "cuda" else "fast"
-        label = f"embed --decode {mode} --compile"
-        try:
-            tick = time.perf_counter()
-            compiled = VisionEncoder.from_parquet(parquet, backend="torch", device=str(device), compile=True)
-            for paths in [images] + ([large] if large else []):
-                row, _ = embed_row(compiled, paths, work / "e2e", label, batch, workers, mode)
-                row["load_compile_warmup_s"] = round(time.perf_counter() - tick, 1)
-                show(row)
-                tick = time.perf_counter()
-            del compiled
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            show({"pipeline": label, "error": f"{type(exc).__name__}: {exc}"})
-    for paths in ([images] + ([large] if large else [])) if "peer" in args.sections else []:
-        if not section(f"end to end: transformers + DataLoader peer, {len(paths)} JPEGs", args):
-            break
-        try:
-            row = dataloader_peer(torch, tf, hf_folder, device, paths, workers, batch, args)
-        except Exception as exc:  # noqa: BLE001
-            row = {"pipeline": "transformers bf16 + DataLoader", "error": f"{type(exc).__name__}: {exc}"}
-            traceback.print_exc()
-        show(row)
-
-
-class _Files:
-    """A map-style dataset: path -> the HF processor's pixel_values (what a user would write)."""
-
-    def __init__(self, paths, processor):
-        self.paths, self.processor = paths, processor
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        from PIL import Image
-
-        with Image.open(self.paths[index]) as image:
-            return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-
-
-def dataloader_peer(torch, tf, hf_folder, device, images, workers, batch, args) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = hf_model(torch, tf, hf_folder, device, dtype)
-    processor = tf.SiglipImageProcessor(size={"height": args.image_size, "width": args.image_size})
-    loader = torch.utils.data.DataLoader(_Files(images, processor), batch_size=batch, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    outputs, busy = 0, 0.0
-    tick = time.perf_counter()
-    with torch.inference_mode():
-        for pixels in loader:
-            start = time.perf_counter()
-            pooled = model(pixel_values=pixels.to(device, dtype, non_blocking=True)).pooler_output
-            outputs += len(pooled.float().cpu())
-            busy += time.perf_counter() - start
-    seconds = time.perf_counter() - tick
-    return {"pipeline": f"transformers {'bf16' if dtype == torch.bfloat16 else 'fp32'} + DataLoader({workers} workers) "
-                        "+ SiglipImageProcessor", "images": len(images), "img_per_s": round(outputs / seconds, 1),
-            "embedded": outputs,
-            "model_busy_pct": round(100 * busy / seconds, 1), "seconds": round(seconds, 2)}
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    batch = 2 if args.tiny else 256
+    say(f"  two fresh processes in turn, ours {precision} compiled, batch {batch}, one new arrowvision cache, "
+        "each with empty Inductor/Triton folders:")
+    RESULTS["sections"]["compile_start"] = measure(parquet, str(device), precision, batch, say=say,
+                                                   work=Path(args.work) / "compile-start")
 
 
 # ----------------------------------------------------------------------------- main
@@ -508,8 +343,9 @@ def main() -> int:
     parser.add_argument("--steady-copies", type=int, default=4,
                         help="also run end to end on this many hard-linked copies of the folder (steady state; 1: off)")
     parser.add_argument("--workers", type=int, default=0, help="decoding workers (default: CPU count)")
-    parser.add_argument("--sections", default="accuracy,decode-accuracy,model,e2e,peer",
-                        help="comma-separated: accuracy, decode-accuracy, model, e2e, peer (the DataLoader pipeline)")
+    parser.add_argument("--sections", default="accuracy,decode-accuracy,model,compile-start,e2e,peer",
+                        help="comma-separated: accuracy, decode-accuracy, model, compile-start (a second process's "
+                             "compiled start, benchmarks/compile_start.py), e2e, peer (the DataLoader pipeline)")
     parser.add_argument("--e2e-modes", default="exact,fast,gpu", help="decode modes run end to end")
     parser.add_argument("--work", help="scratch folder (default: a temp folder, removed after)")
     args = parser.parse_args()
@@ -561,6 +397,8 @@ def main() -> int:
         plan = [("accuracy", "accuracy", lambda: accuracy_section(torch, tf, hf_folder, parquet, device, args)),
                 ("decode accuracy", "decode-accuracy", lambda: decode_accuracy_section(torch, parquet, device, args)),
                 ("model only", "model", lambda: model_only_section(torch, tf, hf_folder, parquet, device, args)),
+                ("compiled model: time to full speed of a second process", "compile-start",
+                 lambda: compile_start_section(parquet, device, args)),
                 ("end to end", "e2e", lambda: end_to_end_section(torch, tf, hf_folder, parquet, device, images, args))]
         for name, key, run in plan:
             if key not in args.sections or not section(name, args):

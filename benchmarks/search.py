@@ -3,34 +3,37 @@
 
 A synthetic, clustered corpus (not uniform noise, so that recall means something): ``--clusters``
 centers, each point = its center + a 16-dimensional per-cluster spread + small isotropic noise,
-L2-normalized (nearest neighbours at cosine ~0.9, the median pair ~0). It is written as a real
-embeddings dataset (Parquet part files, as ``embed`` writes them), indexed with the production
-code, and queried with held-out points of the same distribution. Reported: build time, index
-size, recall@10 vs exact search for several ``nprobe`` values, query p50/p99 (one query at a
-time), the scan's p50 on a few queries and the speed-up, and the cost of an incremental update
-(one new 1024-row chunk).
+L2-normalized (nearest neighbours at cosine ~0.74, the 10th at ~0.61, the median pair ~0). It is
+written as a real embeddings dataset (Parquet part files, as ``embed`` writes them) once per
+``--workdir`` (reused while the recipe is the same), indexed with the production code, and queried
+with held-out points of the same distribution. Reported: build time, index size, recall@10 vs
+exact for several ``nprobe`` values, query p50/p95/p99 and CPU time (one query at a time, 1 and 2
+FAISS threads), memory, the same queries with the index opened the other way (memory-mapped vs in
+RAM), the scan's p50 and the speed-up, then 1024-row chunks added as ``embed`` adds them (delta
+segments), queries with the delta, the merge, and queries after it.
 
-    python benchmarks/search.py                  # 1M x 768 (the issue's size; ~3 GiB of Parquet)
-    python benchmarks/search.py --rows 200000    # what fits a busy 2-core machine quickly
-    python benchmarks/search.py --in-ram         # the index read into RAM, as `serve` holds it
+    python benchmarks/search.py --workdir /work/search-corpus            # 1M x 768, memory-mapped (`search`)
+    python benchmarks/search.py --workdir /work/search-corpus --in-ram   # read into RAM, as `serve` holds it
+    python benchmarks/search.py --rows 200000                            # what fits a busy machine quickly
 
-Last run (2026-11-26, the default 1M x 768, shared 2-core AMD Zen 3 at load average 7-9, FAISS
-1.15.1, index memory-mapped): Parquet written in 298 s (2.7 GiB); index built in 132 s (k-means
-46 s), 1476 MiB, opened in 1.0 s; one thread per query:
+Last runs (2026-12-05, the default 1M x 768, shared 2-core AMD EPYC with AVX-512/VNNI/BF16 at
+load average 4.7-5.2 from other work, FAISS 1.15.1): Parquet written in 116 s (2.7 GiB); index
+built in 112 s (k-means on 100k rows with its sampling pass 48-50 s), 1569 MiB on disk, 1000
+lists, nprobe 250, PQ192x4fs + float16 re-ranking of 100 candidates. One thread per query:
 
-======  =========  ========  =========  ============
-nprobe  recall@10  p50       p99        CPU time p50
-======  =========  ========  =========  ============
-16      0.881       6.1 ms    32 ms      6.8 ms
-32      0.904      11.1 ms   215 ms     11.9 ms
-64      0.928      30.7 ms   351 ms     22.5 ms
-125     0.948      59.9 ms   574 ms     36.7 ms   (the default: 1/8 of 1000 lists)
-======  =========  ========  =========  ============
+======  =========  =============================  =============================
+nprobe  recall@10  memory-mapped: p50, p99 (CPU)  in RAM: p50, p99 (CPU)
+======  =========  =============================  =============================
+64      0.976      0.9 ms, 4.7 ms (0.89 ms)       1.0 ms, 10.9 ms (0.95 ms)
+128     0.984      1.4 ms, 1.5 ms (1.36 ms)       1.5 ms, 5.9 ms (1.54 ms)
+250     0.988      2.5 ms, 14.3 ms (2.47 ms)      2.6 ms, 7.0 ms (2.51 ms)   (the default: 1/4 of the lists)
+======  =========  =============================  =============================
 
-The scan (``search`` without an index): p50 23.7 s a query, 396x the default nprobe's p50.
-Adding one 1024-row chunk (``embed`` into an indexed dataset): 13.4 s, the index file rewritten.
-With two threads per query the p50s were 5.1/10.3/23.0/63.1 ms. An earlier IVF-Flat (float32)
-build of the same corpus read into RAM answered nprobe 32 in 21 ms p50 vs 48 ms memory-mapped.
+p99s follow the machine's load. Opening: 0.3 s mapped (+165 MiB anonymous memory; the float16
+rows stay in the page cache) vs 4.2 s read into RAM (+1680 MiB). The scan: 14-17 s a query.
+Adding a 1024-row chunk: 0.05-0.13 s (a delta segment; the index was rewritten before, 8.5-13 s);
+with 3072 delta rows a query costs 3.0-3.2 ms of CPU; folding the delta in: 4-5 s. Two FAISS
+threads per query: the same p50 on this 2-core machine.
 """
 
 from __future__ import annotations
@@ -103,6 +106,46 @@ def merge_top(best_scores, best_ids, scores, first_row, k):
     return np.take_along_axis(all_scores, keep, 1), np.take_along_axis(all_ids, keep, 1)
 
 
+def prepare_corpus(work: Path, args: argparse.Namespace, corpus: Corpus, queries: np.ndarray, k: int = 10):
+    """The dataset and the queries' exact top-``k``: reused from ``work`` when a previous run wrote the
+    same corpus there (``corpus.json`` records how; ``truth.npz`` the exact answers), else written."""
+    dataset = work / "emb"
+    recipe = {"rows": args.rows, "dim": args.dim, "clusters": len(corpus.centers), "center_scale": args.center_scale,
+              "chunk_rows": args.chunk_rows, "queries": len(queries), "seed": 0}
+    marker, truth_file = work / "corpus.json", work / "truth.npz"
+    if marker.is_file() and truth_file.is_file() and json.loads(marker.read_text()) == recipe:
+        shutil.rmtree(dataset / vindex.INDEX_DIR, ignore_errors=True)
+        for extra in dataset.glob("part-9*.parquet"):  # the chunk a previous run's update test added
+            extra.unlink()
+        saved = np.load(truth_file)
+        data_bytes = sum(p.stat().st_size for p in dataset.glob("part-*.parquet"))
+        print(f"corpus: {args.rows:,} x {args.dim}, {recipe['clusters']} clusters, reused from {dataset} "
+              f"({data_bytes / 2**30:.2f} GiB of Parquet)")
+        return dataset, saved["truth"], saved["scores"], data_bytes
+    marker.unlink(missing_ok=True)
+    if dataset.exists():
+        shutil.rmtree(dataset)
+    dataset.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), k), np.int64)
+    schema = schema_for(args.dim)
+    tick = time.perf_counter()
+    for number, first in enumerate(range(0, args.rows, args.chunk_rows)):
+        vectors = corpus.sample(min(args.chunk_rows, args.rows - first), rng)
+        write_part(dataset, number, vectors, first, schema)
+        best_scores, best_ids = merge_top(best_scores, best_ids, queries @ vectors.T, first, k)
+    order = np.argsort(-best_scores, axis=1)
+    truth = np.take_along_axis(best_ids, order, 1)
+    best_scores = np.take_along_axis(best_scores, order, 1)
+    data_bytes = sum(p.stat().st_size for p in dataset.glob("part-*.parquet"))
+    print(f"corpus: {args.rows:,} x {args.dim}, {recipe['clusters']} clusters; {data_bytes / 2**30:.2f} GiB of Parquet written "
+          f"in {time.perf_counter() - tick:.0f} s")
+    np.savez(truth_file, truth=truth, scores=best_scores)
+    marker.write_text(json.dumps(recipe))
+    return dataset, truth, best_scores, data_bytes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="corpus size")
@@ -112,10 +155,12 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=200, help="timed index queries (recall is averaged over them)")
     parser.add_argument("--scan-queries", type=int, default=3, help="queries timed on the streamed scan (slow)")
     parser.add_argument("--chunk-rows", type=int, default=32768, help="rows per part file")
-    parser.add_argument("--nprobe", default="16,32,64,default", help="IVF lists probed, comma-separated ('default': the index's)")
+    parser.add_argument("--nprobe", default="64,128,default", help="IVF lists probed, comma-separated ('default': the index's)")
     parser.add_argument("--threads", default="1,2", help="FAISS OpenMP threads per query, comma-separated")
     parser.add_argument("--in-ram", action="store_true", help="read the index into RAM, as `serve` does (default: map it, as `search`)")
     parser.add_argument("--workdir", help="where to write the dataset (default: a temp folder, removed after)")
+    parser.add_argument("--add-chunks", type=int, default=3, help="1024-row chunks added (delta segments) after the queries")
+    parser.add_argument("--corpus-only", action="store_true", help="write (or check) the corpus in --workdir and stop")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
@@ -125,54 +170,44 @@ def main() -> int:
     print(f"cpu: {cpu.describe()}; {os.cpu_count()} logical cores; faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads); "
           f"load average {os.getloadavg()[0]:.1f} (other work on the machine inflates wall times; CPU times do not)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="arrowvision-search-bench-"))
-    dataset = work / "emb"
-    if dataset.exists():
-        shutil.rmtree(dataset)
-    dataset.mkdir(parents=True)
     clusters = args.clusters or max(10, args.rows // 1000)
     corpus = Corpus(args.dim, clusters, args.center_scale)
-    rng = np.random.default_rng(1)
     queries = corpus.sample(args.queries, np.random.default_rng(2))
+    dataset, truth, best_scores, data_bytes = prepare_corpus(work, args, corpus, queries)
+    print(f"nearest-neighbour cosine {best_scores[:, 0].mean():.3f}, 10th {best_scores[:, -1].mean():.3f}")
+    if args.corpus_only:
+        return 0
     k = 10
-    best_scores = np.full((args.queries, k), -np.inf, np.float32)
-    best_ids = np.zeros((args.queries, k), np.int64)
     schema = schema_for(args.dim)
-    tick = time.perf_counter()
-    for number, first in enumerate(range(0, args.rows, args.chunk_rows)):
-        vectors = corpus.sample(min(args.chunk_rows, args.rows - first), rng)
-        write_part(dataset, number, vectors, first, schema)
-        best_scores, best_ids = merge_top(best_scores, best_ids, queries @ vectors.T, first, k)
-    order = np.argsort(-best_scores, axis=1)
-    truth = np.take_along_axis(best_ids, order, 1)
-    data_bytes = sum(p.stat().st_size for p in dataset.glob("part-*.parquet"))
-    print(f"corpus: {args.rows:,} x {args.dim}, {clusters} clusters; {data_bytes / 2**30:.2f} GiB of Parquet written "
-          f"in {time.perf_counter() - tick:.0f} s; nearest-neighbour cosine {best_scores.max(axis=1).mean():.3f}, "
-          f"10th {np.sort(best_scores, axis=1)[:, 0].mean():.3f}")
 
     info = vindex.build(dataset)
     print(f"index: {info.kind} ({info.details}), built in {info.seconds:.1f} s, {info.bytes / 2**20:.0f} MiB")
+    mode = "read into RAM (as `serve`)" if args.in_ram else "memory-mapped (as `search`)"
+    rss_before, file_before = rss_mib(), rss_mib("RssFile")
     start = time.perf_counter()
-    index = vindex.VectorIndex.open(dataset, mmap=not args.in_ram)  # mapped, as `search` opens it; in RAM, as `serve`
+    index = vindex.VectorIndex.open(dataset, mmap=not args.in_ram)
     open_seconds = time.perf_counter() - start
-    print(f"index opened in {open_seconds:.2f} s ({'read into RAM' if args.in_ram else 'memory-mapped'})")
-    results = {"open_seconds": open_seconds, "cpu": cpu.describe(), "rows": args.rows, "dim": args.dim, "clusters": clusters, "kind": info.kind,
-               "build_seconds": info.seconds, "index_bytes": info.bytes, "dataset_bytes": data_bytes, "runs": []}
-    probes = ([index.nprobe if p == "default" else int(p) for p in args.nprobe.split(",")] if info.kind == "ivf" else [None])
+    print(f"index opened in {open_seconds:.2f} s, {mode}; anonymous RSS +{rss_mib() - rss_before:.0f} MiB")
+    results = {"open_seconds": open_seconds, "cpu": cpu.describe(), "rows": args.rows, "dim": args.dim, "clusters": clusters,
+               "kind": info.kind, "in_ram": args.in_ram, "build_seconds": info.seconds, "details": info.details,
+               "index_bytes": info.bytes, "dataset_bytes": data_bytes, "runs": []}
+    probes = [index.nprobe if p == "default" else int(p) for p in args.nprobe.split(",")] if info.kind != "exact" else [None]
     index.search(queries[0], k)  # warm-up
     for threads, nprobe in [(t, p) for t in map(int, args.threads.split(",")) for p in probes]:
-        faiss.omp_set_num_threads(threads)
-        times, cpu_times, recalls = [], [], []
-        for query, expected in zip(queries, truth):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            hits = index.search(query, k, nprobe=nprobe)
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-            recalls.append(len({int(p[8:16]) for _, p in hits} & set(expected.tolist())) / k)
-        run = {"threads": threads, "nprobe": nprobe, "recall_at_10": float(np.mean(recalls)), "p50_ms": 1000 * float(np.percentile(times, 50)),
-               "p99_ms": 1000 * float(np.percentile(times, 99)), "cpu_p50_ms": 1000 * float(np.percentile(cpu_times, 50))}
+        run = measure(index, queries, truth, k, nprobe, threads)
         results["runs"].append(run)
-        print(f"  {threads} thread(s), nprobe {nprobe or '-':>3}: recall@10 {run['recall_at_10']:.4f}  p50 {run['p50_ms']:6.2f} ms  p99 {run['p99_ms']:6.2f} ms  "
-              f"(CPU time p50 {run['cpu_p50_ms']:6.2f} ms)")
+        report(run, "")
+    results["rss_mib_after_queries"] = rss_mib() - rss_before
+    results["rss_file_mib_after_queries"] = rss_mib("RssFile") - file_before
+    print(f"after the queries: anonymous RSS +{results['rss_mib_after_queries']:.0f} MiB, mapped file pages "
+          f"+{results['rss_file_mib_after_queries']:.0f} MiB (page cache: shared, reclaimable; the kernel maps "
+          "~64 KiB around each row read) over the process before opening")
+    faiss.omp_set_num_threads(1)
+    peer = vindex.VectorIndex.open(dataset, mmap=args.in_ram)  # the other way of opening, in the same run
+    peer.search(queries[0], k)
+    results["peer"] = measure(peer, queries, truth, k, None, 1)
+    report(results["peer"], f"  ({'memory-mapped' if args.in_ram else 'read into RAM'}, the other way of opening)")
+    del peer
 
     scan = []
     for query in queries[: args.scan_queries]:
@@ -186,17 +221,72 @@ def main() -> int:
           f"index at the default nprobe {index.nprobe} ({default['threads']} thread(s)): "
           f"{results['speedup_at_default_nprobe']:.0f}x faster")
 
-    extra = corpus.sample(1024, rng)  # what one more `embed` chunk costs the index
-    write_part(dataset, 99999, extra, args.rows, schema)
-    update = vindex.update(dataset)
-    results["incremental_update_seconds"] = update.seconds
-    print(f"incremental update (+1024 rows, {update.action}): {update.seconds:.1f} s")
+    add_chunks(results, args, dataset, corpus, queries, best_scores, truth, schema, index, k)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.workdir:
         shutil.rmtree(work)
     return 0
+
+
+def rss_mib(field: str = "RssAnon") -> float:
+    """Resident memory of this process (MiB): ``RssAnon`` is its own; ``RssFile`` counts mapped file pages
+    (the page cache, shared and reclaimable)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(index, queries, truth, k, nprobe, threads) -> dict:
+    """Single-query latency (wall and CPU time, one query at a time) and recall@k against ``truth``."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    times, cpu_times, recalls = [], [], []
+    for query, expected in zip(queries, truth):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        hits = index.search(query, k, nprobe=nprobe)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        recalls.append(len({int(p[8:16]) for _, p in hits} & set(expected.tolist())) / k)
+    return {"threads": threads, "nprobe": nprobe or index.nprobe, "recall_at_10": float(np.mean(recalls)),
+            "p50_ms": 1000 * float(np.percentile(times, 50)), "p95_ms": 1000 * float(np.percentile(times, 95)),
+            "p99_ms": 1000 * float(np.percentile(times, 99)), "cpu_p50_ms": 1000 * float(np.percentile(cpu_times, 50))}
+
+
+def report(run: dict, note: str) -> None:
+    print(f"  {run['threads']} thread(s), nprobe {run['nprobe'] or '-':>3}: recall@10 {run['recall_at_10']:.4f}  "
+          f"p50 {run['p50_ms']:6.2f} ms  p95 {run['p95_ms']:6.2f} ms  p99 {run['p99_ms']:6.2f} ms  "
+          f"(CPU time p50 {run['cpu_p50_ms']:6.2f} ms){note}")
+
+
+def add_chunks(results, args, dataset, corpus, queries, best_scores, truth, schema, index, k) -> None:
+    """What ``embed`` adding 1024-row chunks costs: each a delta segment; queries with the delta; the fold."""
+    rng = np.random.default_rng(3)
+    seconds = []
+    for number in range(args.add_chunks):
+        extra = corpus.sample(1024, rng)
+        first = args.rows + 1024 * number
+        write_part(dataset, 99000 + number, extra, first, schema)
+        best_scores, truth = merge_top(best_scores, truth, queries @ extra.T, first, k)
+        update = vindex.update(dataset)
+        seconds.append(update.seconds)
+        print(f"add a 1024-row chunk: {update.action} in {update.seconds:.2f} s ({update.details})")
+    results["chunk_add_seconds"] = seconds
+    order = np.argsort(-best_scores, axis=1)
+    truth = np.take_along_axis(truth, order, 1)
+    with_delta = vindex.VectorIndex.open(dataset, mmap=not args.in_ram, reuse=index)
+    results["with_delta"] = measure(with_delta, queries, truth, k, None, 1)
+    report(results["with_delta"], f"  (with {with_delta.delta.ntotal} delta rows)")
+    merged = vindex.update(dataset, merge=True)
+    results["merge_seconds"] = merged.seconds
+    print(f"merge the delta into the main index (`index --merge`, or when it passes {vindex.DELTA_MAX_ROWS} rows): "
+          f"{merged.seconds:.1f} s")
+    after = vindex.VectorIndex.open(dataset, mmap=not args.in_ram)
+    results["after_merge"] = measure(after, queries, truth, k, None, 1)
+    report(results["after_merge"], "  (after the merge)")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,43 @@ def test_cuda_graphs_match_eager_at_every_batch_size(tiny_siglip_parquet, folder
         assert (graphed.encode(photos, batch_size=batch_size) * expected).sum(1).min() >= 0.99999
     assert graphed.backend.graphs, "a graph was captured (no silent fall-back to eager)"
     assert {shape[0] for shape in graphed.backend.graphs} == {1, 4, 8}
+
+
+def test_compiled_model_as_cuda_graphs_matches_eager_and_is_cached(tiny_siglip_parquet, folder, module_cache):
+    photos = [p for p in paths_of(folder) if "photo" in p]
+    eager = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", precision="fp32", cuda_graphs=False)
+    both = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", precision="fp32", compile=True,
+                                      cuda_graphs=True)
+    assert (both.encode(photos, batch_size=4) * eager.encode(photos, batch_size=4)).sum(1).min() >= 0.9999
+    assert {shape[0] for shape in both.backend.graphs} == {4}, "the compiled model was captured, not run eagerly"
+    assert both.backend.compile_cache.path.exists(), "the compiled artifacts are kept for the next process"
+
+
+def test_a_second_process_compiles_from_our_cache_on_cuda(tiny_siglip_parquet, tmp_path):
+    """Fresh Inductor and Triton folders in both processes: the second one's hits (Triton kernels
+    included, bundled in the FX-graph entries) can only come from our entry."""
+    from .compilekit import run_child
+
+    pixels = tmp_path / "pixels.npy"
+    np.save(pixels, np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    first, _ = run_child(tiny_siglip_parquet, tmp_path / "cache", tmp_path / "inductor1", pixels, "cuda")
+    second, _ = run_child(tiny_siglip_parquet, tmp_path / "cache", tmp_path / "inductor2", pixels, "cuda")
+    assert first["loaded"] is False and second["loaded"] is True
+    assert second["counters"]["inductor"].get("fxgraph_cache_hit", 0) >= 1
+    assert second["counters"]["inductor"].get("fxgraph_cache_miss", 0) == 0
+    np.testing.assert_allclose(second["output"], first["output"], atol=1e-5)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_fused_model_matches_on_cuda(tiny_siglip_parquet, folder, module_cache, graphs):
+    """Packed q/k/v and tanh GELU in cuBLASLt's epilogue: the unfused model's results (an erf GELU
+    would differ by up to 4e-4 per activation)."""
+    photos = [p for p in paths_of(folder) if "photo" in p]
+    plain = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", precision="fp32", cuda_graphs=False)
+    fused = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", precision="fp32", fused=True,
+                                       cuda_graphs=graphs)
+    pixels = plain.preprocessor.batch(photos)
+    assert np.abs(fused.backend(pixels) - plain.backend(pixels)).max() < 1e-4
+    half = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", device="cuda", fused=True, cuda_graphs=graphs)
+    assert half.backend.report["min_cosine"] >= 0.999
+    assert (half.encode(photos) * plain.encode(photos)).sum(1).min() >= 0.999

@@ -53,6 +53,13 @@ def test_validation_is_measured_once_and_held_to_each_callers_threshold(tiny_sig
         VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", precision="bf16", min_cosine=0.9999999)
 
 
+def test_a_report_known_to_this_process_is_still_written_to_another_cache_folder(tiny_siglip_parquet, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", precision="bf16", cache_dir=first)
+    VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", precision="bf16", cache_dir=second)
+    assert [p.name for p in second.glob("torch/*.json")] == [p.name for p in first.glob("torch/*.json")] != []
+
+
 def test_a_half_precision_below_the_threshold_is_refused(tiny_siglip_parquet, tmp_path):
     with pytest.raises(BackendError, match=r"fp16 export is too inaccurate: min cosine .* < threshold 1\.0"):
         VisionEncoder.from_parquet(tiny_siglip_parquet, backend="torch", precision="fp16", min_cosine=1.0,

@@ -23,7 +23,7 @@ def create(name: str, weights: WeightLoader, device: str = "cpu", **options: Any
     if name == "torch":
         from .torch_backend import TorchBackend
 
-        unknown = set(options) - {"precision", "compile", "cuda_graphs", "min_cosine", "cache_dir"}
+        unknown = set(options) - {"precision", "compile", "cuda_graphs", "fused", "min_cosine", "cache_dir"}
         if unknown:
             raise BackendError(f"option(s) {', '.join(sorted(unknown))} do not apply to the torch backend")
         return TorchBackend(weights, device=device, **options)  # precision: fp32 on CPU, bf16/fp16 on CUDA

@@ -12,9 +12,9 @@ blob, ``ENABLE_MMAP``'s default) and its CPU plugin repacks every MatMul weight 
 memory, about half at compile and the rest at the first inference, but keeps the mapping: 340 MB
 mapped + 340 MB repacked, 1174 MB peak RSS through batch 32 (``benchmarks/latency.py``). The
 pages read while repacking are released (``mapped_weights``) after compiling and after the first
-inference, which runs on one row: 819 MB. Measured and not taken: ``ENABLE_MMAP=False`` (the plugin then keeps a heap copy of
-the file: the same 1.1 GB), ``core.read_model`` + compile + ``del`` (the same: the compiled graph
-holds the constants).
+inference, which runs on one row: 819 MB. Measured and not taken: ``ENABLE_MMAP=False`` (the
+plugin then keeps a heap copy of the file: the same 1.1 GB), ``core.read_model`` + compile +
+``del`` (the same: the compiled graph holds the constants).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ batch overlaps the current model call) and normalization runs there, in the mode
 lookup in the preprocessor's exact table (fp32 stays bit-identical to the HF image processor).
 
 On CUDA the model runs as CUDA graphs (one launch per batch) or, with ``compile=True``, through
-``torch.compile``; both run fixed batch shapes (see ``_run``). Figures in docs/GPU.md.
+``torch.compile`` (whose artifacts are kept across processes in our cache, see ``compile_cache``);
+both run fixed batch shapes (see ``_run``). ``fused=True`` runs a copy of the model with fewer,
+larger kernels (``model.fused``). Figures in docs/GPU.md.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ class TorchBackend(BackendBase):
     accepts_uint8 = True  # the pipeline may hand it decoded uint8 (N, S, S, 3) batches
 
     def __init__(self, weights: WeightLoader, device: str = "cpu", precision: str | None = None, *,
-                 compile: bool = False, cuda_graphs: bool | None = None, min_cosine: float | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 compile: bool = False, cuda_graphs: bool | None = None, fused: bool = False,
+                 min_cosine: float | None = None, cache_dir: str | os.PathLike | None = None):
         self.torch = torch = import_torch()  # before ..model, which imports torch
         from ..model.vision import VisionTransformer
 
@@ -116,6 +118,11 @@ class TorchBackend(BackendBase):
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         self.model = VisionTransformer.from_weights(weights, dtype=self.dtype).to(self.device)
         self.config = self.model.config
+        self.fused = bool(fused)
+        if self.fused:  # before validation: what is validated is what runs
+            from ..model.fused import fuse_for_inference
+
+            fuse_for_inference(self.model)
         self.report: dict[str, Any] = {}
         if self.precision in HALF_PRECISIONS:
             from .validation import DEFAULT_MIN_COSINE
@@ -129,10 +136,12 @@ class TorchBackend(BackendBase):
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.compiled = compile
+        self.compile_cache = self._open_compile_cache(weights, cache_dir) if compile else None
         self.forward = self._compiled_forward() if compile else self._forward
-        # CUDA graphs (eager on CUDA unless told not to): one launch per batch instead of hundreds,
-        # so batch 1 is not bound by Python launch overhead and a busy GIL cannot stretch a batch
-        use_graphs = self.cuda and not compile if cuda_graphs is None else bool(cuda_graphs and self.cuda and not compile)
+        # CUDA graphs (eager on CUDA unless told not to; of the compiled model when asked): one launch
+        # per batch instead of hundreds, so batch 1 is not bound by Python launch overhead and a busy
+        # GIL cannot stretch a batch
+        use_graphs = self.cuda and (not compile if cuda_graphs is None else bool(cuda_graphs))
         self.graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] | None = {} if use_graphs else None
         self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.graph_lock = threading.Lock()
@@ -214,6 +223,17 @@ class TorchBackend(BackendBase):
         except Exception as exc:  # noqa: BLE001 - e.g. no C compiler / triton: say so
             raise BackendError(f"torch.compile is not usable here ({type(exc).__name__}: {exc}); run without compile") from None
 
+    def _open_compile_cache(self, weights: WeightLoader, cache_dir: str | os.PathLike | None):
+        """This model's torch.compile artifacts from earlier processes, hot-loaded (see compile_cache)."""
+        from .compile_cache import CompileCache, key_parts
+
+        parts = key_parts(self.torch, weights.checksum, self.config.to_dict(), self.precision, self.device,
+                          {"fused": self.fused, "dynamic": False})
+        cache = CompileCache.open(self.torch, parts, cache_dir)
+        if cache.load():
+            log.info("torch.compile artifacts loaded from %s", cache.path)
+        return cache
+
     def _run(self, pixels: Any) -> Any:
         """The pooled output. Compiled and CUDA-graphed models run fixed shapes: a batch is padded
         with zeros to the smallest size already compiled / captured that holds it (the last, short
@@ -225,12 +245,21 @@ class TorchBackend(BackendBase):
         image_shape = tuple(pixels.shape[1:])
         known = [size for size, shape in self.fixed_sizes if shape == image_shape and size >= rows]
         size = min(known) if known else 1 << max(0, rows - 1).bit_length()
+        new_shape = (size, image_shape) not in self.fixed_sizes
         self.fixed_sizes.add((size, image_shape))
         if size != rows:
             pixels = self.torch.cat([pixels, pixels.new_zeros((size - rows, *pixels.shape[1:]))])
-        if self.compiled:
-            return self.forward(pixels)[:rows]
-        return self._graphed(pixels)[:rows]
+        try:
+            output = self._graphed(pixels) if self.graphs is not None else self.forward(pixels)
+        except Exception as exc:  # a first call compiles: a missing C++ compiler / Triton fails deep in torch
+            if not (new_shape and self.compiled):
+                raise
+            self.fixed_sizes.discard((size, image_shape))
+            raise BackendError(f"torch.compile failed on the first batch of shape {tuple(pixels.shape)} "
+                               f"({type(exc).__name__}: {exc}); run without compile") from None
+        if new_shape and self.compile_cache is not None:  # this call compiled (or found) a new shape
+            self.compile_cache.save()
+        return output[:rows]
 
     def _graphed(self, pixels: Any) -> Any:
         with self.graph_lock:
@@ -242,7 +271,7 @@ class TorchBackend(BackendBase):
                 except Exception as exc:  # noqa: BLE001 - graphs are an optimization: run eagerly instead
                     log.warning("CUDA graph capture failed (%s: %s); running the model eagerly", type(exc).__name__, exc)
                     self.graphs = None
-                    return self._forward(pixels)
+                    return self.forward(pixels)
                 self.graphs[key] = entry
             graph, static_input, static_output = entry
             static_input.copy_(pixels)
@@ -255,13 +284,13 @@ class TorchBackend(BackendBase):
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS / cuDNN workspaces, autotuning)
+        with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS / cuDNN workspaces, autotuning, compiling)
             for _ in range(2):
-                self._forward(static_input)
+                self.forward(static_input)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):  # other threads keep copying
-            static_output = self._forward(static_input)
+            static_output = self.forward(static_input)
         return graph, static_input, static_output
 
 
@@ -287,8 +316,11 @@ def validated_report(backend: Any, weights: WeightLoader, min_cosine: float,
 
     torch = backend.torch
     kind = torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else "cpu"
-    key = hash_key({"weights": weights.checksum, "precision": backend.precision, "device": kind,
-                    "torch": torch.__version__, "version": 1})
+    parts = {"weights": weights.checksum, "precision": backend.precision, "device": kind, "torch": torch.__version__,
+             "version": 1}
+    if getattr(backend, "fused", False):  # only then: the unfused models' cached reports keep their keys
+        parts["variant"] = "fused"
+    key = hash_key(parts)
     report = _validated.get(key)
     path = _cache_file(key, cache_dir)
     if report is None and path is not None and path.exists():
@@ -298,10 +330,10 @@ def validated_report(backend: Any, weights: WeightLoader, min_cosine: float,
             report = None
     if report is None:
         report = _measure(backend, weights, min_cosine)
-        if path is not None:
-            _write_json(path, report)
     else:
         recheck(report, min_cosine)
+    if path is not None and not path.exists():  # also when this process measured it for another cache folder
+        _write_json(path, report)
     _validated[key] = report
     return report
 

@@ -21,16 +21,20 @@ def run_index(args: argparse.Namespace) -> int:
     index.part_files(args.embeddings)  # a missing dataset: the usual "no embeddings" error
     options = {name: value for name, value in (("exact_below", args.exact_below), ("nlist", args.nlist),
                                                 ("nprobe", args.nprobe)) if value is not None}
-    info = index.build_or_update(args.embeddings, rebuild=args.rebuild or bool(options),
+    info = index.build_or_update(args.embeddings, rebuild=args.rebuild or bool(options), merge=args.merge,
                                  progress=not getattr(args, "no_progress", False) and sys.stderr.isatty(), **options)
     report = {"dataset": args.embeddings, "folder": info.folder, "action": info.action, "kind": info.kind, "rows": info.rows,
               "added_rows": info.added_rows, "seconds": round(info.seconds, 3), "bytes": info.bytes, **info.details}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    kind = ("exact (faiss IndexFlatIP)" if info.kind == "exact"
-            else f"IVF (faiss IndexIVFScalarQuantizer, float16, {index.read_meta(args.embeddings).get('nlist')} lists)")
-    what = {"built": "built", "updated": f"updated (+{info.added_rows} rows)", "unchanged": "up to date"}[info.action]
+    meta = index.read_meta(args.embeddings)
+    kind = {"exact": "exact (faiss IndexFlatIP)",
+            "ivf": f"IVF (faiss IndexIVFScalarQuantizer, float16, {meta.get('nlist')} lists)",
+            "ivfpq": f"IVF-PQ (faiss, {meta.get('nlist')} lists, {meta.get('pq')} codes re-ranked from float16)"}[info.kind]
+    delta = sum(segment["rows"] for segment in meta.get("delta", []))
+    what = {"built": "built", "updated": f"updated (+{info.added_rows} rows, {delta} in delta segments)",
+            "merged": f"updated (+{info.added_rows} rows, delta segments merged)", "unchanged": "up to date"}[info.action]
     print(f"{info.rows} rows, {kind}: {what} in {info.seconds:.2f} s, {info.bytes / 2**20:.1f} MiB -> {info.folder}")
     return 0
 
@@ -97,9 +101,11 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exact-below", type=positive_int, help="exact search below this many rows, IVF above (default 50000)")
     p.add_argument("--nlist", type=positive_int, help="IVF lists (default: sqrt(rows))")
     p.add_argument("--nprobe", type=positive_int,
-                   help="IVF lists probed per query, stored as the index's default (default: 1/8 of the lists, at least 32)")
+                   help="IVF lists probed per query, stored as the index's default (default: 1/4 of the lists, at least 32)")
     p.add_argument("--rebuild", action="store_true", help="build from scratch (implied by the three options above) "
-                   "even if an index exists; without it new part files are added incrementally")
+                   "even if an index exists; without it new part files are added incrementally (as a delta segment)")
+    p.add_argument("--merge", action="store_true", help="fold the delta segments (rows added since the last build or "
+                   "merge, searched exactly beside the main index) into the main index now")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 

@@ -138,7 +138,8 @@ class IndexHolder:
                 if mtime != self.meta_mtime:
                     from ..search.index import VectorIndex
 
-                    self.index = VectorIndex.open(self.index.dataset, model_checksum=self.model_checksum, mmap=self.mmap)
+                    self.index = VectorIndex.open(self.index.dataset, model_checksum=self.model_checksum, mmap=self.mmap,
+                                                  reuse=self.index)  # a delta update reads only the delta
                     self.meta_mtime = mtime
         return self.index
 
