@@ -181,6 +181,22 @@ def test_a_lossy_bundle_from_another_cpu_is_revalidated_or_falls_back(lossy_bund
     assert cosines.min() > 0.99
 
 
+def test_an_int8_onnx_bundle_has_weights_that_hold_on_every_cpu_kind(tiny_siglip_parquet, module_cache, tmp_path):
+    """Made on any CPU (VNNI or not), a bundle's int8 weights use 7 bits: 8-bit ones made on a
+    VNNI machine saturate the u8 x s8 products of an AVX2-only CPU (SigLIP-B/16: 0.91 there)."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "ort-int8"
+    build_bundle(tiny_siglip_parquet, out, backend="onnxruntime", precision="int8")
+    graph = onnx.load(str(out / "vision" / "model.onnx")).graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    quantized = [node.input[1] for node in graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert quantized
+    assert all(np.abs(initializers[name].astype(np.int16)).max() <= 64 for name in quantized)
+    assert VisionEncoder.from_bundle(out).backend.precision == "int8"
+
+
 def test_an_auto_bundle_runs_on_another_cpu(tiny_siglip_parquet, module_cache, tmp_path, caplog):
     out = tmp_path / "auto"
     manifest = build_bundle(tiny_siglip_parquet, out, backend="auto")

@@ -7,7 +7,9 @@ the held-out images; int8 must reach ``min_cosine`` on every held-out kind.
 
 int8 is dynamic quantization of the MatMuls (per-channel int8 weights, activations quantized per
 call). CPUs without VNNI compute u8 x s8 products with a saturating int16 intermediate, so there
-the weights use 7 bits (``reduce_range``). The MAP head and the patch convolution stay fp32: they
+the weights use 7 bits (``reduce_range``); ``portable=True`` (bundles, which may run on any CPU)
+uses 7 bits everywhere: a VNNI machine runs them as fast and loses ~1e-4 of cosine, while 8-bit
+weights made on a VNNI machine fall to ~0.91 on an AVX2 one (SigLIP-B/16, held-out graphics). The MAP head and the patch convolution stay fp32: they
 are a few percent of the FLOPs and where int8 error showed most on held-out graphics/grayscale.
 """
 
@@ -47,7 +49,13 @@ def _onnxruntime():
     return onnxruntime
 
 
-def cache_key(weights: WeightLoader, precision: str) -> str:
+def seven_bit_weights(portable: bool = False) -> bool:
+    """Whether int8 weights use 7 bits: where this CPU's u8 x s8 products saturate, or everywhere
+    when the model must also run on such CPUs."""
+    return portable or not cpu_info().int8_vnni
+
+
+def cache_key(weights: WeightLoader, precision: str, portable: bool = False) -> str:
     ort = _onnxruntime()
     return hash_key({
         "weights": weights.checksum,
@@ -56,7 +64,7 @@ def cache_key(weights: WeightLoader, precision: str) -> str:
         "export_version": EXPORT_VERSION,
         "opset": OPSET,
         "onnxruntime": ort.__version__,  # its quantizer writes the int8 graph
-        "reduce_range": (not cpu_info().int8_vnni) if precision == "int8" else None,
+        "reduce_range": seven_bit_weights(portable) if precision == "int8" else None,
     })
 
 
@@ -67,13 +75,15 @@ def export_onnx(
     cache_dir: str | os.PathLike | None = None,
     min_cosine: float = DEFAULT_MIN_COSINE,
     force: bool = False,
+    portable: bool = False,
 ) -> Path:
-    """Export (or find) the validated ONNX model for ``weights`` in the cache; return its folder."""
+    """Export (or find) the validated ONNX model for ``weights`` in the cache; return its folder.
+    ``portable``: int8 weights that hold on every CPU kind (7-bit), for artifacts that travel."""
     if precision not in ONNX_PRECISIONS:
         raise BackendError(f"precision {precision!r} is not available as ONNX; choose from {', '.join(ONNX_PRECISIONS)}")
-    key = cache_key(weights, precision)
+    key = cache_key(weights, precision, portable)
     return build_entry(cache_root(cache_dir) / "onnx", key,
-                       lambda folder: _export_into(folder, weights, precision, min_cosine, key), force=force)
+                       lambda folder: _export_into(folder, weights, precision, min_cosine, key, portable), force=force)
 
 
 def save_onnx(weights: WeightLoader, output: str | os.PathLike, precision: str = "fp32", **options: Any) -> dict[str, Any]:
@@ -87,7 +97,8 @@ def save_onnx(weights: WeightLoader, output: str | os.PathLike, precision: str =
     return read_meta(entry)
 
 
-def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine: float, key: str) -> dict[str, Any]:
+def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine: float, key: str,
+                 portable: bool = False) -> dict[str, Any]:
     torch = require_torch("ONNX model")
     ort = _onnxruntime()
     from ..model.naflex import load_vision_tower
@@ -105,7 +116,7 @@ def _export_into(folder: Path, weights: WeightLoader, precision: str, min_cosine
     meta: dict[str, Any] = {"format": "onnx", "precision": precision, "key": key, "weights_checksum": weights.checksum,
                             "onnxruntime": ort.__version__, "opset": OPSET}
     if precision == "int8":
-        meta["reduce_range"] = _quantize(fp32_path, folder / "model.onnx")
+        meta["reduce_range"] = _quantize(fp32_path, folder / "model.onnx", seven_bit_weights(portable))
         fp32_path.unlink()
     pixels = heldout_pixels(config)
     reference = reference_embeddings(model, pixels)
@@ -161,11 +172,10 @@ def runtime_model(entry: Path, precision: str) -> Path:
     return optimized
 
 
-def _quantize(source: Path, target: Path) -> bool:
+def _quantize(source: Path, target: Path, reduce_range: bool) -> bool:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    reduce_range = not cpu_info().int8_vnni
     graph = onnx.load(str(source), load_external_data=False).graph
     keep_fp32 = [node.name for node in graph.node  # NaFlex's patch embedding is a MatMul: fp32 like the patch conv
                  if node.op_type == "MatMul" and ("/head/" in node.name or "/patch_embedding/" in node.name)]

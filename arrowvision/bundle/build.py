@@ -135,7 +135,8 @@ def _vision_artifact(staging: Path, folder: str, weights: WeightLoader, config: 
         from ..backends.onnx_export import export_onnx
         from ..backends.onnxruntime_backend import ONNXRuntimeBackend
 
-        path = _copy_entry(export_onnx(weights, precision, cache_dir=cache_dir, min_cosine=min_cosine), staging / folder, "model.onnx")
+        entry = export_onnx(weights, precision, cache_dir=cache_dir, min_cosine=min_cosine, portable=True)
+        path = _copy_entry(entry, staging / folder, "model.onnx")
         run = ONNXRuntimeBackend.from_file(path, config, precision)
     else:
         from ..backends.openvino_backend import OpenVINOBackend, export
