@@ -16,9 +16,14 @@ for accuracy prints "n/a (reason)" and the run goes on. Peers, each in its own p
 
 Reports batch-1 latency p50/p95/p99, img/s at batch 8 and 32, peak RSS, ratios to ours (OV fp32),
 achieved GFLOP/s vs a 2-thread float32 GEMM measured in the same run, and cold start (fresh
-process: import -> first embedding, warm caches) for ours and for transformers.
+process: import -> first embedding, warm caches) for ours and for transformers. Memory: each
+method's peak RSS (VmHWM) through batch 32, and what is resident after it split into anonymous
+memory (the runtime's own: repacked weights, activations, heap) and file-backed pages (mapped
+weights, libraries): weights held twice show as both a large anonymous part and a large mapping.
 
     python benchmarks/latency.py [--rounds 2] [--iters 10] [--quick] [--emulate-avx2]
+    python benchmarks/latency.py --checkpoint benchmarks/.cache/siglip-base-full   # reuse another perturbed
+        # SigLIP-B/16 (an HF folder with <folder>.parquet beside it, e.g. the one benchmarks/arrow.py makes)
 
 On a CPU without VNNI (AVX2-only, e.g. Zen 3) it also prints the AVX2 block the issue asks for:
 auto's path at batch 1 (p50/p95) against OV fp32 and the peers, its held-out cosines and its
@@ -47,6 +52,7 @@ WORK = HERE / ".cache"
 BASE_SIGLIP = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                    image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
 OURS = "ours OV fp32"
+DEFAULT_PATHS = ("ours OV fp32", "ours ORT fp32", "ours auto")  # issue 26: <= 1 GB peak RSS through batch 32
 METHODS = ["ours OV fp32", "ours OV fp16", "ours OV bf16", "ours OV int8-weights", "ours OV int8", "ours ORT fp32",
            "ours ORT int8", "ours auto", "ours torch", "HF transformers torch", "HF -> ONNX Runtime", "HF -> openvino.convert_model"]
 
@@ -83,12 +89,12 @@ def base_checkpoint() -> tuple[Path, Path]:
     return folder, parquet
 
 
-def prepare() -> dict[str, Path]:
+def prepare(checkpoint: Path | None = None) -> dict[str, Path]:
     import torch
     import transformers as tf
 
-    folder, parquet = base_checkpoint()
-    onnx_path, ov_xml = WORK / "siglip-base-hf.onnx", WORK / "siglip-base-hf-ov" / "model.xml"
+    folder, parquet = (checkpoint, checkpoint.with_suffix(".parquet")) if checkpoint else base_checkpoint()
+    onnx_path, ov_xml = WORK / f"{folder.name}-hf.onnx", WORK / f"{folder.name}-hf-ov" / "model.xml"
     if not onnx_path.exists() or not ov_xml.exists():
         import openvino as ov
 
@@ -185,17 +191,20 @@ def worker(method: str, iters: int, batches: list[int], batch_iters: int) -> Non
             run(pixels)
             times.append(time.perf_counter() - start)
         throughput[batch] = batch / statistics.median(times)
-    peak = peak_rss()
-    print(json.dumps({"latencies": latencies, "throughput": throughput, "peak_rss": peak}))
+    memory = resident()
+    print(json.dumps({"latencies": latencies, "throughput": throughput, "peak_rss": memory.get("VmHWM", 0), "memory": memory}))
 
 
-def peak_rss() -> int:
-    """VmHWM: this process's resident high-water mark. (ru_maxrss survives exec on Linux, so a
+def resident() -> dict[str, int]:
+    """Bytes: VmHWM (this process's resident high-water mark), RssAnon and RssFile now. (Read here,
+    not from arrowvision: the peers must not import it. ru_maxrss survives exec on Linux, so a
     child started from a big parent would report the parent's size.)"""
+    fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields or {"VmHWM": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def gemm_gflops(windows: int = 5, n: int = 3072) -> float:
@@ -266,6 +275,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round, fewer iterations (smoke run)")
     parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start measurement")
+    parser.add_argument("--checkpoint", type=Path, help="an HF SigLIP-B/16 folder with FOLDER.parquet beside it, "
+                        "instead of making benchmarks/.cache/siglip-base-perturbed")
     parser.add_argument("--emulate-avx2", action="store_true",
                         help="run everything as on an AVX2+FMA CPU without VNNI/AVX-512 (CPUID shim; ratios only)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -285,7 +296,7 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else METHODS
     if OURS not in methods:
         methods.insert(0, OURS)
-    paths = prepare()
+    paths = prepare(args.checkpoint)
     env = {**os.environ, "AV_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()}), "TRANSFORMERS_VERBOSITY": "error",
            "ARROWVISION_CACHE": os.environ.get("ARROWVISION_CACHE", str(WORK / "arrowvision-cache"))}
     os.environ["ARROWVISION_CACHE"] = env["ARROWVISION_CACHE"]
@@ -303,7 +314,8 @@ def main() -> None:
     if OURS in unavailable:
         raise SystemExit(f"{OURS} cannot run: {unavailable[OURS]}")
     gemm = gemm_gflops()
-    results: dict[str, dict] = {m: {"latencies": [], "throughput": {b: [] for b in batches}, "peak_rss": []} for m in methods}
+    results: dict[str, dict] = {m: {"latencies": [], "throughput": {b: [] for b in batches}, "peak_rss": [], "memory": []}
+                                for m in methods}
     for round_ in range(args.rounds):
         for method in methods:
             out = subprocess.run([sys.executable, __file__, "--worker", method, "--iters", str(args.iters),
@@ -315,6 +327,7 @@ def main() -> None:
             for b in batches:
                 results[method]["throughput"][b].append(data["throughput"][str(b)])
             results[method]["peak_rss"].append(data["peak_rss"])
+            results[method]["memory"].append(data["memory"])
             print(f"round {round_ + 1}: {method} done", file=sys.stderr)
     gemm = max(gemm, gemm_gflops())  # the ceiling: best of before and after
     flops = siglip_flops(BASE_SIGLIP)
@@ -344,6 +357,7 @@ def main() -> None:
               f"{100 * achieved / gemm:5.0f}% {rss / 1e6:7.0f}MB {rss / ours_rss:6.2f}x")
     for method, reason in unavailable.items():
         print(f"{method:<30} n/a ({reason})")
+    report_memory(methods, results)
     cold = report_cold_start(paths, "ours auto" in methods) if not args.no_cold else {}
     fp32_peers = [m for m in methods if m in ("HF transformers torch", "HF -> ONNX Runtime", "HF -> openvino.convert_model")]
     print("\ntargets:")
@@ -371,6 +385,17 @@ def main() -> None:
         if not cpu_info().int8_vnni:
             report_avx2_path(f"auto -> {chosen.name} {chosen.precision}", results["ours auto"]["latencies"], kinds,
                              {m: summary(m)[0] for m in methods}, cold.get("auto"), flops / (gemm * 1e9))
+
+
+def report_memory(methods: list[str], results: dict[str, dict]) -> None:
+    """Peak RSS through batch 32 and, after it, the anonymous and file-backed resident parts (MB,
+    medians over rounds)."""
+    print(f"\nmemory through batch 32 (MB): {'method':<30} {'peak RSS':>9} {'anon after':>11} {'file after':>11}")
+    for method in methods:
+        rounds = results[method]["memory"]
+        part = {key: statistics.median(r.get(key, 0) for r in rounds) / 1e6 for key in ("VmHWM", "RssAnon", "RssFile")}
+        print(f"{'':<29} {method:<30} {part['VmHWM']:9.0f} {part['RssAnon']:11.0f} {part['RssFile']:11.0f}"
+              f"{'  (target <= 1000)' if method in DEFAULT_PATHS else ''}")
 
 
 def report_avx2_path(label: str, latencies: list[float], kinds: dict, peers: dict[str, float], cold: float | None,

@@ -4,7 +4,17 @@ Export (needs torch, once per model) converts our ``VisionTransformer`` with
 ``openvino.convert_model`` to an IR with a dynamic batch dimension and saves it in a cache
 directory keyed by everything that changes the result: the weights' content checksum, the model
 config, the precision (+ calibration set), this module's export version and OpenVINO's version.
-Loading a cached IR imports only openvino, numpy and pyarrow.
+Loading a cached IR imports only openvino, numpy and pyarrow; a large model's first export runs
+in a child process (``export_child``), so that the serving process never imports torch.
+
+Memory (SigLIP-B/16 fp32, /proc/self/smaps): OpenVINO maps the IR's ``model.bin`` (or its compiled
+blob, ``ENABLE_MMAP``'s default) and its CPU plugin repacks every MatMul weight into anonymous
+memory, about half at compile and the rest at the first inference, but keeps the mapping: 340 MB
+mapped + 340 MB repacked, 1174 MB peak RSS through batch 32 (``benchmarks/latency.py``). The
+pages read while repacking are released (``mapped_weights``) after compiling and after the first
+inference, which runs on one row: 819 MB. Measured and not taken: ``ENABLE_MMAP=False`` (the
+plugin then keeps a heap copy of the file: the same 1.1 GB), ``core.read_model`` + compile +
+``del`` (the same: the compiled graph holds the constants).
 """
 
 from __future__ import annotations
@@ -21,10 +31,12 @@ import numpy as np
 
 from ..errors import BackendError
 from ..model.config import VisionConfig
+from ..util.memory import MappedWeights
 from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, is_complete, pooled_module, read_meta, require_torch
 from .base import PRECISIONS, BackendBase
 from .cpu import cpu_info
+from .export_child import export_entry
 from .feeds import export_example, input_names, model_inputs, ov_input_shapes
 from .validation import (
     DEFAULT_MIN_COSINE,
@@ -183,6 +195,29 @@ def nncf_quantize(ov_model, precision: str, samples, meta: dict, count_key: str,
                          ignored_scope=ignored, advanced_parameters=AdvancedQuantizationParameters(**options))
 
 
+def mapped_weights(xml: Path, compiled_dir: str | os.PathLike | None) -> MappedWeights:
+    """What OpenVINO maps the weights from: the IR's ``.bin`` on a first compile, the compiled-cache
+    blob after. Its CPU plugin repacks every MatMul weight into its own memory (part at compile,
+    the rest at the first inference) yet keeps the mapping; releasing the mapping's resident
+    pages then holds fp32 weights once (SigLIP-B/16 fp32 through batch 32: 1174 -> 819 MB
+    peak RSS). ``ENABLE_MMAP=False`` does not help: the plugin then keeps a heap copy instead."""
+    return MappedWeights([xml.with_suffix(".bin"), *([compiled_dir] if compiled_dir is not None else [])])
+
+
+def first_call_row_alone(run: Any, inputs: list[np.ndarray], mapped: MappedWeights) -> np.ndarray:
+    """``run(inputs)``, releasing the mapped weights after the first call. That call repacks the
+    weights the plugin left for it, reading them from the mapping: it runs on the first row
+    alone, before a large batch's activations exist (SigLIP-B/16 fp32, ``embed`` whose first
+    call is a batch of 32: 1020 -> 892 MB peak RSS), at the cost of one batch-1 inference."""
+    if not mapped.repacked and len(inputs[0]) > 1:
+        head = run([part[:1] for part in inputs])
+        mapped.after_call()
+        return np.concatenate([head, run([part[1:] for part in inputs])])
+    output = run(inputs)
+    mapped.after_call()
+    return output
+
+
 class OpenVINOBackend(BackendBase):
     """Runs the cached IR. ``mode="latency"`` runs each batch as one inference request;
     ``mode="throughput"`` splits batches over OpenVINO's async infer queue (parallel streams)."""
@@ -212,7 +247,8 @@ class OpenVINOBackend(BackendBase):
         self.entry = cache_root(cache_dir) / "ir" / cache_key(weights, precision, calibration)
         self.cache_hit = is_complete(self.entry)
         if not self.cache_hit:  # export validates the precision and re-checks under its lock
-            self.entry = export(weights, precision, cache_dir=cache_dir, calibration=calibration, min_cosine=min_cosine)
+            self.entry = export_entry(f"{__name__}:export", weights, precision=precision, cache_dir=cache_dir,
+                                      calibration=calibration, min_cosine=min_cosine)
         self.report = read_meta(self.entry)
         recheck(self.report, min_cosine)
         self._compile(self.entry / "model.xml", device, mode, num_threads, cache_root(cache_dir) / "compiled")
@@ -255,10 +291,13 @@ class OpenVINOBackend(BackendBase):
             ) from None
         self.request = self.compiled.create_infer_request()
         self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.mapped = mapped_weights(xml, compiled_dir)
 
     def __call__(self, pixel_values: Any) -> np.ndarray:
         """(N, 3, S, S) float32 pixels, or a ``NaFlexBatch`` for NaFlex models -> pooled (N, D)."""
-        inputs = model_inputs(self.config, pixel_values)
+        return first_call_row_alone(self._run, model_inputs(self.config, pixel_values), self.mapped)
+
+    def _run(self, inputs: list[np.ndarray]) -> np.ndarray:
         if self.mode == "latency" or self.streams <= 1 or len(inputs[0]) < 2:
             self.request.infer(inputs)
             return self.request.get_output_tensor(0).data.copy()

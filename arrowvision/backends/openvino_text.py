@@ -23,7 +23,8 @@ from ..errors import BackendError
 from ..model.text_config import TextConfig
 from ..weights.format import WeightLoader
 from .artifacts import build_entry, cache_root, hash_key, is_complete, read_meta, require_torch
-from .openvino_backend import _int8_saturates, _openvino, inference_hint, nncf_quantize, unsupported_reason
+from .openvino_backend import (_int8_saturates, _openvino, first_call_row_alone, inference_hint, mapped_weights, nncf_quantize,
+                               unsupported_reason)
 from .validation import DEFAULT_MIN_COSINE, recheck, validate_lossy
 
 log = logging.getLogger("arrowvision")
@@ -172,7 +173,11 @@ class OpenVINOTextBackend:
             reason = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unknown error")
             raise BackendError(f"OpenVINO cannot compile the text tower for device {self.device!r}: {reason}") from None
         self.request = self.compiled.create_infer_request()
+        self.mapped = mapped_weights(xml, compiled_dir)  # held once, as the image tower's
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
-        self.request.infer({0: np.ascontiguousarray(input_ids, dtype=np.int64)})
+        return first_call_row_alone(self._run, [np.ascontiguousarray(input_ids, dtype=np.int64)], self.mapped)
+
+    def _run(self, inputs: list[np.ndarray]) -> np.ndarray:
+        self.request.infer(inputs)
         return self.request.get_output_tensor(0).data.copy()
