@@ -206,7 +206,9 @@ def test_work_lands_on_both_nodes_of_a_two_node_cluster(tmp_path, corpus, module
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-c", TWO_NODES, str(folder), "-o", str(out), "--weights", str(DEMO),
                           "--batch-size", "2"], capture_output=True, text=True, timeout=500,
-                         env={**os.environ, "RAY_ADDRESS": ""})
+                         # Ray Data dispatches as soon as ONE actor is ready: on a loaded machine the first
+                         # could embed all 27 images before the second loads; wait for the whole pool.
+                         env={**os.environ, "RAY_ADDRESS": "", "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"})
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["returncode"] == 3, result
