@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from arrowvision import BackendError, VisionEncoder, cli
-from arrowvision.backends import torch_backend
+from arrowvision.backends import base, torch_backend
 from arrowvision.parity import validate
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "arrowvision" / "samples").glob("*.jpg"))
@@ -138,7 +138,7 @@ def test_large_cpu_batches_run_in_chunks_with_the_same_result(fp32, monkeypatch)
     pixels = pixels.astype(np.float32)
     whole = backend(pixels)
     tokens = (backend.config.image_size // backend.config.patch_size) ** 2
-    monkeypatch.setattr(torch_backend, "CPU_CHUNK_TOKENS", 3 * tokens)  # 3 images a chunk
+    monkeypatch.setattr(base, "CPU_CHUNK_TOKENS", 3 * tokens)  # 3 images a chunk
     sizes = []
     forward = backend._forward
     monkeypatch.setattr(backend, "_forward", lambda batch: sizes.append(len(batch)) or forward(batch))

@@ -22,7 +22,7 @@ from ..errors import BackendError
 from ..model.config import VisionConfig
 from ..weights.format import WeightLoader
 from .artifacts import cache_root, is_complete, read_meta
-from .base import BackendBase
+from .base import BackendBase, rows_per_chunk
 from .feeds import named_inputs
 from .export_child import export_entry
 from .onnx_export import _onnxruntime, cache_key, runtime_model
@@ -79,5 +79,14 @@ class ONNXRuntimeBackend(BackendBase):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixel_values: Any) -> np.ndarray:
-        """(N, 3, S, S) float32 pixels, or a ``NaFlexBatch`` for NaFlex models -> pooled (N, D)."""
+        """(N, 3, S, S) float32 pixels, or a ``NaFlexBatch`` for NaFlex models -> pooled (N, D).
+        Large pixel batches run in chunks (bounded memory: see ``base.CPU_CHUNK_TOKENS``)."""
+        if isinstance(pixel_values, np.ndarray) and pixel_values.ndim == 4:
+            step = rows_per_chunk(pixel_values.shape[2], pixel_values.shape[3], self.config.patch_size)
+            if len(pixel_values) > step:
+                return np.concatenate([self._run(pixel_values[start:start + step])
+                                       for start in range(0, len(pixel_values), step)])
+        return self._run(pixel_values)
+
+    def _run(self, pixel_values: Any) -> np.ndarray:
         return self.session.run(None, named_inputs(self.config, pixel_values))[0]

@@ -30,14 +30,10 @@ import numpy as np
 
 from ..errors import BackendError
 from ..weights.format import WeightLoader
-from .base import BackendBase
+from .base import BackendBase, rows_per_chunk
 
 HALF_PRECISIONS = ("bf16", "fp16")
 MAX_FIXED_BATCH = 1024  # larger batches run eagerly (no compile / graph of that size)
-# Eager CPU batches run in chunks of about this many tokens: a chunk's activations stay in cache-
-# sized GEMMs at the same speed, and peak memory no longer grows with the batch (SigLIP-B/16 fp32,
-# batch 32 on 2 cores: 1045-1082 MB peak RSS whole vs 724-791 MB in chunks of 8 images, same time).
-CPU_CHUNK_TOKENS = 2048
 TORCH_PRECISIONS = ("fp32", *HALF_PRECISIONS)
 log = logging.getLogger("arrowvision")
 _validated: dict[str, dict[str, Any]] = {}  # key -> accuracy report, for this process
@@ -223,8 +219,7 @@ class TorchBackend(BackendBase):
     def _eager(self, pixels: Any) -> Any:
         """On the CPU, in chunks of ~CPU_CHUNK_TOKENS tokens (bounded memory, same speed)."""
         rows = pixels.shape[0]
-        tokens = (pixels.shape[-2] // self.config.patch_size) * (pixels.shape[-1] // self.config.patch_size)
-        step = max(1, CPU_CHUNK_TOKENS // max(1, tokens))
+        step = rows_per_chunk(pixels.shape[-2], pixels.shape[-1], self.config.patch_size)
         if self.cuda or rows <= step:
             return self._forward(pixels)
         return self.torch.cat([self._forward(pixels[start:start + step]) for start in range(0, rows, step)])
