@@ -105,19 +105,3 @@ def test_runtime_does_not_import_torch(tmp_path, tiny_siglip_parquet):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "LEAKED []" in result.stdout, result.stdout
-
-
-def test_large_batches_run_in_chunks_with_the_same_result(module_cache, tiny_siglip_parquet, monkeypatch):
-    from arrowvision.backends import base
-
-    backend = VisionEncoder.from_parquet(tiny_siglip_parquet, backend="onnxruntime").backend
-    size = backend.config.image_size
-    pixels = np.random.default_rng(0).standard_normal((7, 3, size, size)).astype(np.float32)
-    whole = backend(pixels)
-    monkeypatch.setattr(base, "CPU_CHUNK_TOKENS", 3 * (size // backend.config.patch_size) ** 2)  # 3 images a chunk
-    sizes = []
-    run = backend._run
-    monkeypatch.setattr(backend, "_run", lambda batch: sizes.append(len(batch)) or run(batch))
-    chunked = backend(pixels)
-    assert sizes == [3, 3, 1]
-    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)

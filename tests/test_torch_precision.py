@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from arrowvision import BackendError, VisionEncoder, cli
-from arrowvision.backends import base, torch_backend
+from arrowvision.backends import torch_backend
 from arrowvision.parity import validate
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "arrowvision" / "samples").glob("*.jpg"))
@@ -130,18 +130,3 @@ def test_fixed_shape_batches_reuse_the_full_batch_size(fp32, monkeypatch):
     seen.clear()
     backend._run(batch[:3])
     assert seen == [4]
-
-
-def test_large_cpu_batches_run_in_chunks_with_the_same_result(fp32, monkeypatch):
-    backend = fp32.backend
-    pixels = np.random.default_rng(0).standard_normal((7, 3, backend.config.image_size, backend.config.image_size))
-    pixels = pixels.astype(np.float32)
-    whole = backend(pixels)
-    tokens = (backend.config.image_size // backend.config.patch_size) ** 2
-    monkeypatch.setattr(base, "CPU_CHUNK_TOKENS", 3 * tokens)  # 3 images a chunk
-    sizes = []
-    forward = backend._forward
-    monkeypatch.setattr(backend, "_forward", lambda batch: sizes.append(len(batch)) or forward(batch))
-    chunked = backend(pixels)
-    assert sizes == [3, 3, 1]
-    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
