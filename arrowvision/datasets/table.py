@@ -161,22 +161,33 @@ def embed_table(encoder: Any, source: str, output: str | os.PathLike, *, column:
         with stop_on_signals(stop):
             stream = embed_stream(encoder, rows, batch_size=batch_size, workers=workers, decode=decode,
                                   normalize=normalize, digest=True, on_model=count_model)
-            for keys, prepared, vectors in stream:
-                done = iter(vectors)
-                for row, item in zip(keys, prepared):
-                    row.error = row.error or item.error
-                    row.width, row.height, row.digest = item.width, item.height, item.digest
-                    row.embedding = None if row.error else next(done)
-                good, bad = chunks.add(keys)
-                stats.count(good, bad)
-                bar.update(len(keys))
-                if stop.is_set():
-                    break
-            stats.interrupted = stop.is_set()
-            chunks.flush()
+            write_batches((_filled(keys, prepared, vectors) for keys, prepared, vectors in stream),
+                          chunks, stats, bar, stop)
     finally:
         bar.close()
         writer.close()
     stats.seconds = time.perf_counter() - started
     return stats
 
+
+def _filled(keys: list[TableRow], prepared: Sequence[Any], vectors: Any) -> list[TableRow]:
+    """The table rows of one batch with what decoding and the model gave each."""
+    done = iter(vectors)
+    for row, item in zip(keys, prepared):
+        row.error = row.error or item.error
+        row.width, row.height, row.digest = item.width, item.height, item.digest
+        row.embedding = None if row.error else next(done)
+    return keys
+
+
+def write_batches(row_batches: Iterator[Sequence[Any]], chunks: Any, stats: Any, bar: Any, stop: threading.Event) -> None:
+    """Both column engines' write loop: each batch of rows into the chunk buffer, counted and
+    shown, until the input ends or ``stop`` is set; then what is buffered is written."""
+    for rows in row_batches:
+        good, bad = chunks.add(rows)
+        stats.count(good, bad)
+        bar.update(len(rows))
+        if stop.is_set():
+            break
+    stats.interrupted = stop.is_set()
+    chunks.flush()

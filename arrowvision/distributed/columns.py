@@ -95,7 +95,7 @@ def embed_table_ray(weights: str | os.PathLike, files: list[str], output: str | 
 
     from ..util.interrupts import stop_on_signals
     from ..util.progress import progress_bar
-    from ..datasets.table import check_columns, total_rows
+    from ..datasets.table import check_columns, total_rows, write_batches
     from ..datasets.writer import ChunkBuffer, EmbeddingWriter, dataset_metadata
     from . import connect
     from .data import RayEmbedStats, describe_model
@@ -125,15 +125,8 @@ def embed_table_ray(weights: str | os.PathLike, files: list[str], output: str | 
         bar = progress_bar(total_rows(files) - len(done), progress, "embedding (ray)", "img")
         try:
             with stop_on_signals(stop):
-                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                    rows = _table_rows(batch, id_column, copied)
-                    good, bad = chunks.add(rows)
-                    stats.count(good, bad)
-                    bar.update(len(rows))
-                    if stop.is_set():
-                        break
-                stats.interrupted = stop.is_set()
-                chunks.flush()
+                batches = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+                write_batches((_table_rows(batch, id_column, copied) for batch in batches), chunks, stats, bar, stop)
         finally:
             bar.close()
     stats.skipped = len(writer.done & done)
